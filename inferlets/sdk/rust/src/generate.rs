@@ -1,0 +1,222 @@
+//! Generation: decode steps until a stop condition, for one context or several at once.
+
+use crate::context::{join_all, sampled, Context, Step};
+use crate::error::{Error, Result};
+use crate::sampler::Sampler;
+use crate::text::TokenText;
+use crate::tokenizer;
+
+/// When a generation ends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StopCondition {
+    /// At most this many sampled tokens (a stop token counts).
+    pub max_tokens: usize,
+    /// Tokens that end the generation (usually [`Model::stop_tokens`](crate::Model::stop_tokens));
+    /// the stop token is not part of the output.
+    pub stop_tokens: Vec<u32>,
+    /// Texts that end the generation; the output's text ends right before the first one.
+    pub stop_strings: Vec<String>,
+}
+
+impl StopCondition {
+    pub fn new(max_tokens: usize) -> StopCondition {
+        StopCondition { max_tokens, ..StopCondition::default() }
+    }
+
+    pub fn with_stop_tokens(mut self, tokens: Vec<u32>) -> StopCondition {
+        self.stop_tokens = tokens;
+        self
+    }
+
+    pub fn with_stop_strings(mut self, strings: Vec<String>) -> StopCondition {
+        self.stop_strings = strings;
+        self
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    MaxTokens,
+    StopToken(u32),
+    StopString(String),
+}
+
+/// A finished generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generated {
+    /// The sampled tokens, without the stop token.
+    pub tokens: Vec<u32>,
+    /// Their text as the host's tokenizer decodes it, cut before a stop string.
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// The state of one generation, fed one sampled token at a time. [`Context::generate`] drives
+/// one; [`generate_parallel`] drives several whose contexts step in the same tick.
+pub struct Generation {
+    sampler: Sampler,
+    stop: StopCondition,
+    streaming: bool,
+    tokens: Vec<u32>,
+    steps: u64,
+    finish: Option<FinishReason>,
+    text: Option<TokenText>,
+}
+
+impl Generation {
+    pub fn new(sampler: &Sampler, stop: &StopCondition) -> Generation {
+        let finish = if stop.max_tokens == 0 { Some(FinishReason::MaxTokens) } else { None };
+        Generation {
+            sampler: sampler.clone(),
+            stop: stop.clone(),
+            streaming: false,
+            tokens: Vec::new(),
+            steps: 0,
+            finish,
+            text: None,
+        }
+    }
+
+    /// Make [`accept`](Generation::accept) return the text each token completes.
+    pub fn streaming(mut self) -> Generation {
+        self.streaming = true;
+        self
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// The sampler for the next step (a seed advances by one per step, see
+    /// [`Sampler::for_step`]).
+    pub fn next_sampler(&self) -> Sampler {
+        self.sampler.for_step(self.steps)
+    }
+
+    /// The tokens accepted so far (without a stop token).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Take the next sampled token. Returns the text it releases when streaming (or when stop
+    /// strings are watched), else an empty string.
+    pub fn accept(&mut self, token: u32) -> Result<String> {
+        if self.finish.is_some() {
+            return Err(Error::usage("the generation has already finished"));
+        }
+        self.steps += 1;
+        if self.stop.stop_tokens.contains(&token) {
+            self.finish = Some(FinishReason::StopToken(token));
+            return Ok(self.text.as_mut().map(|text| text.finish()).unwrap_or_default());
+        }
+        self.tokens.push(token);
+        let mut released = String::new();
+        if self.streaming || !self.stop.stop_strings.is_empty() {
+            let (chunk, stop) = self.text_state()?.push(token)?;
+            released = chunk;
+            if let Some(stop) = stop {
+                self.finish = Some(FinishReason::StopString(stop));
+                return Ok(released);
+            }
+        }
+        if self.steps >= self.stop.max_tokens as u64 {
+            self.finish = Some(FinishReason::MaxTokens);
+            if let Some(text) = self.text.as_mut() {
+                released.push_str(&text.finish());
+            }
+        }
+        Ok(released)
+    }
+
+    /// The result; the text comes from the host's tokenizer.
+    pub fn finish(self) -> Result<Generated> {
+        let finish = self.finish.unwrap_or(FinishReason::MaxTokens);
+        let mut text =
+            if self.tokens.is_empty() { String::new() } else { tokenizer::detokenize(&self.tokens)? };
+        if let FinishReason::StopString(stop) = &finish {
+            if let Some(at) = text.find(stop.as_str()) {
+                text.truncate(at);
+            }
+        }
+        Ok(Generated { tokens: self.tokens, text, finish })
+    }
+
+    fn text_state(&mut self) -> Result<&mut TokenText> {
+        if self.text.is_none() {
+            self.text = Some(TokenText::new(tokenizer::vocab()?, &self.stop.stop_strings));
+        }
+        Ok(self.text.as_mut().expect("just set"))
+    }
+}
+
+impl Context {
+    /// Generate until `stop`: the pending tokens (the prompt) go in the first forward, then one
+    /// token per forward. The last sampled token (a stop token too) stays pending, so the
+    /// conversation can go on.
+    pub fn generate(&mut self, sampler: &Sampler, stop: &StopCondition) -> Result<Generated> {
+        self.drive(Generation::new(sampler, stop), |_| Ok(()))
+    }
+
+    /// [`generate`](Context::generate), handing each piece of new text to `on_text` as soon as
+    /// it is complete (characters split across tokens and possible stop strings are held back).
+    pub fn generate_streaming<F: FnMut(&str) -> Result<()>>(
+        &mut self,
+        sampler: &Sampler,
+        stop: &StopCondition,
+        on_text: F,
+    ) -> Result<Generated> {
+        self.drive(Generation::new(sampler, stop).streaming(), on_text)
+    }
+
+    fn drive<F: FnMut(&str) -> Result<()>>(
+        &mut self,
+        mut generation: Generation,
+        mut on_text: F,
+    ) -> Result<Generated> {
+        while !generation.is_finished() {
+            let token = self.decode_step(&generation.next_sampler())?;
+            let text = generation.accept(token)?;
+            if !text.is_empty() {
+                on_text(&text)?;
+            }
+        }
+        generation.finish()
+    }
+}
+
+/// Advance every unfinished generation by one token per round, submitting all their decode
+/// steps before waiting so they share each scheduler tick. `on_text(i, text)` receives the text
+/// released for generation `i` (when it streams). Put the contexts on different queues: one
+/// queue runs its requests one after another.
+pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
+    contexts: &mut [Context],
+    generations: &mut [Generation],
+    mut on_text: F,
+) -> Result<()> {
+    if contexts.len() != generations.len() {
+        return Err(Error::usage(format!(
+            "{} contexts but {} generations",
+            contexts.len(),
+            generations.len()
+        )));
+    }
+    loop {
+        let active: Vec<usize> = (0..generations.len()).filter(|&i| !generations[i].is_finished()).collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let steps = contexts
+            .iter_mut()
+            .zip(generations.iter())
+            .filter(|(_, generation)| !generation.is_finished())
+            .map(|(ctx, generation)| ctx.decode_step_async(&generation.next_sampler()))
+            .collect::<Result<Vec<Step<'_>>>>()?;
+        let outputs = join_all(steps)?;
+        for (&i, output) in active.iter().zip(&outputs) {
+            let text = generations[i].accept(sampled(output)?)?;
+            if !text.is_empty() {
+                on_text(i, &text)?;
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Submitted requests: the guest's way to have several requests in flight at once, so that
+//! forked contexts advance in the same scheduler tick instead of one tick each.
+
+use std::marker::PhantomData;
+
+use serde::de::DeserializeOwned;
+
+use crate::abi;
+use crate::error::Result;
+use crate::wire::{self, Request};
+
+/// Anything that stands for a submitted request's handle.
+pub trait Waitable {
+    fn handle(&self) -> u32;
+}
+
+/// A submitted request whose response has not been taken yet.
+///
+/// `wait` takes the response (blocking until it is ready). A `Pending` dropped without `wait`
+/// still takes its response, so the host's handle is released and nothing leaks.
+#[must_use = "a submitted request is released only when waited on (or dropped)"]
+pub struct Pending<T> {
+    handle: u32,
+    taken: bool,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Pending<T> {
+    /// Submit `request` without waiting.
+    pub fn submit(request: &Request) -> Pending<T> {
+        Pending { handle: abi::submit(&request.encode()), taken: false, _value: PhantomData }
+    }
+
+    /// Block until the response is ready and decode it.
+    pub fn wait(mut self) -> Result<T> {
+        self.taken = true;
+        abi::take_with(self.handle, wire::decode_response)
+    }
+}
+
+impl<T> Waitable for Pending<T> {
+    fn handle(&self) -> u32 {
+        self.handle
+    }
+}
+
+impl<T> Drop for Pending<T> {
+    fn drop(&mut self) {
+        if !self.taken {
+            abi::take_with(self.handle, |_| ());
+        }
+    }
+}
+
+/// Block until every request is ready (their `wait` then returns at once).
+pub fn wait_all(items: &[&dyn Waitable]) {
+    let handles: Vec<u32> = items.iter().map(|item| item.handle()).collect();
+    abi::wait_all_handles(&handles);
+}
+
+/// Block until at least one request is ready; returns the index of a ready one.
+pub fn wait_any(items: &[&dyn Waitable]) -> usize {
+    let handles: Vec<u32> = items.iter().map(|item| item.handle()).collect();
+    abi::wait_any_handle(&handles)
+}

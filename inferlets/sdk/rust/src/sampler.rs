@@ -1,0 +1,56 @@
+use serde::Serialize;
+
+/// How the host turns a next-token distribution into a token. Every field is optional; an
+/// absent one takes the host's default. Temperature 0 is greedy (argmax).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Sampler {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Sampler {
+    /// Argmax.
+    pub fn greedy() -> Sampler {
+        Sampler::new(0.0)
+    }
+
+    pub fn new(temperature: f64) -> Sampler {
+        Sampler { temperature: Some(temperature), ..Sampler::default() }
+    }
+
+    pub fn with_top_k(mut self, top_k: u32) -> Sampler {
+        self.top_k = Some(top_k);
+        self
+    }
+
+    pub fn with_top_p(mut self, top_p: f64) -> Sampler {
+        self.top_p = Some(top_p);
+        self
+    }
+
+    pub fn with_min_p(mut self, min_p: f64) -> Sampler {
+        self.min_p = Some(min_p);
+        self
+    }
+
+    pub fn with_seed(mut self, seed: u64) -> Sampler {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The sampler for step `step` of a generation: a seed applies per call on the host, so
+    /// each step gets `seed + step` to draw fresh (and still reproducible) randomness.
+    pub fn for_step(&self, step: u64) -> Sampler {
+        let mut sampler = self.clone();
+        sampler.seed = self.seed.map(|seed| seed.wrapping_add(step));
+        sampler
+    }
+}

@@ -1,0 +1,153 @@
+"""Reference tensor ops of the Llama forward, in plain torch (CPU and CUDA alike).
+
+Each op here is one small, well-defined function, so a raw CUDA kernel (see kernels/cuda/) can
+replace it one at a time and be checked against it.
+
+Layouts:
+- activations are token-major: `[tokens, heads, head_dim]`;
+- one layer's KV cache is `[kv_heads, slots, head_dim]` (slot = page * page_size + offset), so a
+  gather of context slots comes out as `[kv_heads, batch, length, head_dim]`, ready for a batched
+  matmul with no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square norm over the last dimension, scaled by `weight`."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rotary_tables(
+    inv_freq: torch.Tensor, max_position: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, `[max_position, head_dim // 2]`.
+
+    Angles are computed in fp32 and only then rounded to `dtype`, as transformers does.
+    """
+    positions = torch.arange(max_position, dtype=torch.float32, device=inv_freq.device)
+    angles = torch.outer(positions, inv_freq.float())
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[tokens, heads, head_dim]` by per-token angles (`cos`/`sin`: `[tokens, d/2]`).
+
+    The "rotate half" convention of Hugging Face checkpoints: dimension i pairs with i + d/2.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: `silu(gate) * up` for the fused `[tokens, 2 * ffn]` projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Store new keys/values `[tokens, kv_heads, head_dim]` into cache slots `[tokens]`."""
+    k_cache.index_copy_(1, slots, k.transpose(0, 1))
+    v_cache.index_copy_(1, slots, v.transpose(0, 1))
+
+
+def gather_kv(
+    cache: torch.Tensor, slots: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Context rows `[kv_heads, batch, length, head_dim]` for slot ids `[batch, length]`.
+
+    `out`, when given, is a preallocated buffer of the right shape: on CPU a fresh multi-MB
+    tensor per layer costs page faults that outweigh the copy itself.
+    """
+    kv_heads, _, head_dim = cache.shape
+    batch, length = slots.shape
+    flat = slots.reshape(-1)
+    if out is None:
+        rows = cache.index_select(1, flat)
+    else:
+        buffer = out[: kv_heads * flat.numel() * head_dim].view(kv_heads, -1, head_dim)
+        rows = torch.index_select(cache, 1, flat, out=buffer)
+    return rows.view(kv_heads, batch, length, head_dim)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one sequence's query block over its context.
+
+    q: `[queries, heads, head_dim]`; k, v: `[kv_heads, length, head_dim]`; mask: bool
+    `[queries, length]` (True = attend) or None with `causal` saying whether the block is the
+    whole context (plain causal) or attends everything. Returns `[queries, heads, head_dim]`.
+    Rows with nothing to attend come out as zeros.
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.unsqueeze(0),
+        v.unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal and mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    if mask is not None and out.is_cuda:
+        out = out.nan_to_num(0.0)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of a padded batch of short query blocks (decode steps) over their contexts.
+
+    q: `[batch, queries, heads, head_dim]`; k, v: `[kv_heads, batch, length, head_dim]`;
+    mask: bool `[batch, queries, length]` (True = attend) or None to attend every key.
+    Returns `[batch, queries, heads, head_dim]`; rows with nothing to attend are zeros.
+
+    The query heads of each KV head are stacked into one block (`group * queries` rows), so K/V
+    are never repeated per query head.
+    """
+    batch, queries, heads, head_dim = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    packed = q.view(batch, queries, kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
+    packed = packed.reshape(kv_heads, batch, group * queries, head_dim)
+    if mask is not None:
+        length = mask.shape[-1]
+        mask = mask.view(1, batch, 1, queries, length).expand(1, batch, group, queries, length)
+        mask = mask.reshape(1, batch, group * queries, length)
+    if batch == 1 or q.is_cuda:
+        out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scale)
+        if mask is not None and out.is_cuda:
+            out = out.nan_to_num(0.0)
+    else:
+        # Many sequences with short queries: on CPU plain batched matmuls beat SDPA's kernel
+        # about 2x at these shapes.
+        scores = torch.matmul(packed, k.transpose(-1, -2)).float().mul_(scale)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if mask is not None:
+            probs = probs.nan_to_num_(0.0)
+        out = torch.matmul(probs.to(v.dtype), v)
+    out = out.view(kv_heads, batch, group, queries, head_dim).permute(1, 3, 0, 2, 4)
+    return out.reshape(batch, queries, heads, head_dim)

@@ -1,0 +1,5 @@
+import sys
+
+from pie_trio.cli import main
+
+sys.exit(main())

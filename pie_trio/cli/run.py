@@ -1,0 +1,128 @@
+"""`pie-trio run PROGRAM [options] -- ARGS`: run an inferlet and stream what it says.
+
+PROGRAM is a `.wasm` file (uploaded first unless the server has it), a BLAKE3 hash of an
+uploaded program, or a built-in name such as `text-completion`. Text the instance sends
+(`message` events) and its stdout go to stdout as they arrive; its stderr goes to stderr. The
+exit code is 0 when the instance finishes, 1 otherwise (the reason goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import trio
+
+from pie_trio.client.client import Client, Event
+from pie_trio.client.options import add_server_options, fail, run_with_client
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run an inferlet and stream its output",
+        description="Run an inferlet on a server (or in this process with --local) and stream "
+                    "its output as it comes: messages it sends and its stdout to stdout, its "
+                    "stderr to stderr. Options go before `--`; everything after `--` is passed "
+                    "to the inferlet as its arguments. Exit code 0 when the instance finishes, "
+                    "1 when it ends any other way (the reason is printed to stderr).",
+        epilog="example: pie-trio run text-completion -- --prompt 'Once upon a time' "
+               "--max-tokens 32")
+    parser.add_argument("program", metavar="PROGRAM",
+                        help="a .wasm file, an uploaded program's hash, or a built-in name")
+    add_server_options(parser)
+    parser.add_argument("--local", action="store_true",
+                        help="run in this process with the local model instead of on a server")
+    parser.add_argument("--input", action="store_true",
+                        help="send each line of stdin to the instance as a message (what it "
+                             "reads with `receive`)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                        help="arguments for the inferlet")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    program_args = args.args[1:] if args.args[:1] == ["--"] else args.args
+    path = Path(args.program)
+    wasm = None
+    if args.program.endswith(".wasm") or path.is_file():
+        try:
+            wasm = path.read_bytes()
+        except OSError as exc:
+            return fail(f"cannot read {path}: {exc.strerror}")
+    if args.local:
+        return run_local_program(args.program if wasm is None else wasm, program_args)
+
+    async def body(client: Client) -> int:
+        program = args.program if wasm is None else await client.upload(wasm)
+        instance = await client.launch(program, program_args)
+        printer = EventPrinter()
+        async with trio.open_nursery() as nursery:
+            if args.input:
+                nursery.start_soon(_forward_stdin, instance)
+            async for event in instance.events():
+                printer.show(event)
+            nursery.cancel_scope.cancel()
+        return printer.exit_code
+
+    return run_with_client(args, body)
+
+
+def run_local_program(program: str | bytes, program_args: list[str]) -> int:
+    """`--local`: an in-process runtime with the local model (pie_trio.runtime.local)."""
+    from pie_trio.runtime.local import run_local  # loads torch: only when asked for
+
+    printer = EventPrinter()
+    try:
+        trio.run(run_local, program, program_args, printer.show_raw)
+    except KeyboardInterrupt:
+        return 130
+    return printer.exit_code
+
+
+async def _forward_stdin(instance: object) -> None:
+    stdin = trio.wrap_file(sys.stdin)
+    async for line in stdin:
+        await instance.signal(line.rstrip("\n"))  # type: ignore[attr-defined]
+
+
+class EventPrinter:
+    """Writes events to stdout/stderr as they arrive and remembers how the instance ended."""
+
+    def __init__(self) -> None:
+        self.exit_code = 1
+        self.printed = False
+        self.at_line_start = True
+
+    def show_raw(self, payload: dict) -> None:
+        """An event dict as the runtime emits it (for --local)."""
+        kind = payload.get("event")
+        text = payload.get("message") if kind == "message" else (
+            payload.get("value") if kind == "return" else payload.get("data"))
+        self.show(Event(str(kind), "", text, payload.get("reason"), payload.get("detail"),
+                        payload))
+
+    def show(self, event: Event) -> None:
+        if event.kind in ("message", "stdout"):
+            self._write(sys.stdout, event.text or "")
+        elif event.kind == "stderr":
+            sys.stderr.write(event.text or "")
+            sys.stderr.flush()
+        elif event.kind == "return" and not self.printed:
+            self._write(sys.stdout, event.text or "")  # only when nothing was streamed
+        elif event.kind == "terminated":
+            if not self.at_line_start:
+                self._write(sys.stdout, "\n")
+            if event.reason == "finished":
+                self.exit_code = 0
+            else:
+                detail = f": {event.detail}" if event.detail else ""
+                print(f"pie-trio: instance ended: {event.reason}{detail}", file=sys.stderr)
+
+    def _write(self, stream: object, text: str) -> None:
+        if not text:
+            return
+        self.printed = True
+        self.at_line_start = text.endswith("\n")
+        stream.write(text)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]

@@ -1,0 +1,243 @@
+"""The pie-trio client for trio programs.
+
+    async with connect("ws://127.0.0.1:8080/ws", token=KEY) as client:
+        program = await client.upload(wasm_bytes)      # skipped when the server has it
+        instance = await client.launch(program, ["--prompt", "Hello"])
+        async for event in instance.events():
+            print(event.kind, event.text)
+
+One background task reads the connection: responses resolve the request that carries their id,
+events go to the instance they name. Requests may be issued from several tasks at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import trio
+import trio_websocket
+
+from pie_trio.client.transport import ConnectionClosed, Transport, open_transport
+from pie_trio.server import protocol
+
+log = logging.getLogger("pie_trio.client")
+
+CHUNK_SIZE = 256 * 1024  # upload chunk: well under the server's message size limit
+
+
+class ServerError(Exception):
+    """The server refused a request; `code` is one of the protocol's error codes."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Event:
+    """One instance event: `message`, `stdout`, `stderr`, `return` or `terminated`."""
+
+    kind: str
+    instance: str
+    text: str | None = None  # message / stdout / stderr text, or the return value
+    reason: str | None = None  # terminated: finished, error, trap, killed, limit, ...
+    detail: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Event:
+        return cls(str(message.get("event")), str(message.get("instance")),
+                   message.get("data"), message.get("reason"), message.get("detail"), message)
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: dict[str, Any] | None = None
+        self.failure: Exception | None = None
+
+    async def result(self) -> Any:
+        await self.done.wait()
+        if self.failure is not None:
+            raise self.failure
+        assert self.response is not None
+        if not self.response.get("ok"):
+            raise ServerError(str(self.response.get("error")), str(self.response.get("message")))
+        return self.response.get("result")
+
+
+class Client:
+    def __init__(self, transport: Transport):
+        self._transport = transport
+        self._next_id = 1
+        self._pending: dict[int, _Pending] = {}
+        self._events: dict[str, tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]] = {}
+        self.closed: ConnectionClosed | None = None
+        self.tenant: str | None = None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def submit(self, kind: str, **fields: Any) -> _Pending:
+        """Send one request and return a handle to await its result (for pipelining)."""
+        if self.closed is not None:
+            raise self.closed
+        request_id = self._next_id
+        self._next_id += 1
+        pending = self._pending[request_id] = _Pending()
+        message = {"type": kind, "id": request_id, **{k: v for k, v in fields.items()
+                                                      if v is not None}}
+        try:
+            await self._transport.send(protocol.pack(message))
+        except ConnectionClosed:
+            self._pending.pop(request_id, None)
+            raise
+        return pending
+
+    async def request(self, kind: str, **fields: Any) -> Any:
+        """Send one request and wait for its result; ServerError if the server refuses it."""
+        return await (await self.submit(kind, **fields)).result()
+
+    async def authenticate(self, token: str) -> str:
+        self.tenant = (await self.request("authenticate", token=token))["tenant"]
+        return self.tenant
+
+    async def models(self) -> list[dict[str, Any]]:
+        return await self.request("query", what="models")
+
+    async def instances(self) -> list[dict[str, Any]]:
+        return await self.request("query", what="instances")
+
+    async def program_exists(self, program: str) -> bool:
+        return (await self.request("query", what="program_exists", program=program))["exists"]
+
+    async def upload(self, wasm: bytes) -> str:
+        """Upload a program unless the server already has it; returns its BLAKE3 hash."""
+        program = blake3.blake3(wasm).hexdigest()
+        if await self.program_exists(program):
+            return program
+        if (await self.request("upload_begin", hash=program, size=len(wasm)))["exists"]:
+            return program
+        # Chunks are pipelined: send them all, then collect the acknowledgements.
+        chunks = [await self.submit("upload_chunk", hash=program, data=wasm[i:i + CHUNK_SIZE])
+                  for i in range(0, len(wasm), CHUNK_SIZE)]
+        for chunk in chunks:
+            await chunk.result()
+        return (await self.request("upload_end", hash=program))["hash"]
+
+    async def launch(self, program: str, args: list[str] | None = None) -> Instance:
+        """Launch a program (BLAKE3 hash or built-in name); its events stream to the Instance."""
+        result = await self.request("launch_instance", program=program, args=list(args or []))
+        return Instance(self, result["instance"])
+
+    async def signal(self, instance: str, message: str) -> None:
+        await self.request("signal_instance", instance=instance, message=message)
+
+    async def terminate(self, instance: str) -> None:
+        await self.request("terminate_instance", instance=instance)
+
+    # -- the reader -------------------------------------------------------------------------
+
+    def _channel(self, instance: str) -> tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]:
+        if instance not in self._events:
+            # Unbounded: the reader must never block on one slow consumer, or every response
+            # and every other instance's events would stall behind it.
+            self._events[instance] = trio.open_memory_channel[dict[str, Any]](math.inf)
+        return self._events[instance]
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                self._dispatch(protocol.unpack(await self._transport.receive()))
+        except ConnectionClosed as exc:
+            self._close(exc)
+        except ValueError as exc:
+            self._close(ConnectionClosed(reason=f"undecodable message from the server: {exc}"))
+
+    def _dispatch(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        if kind == "response":
+            pending = self._pending.pop(message.get("id"), None)
+            if pending is not None:
+                pending.response = message
+                pending.done.set()
+        elif kind == "event":
+            send, _ = self._channel(str(message.get("instance")))
+            send.send_nowait(message)
+        elif kind == "close":
+            self._close(ConnectionClosed(message.get("code"), str(message.get("reason", ""))))
+        elif kind == "error":
+            log.warning("server error: %s: %s", message.get("error"), message.get("message"))
+
+    def _close(self, exc: ConnectionClosed) -> None:
+        if self.closed is None:
+            self.closed = exc
+        for pending in self._pending.values():
+            pending.failure = self.closed
+            pending.done.set()
+        self._pending.clear()
+        for send, _ in self._events.values():
+            send.close()
+
+
+class Instance:
+    """A launched instance: its events, and the actions its owner may take on it."""
+
+    def __init__(self, client: Client, instance_id: str):
+        self.client = client
+        self.id = instance_id
+        self.result: Event | None = None  # the terminated event, once seen
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event up to and including `terminated`. Raises ConnectionClosed if the
+        connection ends before the instance does."""
+        _, receive = self.client._channel(self.id)
+        async for message in receive:
+            event = Event.from_message(message)
+            yield event
+            if event.kind == "terminated":
+                self.result = event
+                self.client._events.pop(self.id, None)
+                return
+        raise self.client.closed or ConnectionClosed()
+
+    async def signal(self, message: str) -> None:
+        await self.client.signal(self.id, message)
+
+    async def terminate(self) -> None:
+        await self.client.terminate(self.id)
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | None = None) -> AsyncIterator[Client]:
+    """Connect to a pie-trio server (ws://host:port/ws or tcp://host:port) for the block."""
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                transport = await open_transport(url, nursery)
+            except (OSError, trio_websocket.HandshakeError) as exc:
+                raise ConnectionError(f"cannot connect to {url}: {exc}") from None
+            client = Client(transport)
+            nursery.start_soon(client._read_loop)
+            try:
+                if token is not None:
+                    await client.authenticate(token)
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await transport.aclose()
+    except BaseExceptionGroup as group:
+        # The background reader never raises, so a group holds the caller's own error:
+        # hand it back unwrapped, as if there were no nursery.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -1,0 +1,182 @@
+"""The model ops — `forward`, `embed`, `copy_kv`, `mask_kv` — translated into executor calls.
+
+Each handler validates the guest's fields, resolves virtual ids to physical ones (an id the
+instance does not hold is an error before anything runs), makes every page it is about to write
+private to the instance (copy-on-write), and submits the call with the pages and slots it names
+pinned. Range checks that need the model (token ids, positions, masks, sampler values) are the
+executor's `runner.check`; its `CallError` comes back to the guest as an error response.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pie_trio.control.fields import Fields, is_int, type_name
+from pie_trio.control.kv import make_private
+from pie_trio.control.resources import OWNER
+from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
+
+if TYPE_CHECKING:
+    from pie_trio.control.instance import InstanceControl
+
+SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def written_pages(num_pages: int, last_page_len: int, num_inputs: int,
+                  page_size: int) -> list[tuple[int, int]]:
+    """(index into the page list, rows before the write) of every page a forward writes.
+
+    The inputs occupy the last `num_inputs` slots of the context, so the written pages are those
+    covering slots [ctx_len - num_inputs, ctx_len); only the first of them has rows to keep.
+    """
+    ctx_len = (num_pages - 1) * page_size + last_page_len
+    start = ctx_len - num_inputs
+    first = start // page_size
+    return [(j, max(0, start - j * page_size)) for j in range(first, num_pages)]
+
+
+async def forward(inst: InstanceControl, f: Fields, priority: int) -> dict[str, Any]:
+    page_size = inst.controller.info.page_size
+    vids = f.int_list("pages")
+    if not vids:
+        raise f.error("field 'pages' must name at least one page")
+    last_page_len = f.integer("last_page_len", low=1, high=page_size)
+    positions = f.int_list("positions", low=0)
+    tokens, slot_vids = _inputs(f)
+    num_inputs = len(tokens if tokens is not None else slot_vids or [])
+    if len(positions) != num_inputs:
+        raise f.error(f"{num_inputs} inputs but {len(positions)} positions")
+    ctx_len = (len(vids) - 1) * page_size + last_page_len
+    if num_inputs > ctx_len:
+        raise f.error(f"{num_inputs} inputs do not fit in a context of {ctx_len} slots")
+    call = Forward(
+        OWNER,
+        kv_pages=[],
+        last_page_len=last_page_len,
+        positions=positions,
+        tokens=tokens,
+        embed_slots=None,
+        masks=f.int_lists("masks", None),
+        output_indices=f.int_list("outputs", []),
+        top_k=f.integer("top_k", 0, low=0),
+        sampler=_sampler(f),
+        vocab_mask=f.blob("vocab_mask", None),
+        logit_bias=_logit_bias(f),
+    )
+    # Every id must be held before anything is copied; resolve again after the copies, which
+    # may remap pages (and a concurrent request of the instance may have freed something).
+    inst.pages.resolve(vids)
+    inst.slots.resolve(slot_vids or [])
+    for index, keep_rows in written_pages(len(vids), last_page_len, num_inputs, page_size):
+        await make_private(inst, vids[index], keep_rows, priority)
+    call.kv_pages = inst.pages.resolve(vids)
+    if slot_vids is not None:
+        call.embed_slots = inst.slots.resolve(slot_vids)
+    result = await inst.execute(call, priority, pages=call.kv_pages, slots=call.embed_slots)
+    return _result_value(result)
+
+
+def _inputs(f: Fields) -> tuple[list[int] | None, list[int] | None]:
+    has_tokens = f.request.get("tokens") is not None
+    has_slots = f.request.get("slots") is not None
+    if has_tokens == has_slots:
+        raise f.error("give exactly one of 'tokens' or 'slots'")
+    if has_tokens:
+        tokens = f.int_list("tokens", low=0)
+        if not tokens:
+            raise f.error("field 'tokens' must hold at least one token")
+        return tokens, None
+    slots = f.int_list("slots")
+    if not slots:
+        raise f.error("field 'slots' must name at least one slot")
+    return None, slots
+
+
+def _sampler(f: Fields) -> Sampler | None:
+    raw = f.mapping("sampler", None)
+    if raw is None:
+        return None
+    s = Fields(raw, prefix="sampler: ")
+    unknown = sorted(str(k) for k in raw if k not in SAMPLER_FIELDS)
+    if unknown:
+        raise s.error(f"unknown field {unknown[0]!r}; expected some of {list(SAMPLER_FIELDS)}")
+    return Sampler(
+        temperature=s.number("temperature", 0.0),
+        top_k=s.integer("top_k", 0, low=0),
+        top_p=s.number("top_p", 1.0),
+        min_p=s.number("min_p", 0.0),
+        seed=s.integer("seed", None),
+    )
+
+
+def _logit_bias(f: Fields) -> dict[int, float] | None:
+    raw = f.mapping("logit_bias", None)
+    if raw is None:
+        return None
+    bias = {}
+    for token, value in raw.items():
+        if not is_int(token):
+            raise f.error(
+                f"field 'logit_bias' keys must be token ids (int), got {type_name(token)}"
+            )
+        if not (is_int(value) or isinstance(value, float)):
+            raise f.error(f"field 'logit_bias'[{token}] must be a number, got {type_name(value)}")
+        bias[token] = float(value)
+    return bias
+
+
+def _result_value(result: ForwardResult) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    if result.dists is not None:
+        value["dists"] = [[list(ids), list(probs)] for ids, probs in result.dists]
+    if result.tokens is not None:
+        value["tokens"] = list(result.tokens)
+    return value
+
+
+async def embed(inst: InstanceControl, f: Fields, priority: int) -> None:
+    tokens = f.int_list("tokens", low=0)
+    slots = inst.slots.resolve(distinct_slots(f))
+    if len(tokens) != len(slots):
+        raise f.error(f"{len(tokens)} tokens but {len(slots)} slots")
+    await inst.execute(Embed(OWNER, tokens, slots), priority, slots=slots)
+
+
+def distinct_slots(f: Fields) -> list[int]:
+    slots = f.int_list("slots")
+    if len(set(slots)) != len(slots):
+        raise f.error("field 'slots' names a slot twice")
+    return slots
+
+
+def _row_range(f: Fields, offset_field: str, count: int, page_size: int) -> int:
+    offset = f.integer(offset_field, low=0, high=page_size - 1)
+    if offset + count > page_size:
+        raise f.error(f"{offset_field} {offset} + count {count} exceeds the page size {page_size}")
+    return offset
+
+
+async def copy_kv(inst: InstanceControl, f: Fields, priority: int) -> None:
+    page_size = inst.controller.info.page_size
+    src, dst = f.integer("src_page"), f.integer("dst_page")
+    count = f.integer("count", low=0, high=page_size)
+    src_offset = _row_range(f, "src_offset", count, page_size)
+    dst_offset = _row_range(f, "dst_offset", count, page_size)
+    inst.pages.physical(src)  # held, before copying anything
+    await make_private(inst, dst, page_size, priority)
+    src_page, dst_page = inst.pages.physical(src), inst.pages.physical(dst)
+    call = CopyKv(OWNER, src_page, dst_page, src_offset, dst_offset, count)
+    await inst.execute(call, priority, pages=[src_page, dst_page])
+
+
+async def mask_kv(inst: InstanceControl, f: Fields, priority: int) -> None:
+    page_size = inst.controller.info.page_size
+    vid = f.integer("page")
+    slots = f.int_list("slots", low=0)
+    for slot in slots:
+        if slot >= page_size:
+            raise f.error(f"slot {slot} is outside a page of {page_size} slots")
+    masked = f.flag("masked", True)
+    await make_private(inst, vid, page_size, priority)
+    page = inst.pages.physical(vid)
+    await inst.execute(MaskKv(OWNER, page, slots, masked), priority, pages=[page])

@@ -1,0 +1,217 @@
+"""Physical KV pages and embedding slots: reference counts, pins, and per-instance virtual ids.
+
+The controller allocates every physical id from the executor under one owner string of its
+own (`OWNER`), because a physical page may be named by several instances at once (a fork, an
+import). Who may use which page is decided here instead, through each instance's `VirtualIds`.
+
+A physical id stays allocated while anything *refers* to it — a virtual id of some instance, or
+an export — or while an executor call that names it is *pinned* in flight. The second rule is
+what keeps a page from being handed to another instance while a call that writes it could still
+land in the same batch as the new owner's calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from pie_trio.control.fields import ControlError
+from pie_trio.executor.calls import AllocPages, AllocSlots, CallError, FreePages, FreeSlots
+
+logger = logging.getLogger(__name__)
+
+OWNER = "control"
+
+PAGES = "pages"
+SLOTS = "slots"
+_ALLOC_CALLS = {PAGES: AllocPages, SLOTS: AllocSlots}
+_FREE_CALLS = {PAGES: FreePages, SLOTS: FreeSlots}
+
+
+class Releaser:
+    """Returns physical ids to the executor from one task of its own.
+
+    The last reference often drops in synchronous code — an instance closing, the cleanup of a
+    cancelled request — where awaiting the executor is impossible, so ids are queued here and
+    freed in batches. `flushed()` waits until the executor has taken every one back.
+    """
+
+    def __init__(self, executor: Any):
+        self._executor = executor
+        self._send, self._receive = trio.open_memory_channel[tuple[str, list[int]]](math.inf)
+        self.pending: Counter[str] = Counter()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def release(self, kind: str, ids: list[int]) -> None:
+        if not ids:
+            return
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self.pending[kind] += len(ids)
+        self._send.send_nowait((kind, ids))
+
+    async def flushed(self) -> None:
+        while self.pending.total():
+            await self._idle.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for kind, ids in self._receive:
+            batches: dict[str, list[int]] = {kind: ids}
+            while True:  # everything queued meanwhile goes back in the same executor call
+                try:
+                    more_kind, more_ids = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batches.setdefault(more_kind, []).extend(more_ids)
+            for batch_kind, batch in batches.items():
+                await self._free(batch_kind, batch)
+            if not self.pending.total():
+                self._idle.set()
+
+    async def _free(self, kind: str, ids: list[int]) -> None:
+        try:
+            await self._executor.submit(_FREE_CALLS[kind](OWNER, ids))
+        except CallError:
+            # Every id here was allocated under OWNER and released once, so this is a bug in
+            # the bookkeeping; say so loudly, but keep serving everyone else.
+            logger.exception("the executor refused to take back %s %s", kind, ids)
+        finally:
+            self.pending[kind] -= len(ids)
+
+
+class PhysicalPool:
+    """The controller's share of one executor pool (KV pages or embedding slots)."""
+
+    def __init__(self, kind: str, noun: str, capacity: int, executor: Any, releaser: Releaser):
+        self.kind = kind
+        self.noun = noun  # "KV pages": the words of the out-of-capacity error
+        self.capacity = capacity
+        self._executor = executor
+        self._releaser = releaser
+        self._refs: dict[int, int] = {}  # kept while refs > 0 or pins > 0
+        self._pins: Counter[int] = Counter()
+        self._reserved = 0  # being allocated right now
+
+    @property
+    def in_use(self) -> int:
+        """Physical ids not free in the executor: held, pinned, or on their way back."""
+        return len(self._refs) + self._releaser.pending[self.kind]
+
+    def free(self) -> int:
+        return self.capacity - self.in_use - self._reserved
+
+    async def allocate(self, count: int, priority: int = 0) -> list[int]:
+        """`count` fresh ids with one reference each, or the documented out-of-capacity error."""
+        if count > self.free():
+            await self._releaser.flushed()  # freed-but-not-yet-returned ids count as free
+        free = self.free()
+        if count > free:
+            raise ControlError(f"out of {self.noun}: {count} requested, {free} free")
+        self._reserved += count
+        try:
+            # Shielded: once the executor hands ids out we must record them, or they leak.
+            with trio.CancelScope(shield=True):
+                ids = await self._executor.submit(
+                    _ALLOC_CALLS[self.kind](OWNER, count), priority=priority
+                )
+        except CallError as exc:
+            raise ControlError(f"cannot allocate {count} {self.noun}: {exc}") from None
+        finally:
+            self._reserved -= count
+        for i in ids:
+            self._refs[i] = 1
+        return ids
+
+    def refs(self, i: int) -> int:
+        return self._refs[i]
+
+    def shared(self, i: int) -> bool:
+        return self._refs[i] > 1
+
+    def ref(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self._refs[i] += 1
+
+    def unref(self, ids: Iterable[int]) -> None:
+        released = []
+        for i in ids:
+            self._refs[i] -= 1
+            if self._refs[i] == 0 and not self._pins[i]:
+                del self._refs[i]
+                released.append(i)
+        self._releaser.release(self.kind, released)
+
+    @contextmanager
+    def pinned(self, ids: list[int]) -> Iterator[None]:
+        """Keep `ids` allocated while an executor call that names them is in flight."""
+        for i in ids:
+            self._pins[i] += 1
+        try:
+            yield
+        finally:
+            released = []
+            for i in ids:
+                self._pins[i] -= 1
+                if not self._pins[i]:
+                    del self._pins[i]
+                    if self._refs[i] == 0:
+                        del self._refs[i]
+                        released.append(i)
+            self._releaser.release(self.kind, released)
+
+
+class VirtualIds:
+    """One instance's names for physical ids of one kind.
+
+    Virtual ids are small integers that mean nothing outside their instance; they are never
+    reused within it, so a stale id is an error rather than an alias of some newer resource.
+    """
+
+    def __init__(self, noun: str):
+        self.noun = noun  # "page", "slot": the words of the not-held error
+        self._physical: dict[int, int] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._physical)
+
+    def add(self, physical: int) -> int:
+        vid = self._next
+        self._next += 1
+        self._physical[vid] = physical
+        return vid
+
+    def physical(self, vid: int) -> int:
+        try:
+            return self._physical[vid]
+        except KeyError:
+            raise ControlError(f"{self.noun} {vid} is not held by this instance") from None
+
+    def resolve(self, vids: list[int]) -> list[int]:
+        return [self.physical(v) for v in vids]
+
+    def get(self, vid: int) -> int | None:
+        return self._physical.get(vid)
+
+    def remap(self, vid: int, physical: int) -> None:
+        self._physical[vid] = physical
+
+    def remove(self, vids: list[int]) -> list[int]:
+        """Forget `vids` (all checked first) and return their physical ids."""
+        physical = self.resolve(vids)
+        for v in vids:
+            del self._physical[v]
+        return physical
+
+    def clear(self) -> list[int]:
+        physical = list(self._physical.values())
+        self._physical.clear()
+        return physical

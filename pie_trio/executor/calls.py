@@ -1,0 +1,175 @@
+"""The handler calls that cross the executor boundary.
+
+Every record here is plain data that round-trips through msgpack (`to_msg` / `call_from_msg`),
+so the executor could run in another process with no change to its callers. Page and slot ids
+are *physical* ids of the executor's pools; per-instance virtual ids live in the control layer.
+
+KV layout of one sequence: its context is the concatenation of `kv_pages`, each holding
+`page_size` token slots, the last one filled up to `last_page_len` *after* this call's tokens are
+written. A forward with n input tokens therefore writes them into the last n slots of the
+context, and input token i sees context slots [0, ctx_len - n + i] (causal), unless a mask says
+otherwise.
+
+Attention masks are BRLE (binary run-length encoding, as in Pie): a list of run lengths that
+alternate attend / skip, starting with *attend*; the runs of input token i sum to its causal
+context length `ctx_len - n + i + 1`. A leading skip is written as a first run of 0.
+
+Vocabulary masks (constrained decoding) are packed bitmasks: `bytes` of ceil(vocab/8), bit
+`t % 8` of byte `t // 8` set when token t is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class CallError(Exception):
+    """A call was rejected or failed. Only its caller sees this; the executor carries on."""
+
+
+@dataclass
+class Sampler:
+    """How to turn a next-token distribution into one token.
+
+    temperature 0 means greedy (argmax). top_k 0 and top_p 1 and min_p 0 disable those filters.
+    A seed makes the draw reproducible per call; without one the executor's generator is used.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class AllocPages:
+    owner: str
+    count: int
+    kind: str = "alloc_pages"
+
+
+@dataclass
+class FreePages:
+    owner: str
+    pages: list[int]
+    kind: str = "free_pages"
+
+
+@dataclass
+class AllocSlots:
+    """Embedding slots: one hidden-state vector each, filled by `Embed`, read by `Forward`."""
+
+    owner: str
+    count: int
+    kind: str = "alloc_slots"
+
+
+@dataclass
+class FreeSlots:
+    owner: str
+    slots: list[int]
+    kind: str = "free_slots"
+
+
+@dataclass
+class Forward:
+    """One sequence's share of a ragged batch: a prefill chunk or a decode token (or several)."""
+
+    owner: str
+    kv_pages: list[int]
+    last_page_len: int
+    positions: list[int]
+    tokens: list[int] | None = None
+    embed_slots: list[int] | None = None
+    masks: list[list[int]] | None = None
+    output_indices: list[int] = field(default_factory=list)
+    top_k: int = 0
+    sampler: Sampler | None = None
+    vocab_mask: bytes | None = None
+    logit_bias: dict[int, float] | None = None
+    kind: str = "forward"
+
+
+@dataclass
+class ForwardResult:
+    """Per output index: a top-k distribution (when top_k > 0) and/or a sampled token."""
+
+    dists: list[tuple[list[int], list[float]]] | None = None
+    tokens: list[int] | None = None
+
+
+@dataclass
+class Embed:
+    """Store the embeddings of `tokens` into `slots` (same length)."""
+
+    owner: str
+    tokens: list[int]
+    slots: list[int]
+    kind: str = "embed"
+
+
+@dataclass
+class CopyKv:
+    """Copy `count` KV rows (every layer) from src_page[src_offset:] to dst_page[dst_offset:]."""
+
+    owner: str
+    src_page: int
+    dst_page: int
+    src_offset: int
+    dst_offset: int
+    count: int
+    kind: str = "copy_kv"
+
+
+@dataclass
+class MaskKv:
+    """Mark slots of a page masked (never attended again) or unmasked."""
+
+    owner: str
+    page: int
+    slots: list[int]
+    masked: bool = True
+    kind: str = "mask_kv"
+
+
+Call = AllocPages | FreePages | AllocSlots | FreeSlots | Forward | Embed | CopyKv | MaskKv
+
+CALL_TYPES: dict[str, type] = {
+    cls.kind: cls  # type: ignore[attr-defined]
+    for cls in (AllocPages, FreePages, AllocSlots, FreeSlots, Forward, Embed, CopyKv, MaskKv)
+}
+
+# Calls the executor answers at once in its own task (bookkeeping, no model work).
+IMMEDIATE_KINDS = frozenset({"alloc_pages", "free_pages", "alloc_slots", "free_slots"})
+# Calls that are coalesced across callers and run as one batched kernel in the worker thread.
+BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv"})
+
+
+def to_msg(record: Any) -> dict[str, Any]:
+    """A msgpack-ready dict of a call or result record."""
+    return dataclasses.asdict(record)
+
+
+def call_from_msg(msg: dict[str, Any]) -> Call:
+    """Rebuild a call from its msgpack dict, raising CallError on anything malformed."""
+    if not isinstance(msg, dict):
+        raise CallError(f"a call must be a map, got {type(msg).__name__}")
+    kind = msg.get("kind")
+    cls = CALL_TYPES.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise CallError(f"unknown call kind {kind!r}; expected one of {sorted(CALL_TYPES)}")
+    args = dict(msg)
+    if cls is Forward and isinstance(args.get("sampler"), dict):
+        try:
+            args["sampler"] = Sampler(**args["sampler"])
+        except TypeError as exc:
+            raise CallError(f"bad sampler: {exc}") from None
+    if cls is Forward and isinstance(args.get("logit_bias"), dict):
+        args["logit_bias"] = {int(k): float(v) for k, v in args["logit_bias"].items()}
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise CallError(f"bad {kind} call: {exc}") from None

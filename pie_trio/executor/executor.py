@@ -1,0 +1,461 @@
+"""The executor: one trio task that owns the model runner and its page and slot pools.
+
+Callers `await executor.submit(call, priority)` from any task. Each request travels over a
+memory channel to the executor, which answers it with the call's result or a `CallError` for
+that caller alone. Inside `Executor.run` two child tasks share the executor's state (they are
+one actor, on one trio thread, never running at the same time):
+
+- intake: receives requests, answers allocations and frees at once (bookkeeping only, even while
+  a forward is running), validates the rest (`runner.check` + ownership) so that a bad call
+  fails alone, and queues the good ones;
+- scheduler: once per tick, plans the queued calls into same-kind groups (embed, copy_kv,
+  mask_kv, then forward), runs the whole plan in one worker thread, and resolves every caller.
+
+Order between calls. Calls that are pending at the same time are concurrent: a caller that
+needs one call done before the next awaits the first. Still, a guest or the control layer may
+legitimately have several calls in flight (a copy_kv and the forward that reads it, two forked
+contexts, a cancelled forward and the free that follows it), so the planner keeps the arrival
+order of any two calls that touch the same page or slot where one of them writes it: a call
+runs in this tick only if it conflicts with no earlier call that waits for a later tick, nor
+with an earlier call placed in the same or a later group of this tick. Reads never conflict
+with reads, so forks sharing a prefix still batch together. Within a tick the groups run in the
+order embed, copy_kv, mask_kv, forward: a forward usually reads what those three prepare.
+
+Frees are answered at once and never wait for queued calls: a queued call that names a page its
+owner no longer holds fails when it is planned (ownership is checked again then). A call already
+running in the worker thread finishes first, before any later allocation of its pages is used.
+
+Shutdown: cancel the scope running `Executor.run`. The worker thread cannot be interrupted, so
+a forward in flight finishes first; then every call still waiting fails with `CallError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import outcome
+import trio
+
+from pie_trio.executor.calls import (
+    BATCHED_KINDS,
+    Call,
+    CallError,
+    CopyKv,
+    Embed,
+    Forward,
+    MaskKv,
+)
+from pie_trio.executor.policies import BatchPolicy, make_policy
+from pie_trio.executor.pool import IdPool
+
+log = logging.getLogger(__name__)
+
+# Group order within one tick (see the module docstring for why forward comes last).
+STAGES = ("embed", "copy_kv", "mask_kv", "forward")
+STAGE_OF = {kind: i for i, kind in enumerate(STAGES)}
+
+RECENT_BATCHES = 256
+# Scheduling passes a tick waits after answering its callers, for their next calls (see _settle).
+SETTLE_PASSES = 8  # forward batches kept in `stats.recent_forwards` for inspection
+
+
+@dataclass(eq=False)
+class Request:
+    """One caller's call on its way through the executor, and where its answer goes."""
+
+    call: Any  # a Call, unless a caller sent something malformed (which then fails)
+    priority: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+    result: outcome.Outcome | None = None
+    abandoned: bool = False  # the caller was cancelled: skip the work, drop the answer
+    seq: int = 0  # arrival order, set when admitted
+    arrival: float = 0.0  # trio time of admission (for the `t` policies)
+    reads: frozenset[int] = frozenset()  # pages as p, slots as ~s (negative)
+    writes: frozenset[int] = frozenset()
+
+    def resolve(self, result: outcome.Outcome) -> None:
+        if self.result is None:
+            self.result = result
+            self.done.set()
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """What one forward batch carried: its callers' owners and priorities, and its tokens."""
+
+    owners: tuple[str, ...]
+    priorities: tuple[int, ...]
+    tokens: int
+
+
+@dataclass
+class ExecutorStats:
+    ticks: int = 0  # plans run in the worker thread
+    calls: Counter[str] = field(default_factory=Counter)  # submitted, per kind
+    failed: Counter[str] = field(default_factory=Counter)  # answered with CallError, per kind
+    batches: Counter[str] = field(default_factory=Counter)  # batched runner calls, per kind
+    forward_calls: Counter[int] = field(default_factory=Counter)  # batch size (calls) -> count
+    forward_tokens: Counter[int] = field(default_factory=Counter)  # bucket (tokens) -> count
+    recent_forwards: deque[ForwardBatch] = field(
+        default_factory=lambda: deque(maxlen=RECENT_BATCHES)
+    )
+
+    def record_forward(self, requests: list[Request]) -> None:
+        tokens = sum(num_tokens(r.call) for r in requests)
+        self.forward_calls[len(requests)] += 1
+        self.forward_tokens[token_bucket(tokens)] += 1
+        self.recent_forwards.append(
+            ForwardBatch(
+                owners=tuple(r.call.owner for r in requests),
+                priorities=tuple(r.priority for r in requests),
+                tokens=tokens,
+            )
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ticks": self.ticks,
+            "calls": dict(self.calls),
+            "failed": dict(self.failed),
+            "batches": dict(self.batches),
+            "forward_calls": dict(sorted(self.forward_calls.items())),
+            "forward_tokens": dict(sorted(self.forward_tokens.items())),
+        }
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above `tokens`: histogram buckets for forward batch sizes."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+def num_tokens(call: Forward) -> int:
+    return len(call.tokens if call.tokens is not None else call.embed_slots or [])
+
+
+def hazards(call: Call, page_size: int) -> tuple[frozenset[int], frozenset[int]]:
+    """The pages and slots a validated batched call reads and writes (slots as ~id)."""
+    if isinstance(call, Forward):
+        ctx_len = (len(call.kv_pages) - 1) * page_size + call.last_page_len
+        first_written = max(0, ctx_len - num_tokens(call)) // page_size
+        slots = {~s for s in call.embed_slots or []}
+        return frozenset(call.kv_pages) | slots, frozenset(call.kv_pages[first_written:])
+    if isinstance(call, Embed):
+        return frozenset(), frozenset(~s for s in call.slots)
+    if isinstance(call, CopyKv):
+        return frozenset({call.src_page}), frozenset({call.dst_page})
+    if isinstance(call, MaskKv):
+        return frozenset(), frozenset({call.page})
+    raise TypeError(f"not a batched call: {call!r}")
+
+
+class _Footprint:
+    """The union of the pages and slots that a set of calls reads and writes."""
+
+    def __init__(self) -> None:
+        self.reads: set[int] = set()
+        self.writes: set[int] = set()
+
+    def add(self, request: Request) -> None:
+        self.reads |= request.reads
+        self.writes |= request.writes
+
+    def conflicts(self, request: Request) -> bool:
+        return not (
+            self.writes.isdisjoint(request.reads)
+            and self.writes.isdisjoint(request.writes)
+            and self.reads.isdisjoint(request.writes)
+        )
+
+
+Plan = list[tuple[str, list[Request]]]
+
+
+class Executor:
+    """Coalesces the calls of all callers into one batched runner call per kind per tick."""
+
+    def __init__(
+        self,
+        runner: Any,
+        policy: str | BatchPolicy = "adaptive",
+        *,
+        k: int = 8,
+        t: float = 0.005,
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.runner = runner
+        self.info = runner.info
+        self.policy = make_policy(policy, k=k, t=t) if isinstance(policy, str) else policy
+        self.max_batch_tokens = max_batch_tokens
+        self.pages = IdPool(self.info.num_pages, "page")
+        self.slots = IdPool(self.info.num_slots, "slot")
+        self.stats = ExecutorStats()
+        self._send, self._receive = trio.open_memory_channel[Request](math.inf)
+        self._pending: list[Request] = []  # admitted batched calls, in arrival order
+        self._in_flight: list[Request] = []
+        self._seq = count()
+        self._admitted = 0  # batched calls admitted so far (see _settle)
+        self._arrived = trio.Event()
+        self._forward_deadline = math.inf  # when the policy fires for the forwards now waiting
+        # The runner is only ever called from this one thread, one plan at a time.
+        self._limiter = trio.CapacityLimiter(1)
+        self._started = False
+
+    # ---- callers -------------------------------------------------------------------------
+
+    async def submit(self, call: Call, priority: int = 0) -> Any:
+        """Run `call`; return its result or raise `CallError` (for this caller only)."""
+        request = Request(call, priority)
+        try:
+            self._send.send_nowait(request)  # unbounded: never blocks, keeps arrival order
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise CallError("the executor is not running") from None
+        try:
+            await request.done.wait()
+        except BaseException:
+            request.abandoned = True  # cancelled: the executor skips or drops it
+            raise
+        assert request.result is not None
+        return request.result.unwrap()
+
+    @property
+    def queued(self) -> int:
+        """Batched calls admitted and waiting to be planned (not counting the one running)."""
+        return len(self._pending)
+
+    # ---- the executor task -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve calls until cancelled. Start it with `await nursery.start(executor.run)`."""
+        if self._started:
+            raise RuntimeError("an Executor runs once")
+        self._started = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._intake)
+                nursery.start_soon(self._schedule)
+                task_status.started()
+        finally:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        while True:
+            try:
+                self._pending.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._receive.close()
+        for request in self._in_flight + self._pending:
+            request.resolve(outcome.Error(CallError("the executor stopped")))
+        self._in_flight, self._pending = [], []
+
+    async def _intake(self) -> None:
+        while True:
+            request = await self._receive.receive()
+            self._admit(request)
+            # Take the whole burst before waking the scheduler, so one tick sees all of it.
+            while True:
+                try:
+                    request = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._admit(request)
+            self._arrived.set()
+
+    def _admit(self, request: Request) -> None:
+        call = request.call
+        kind = getattr(call, "kind", type(call).__name__)
+        self.stats.calls[kind] += 1
+        if request.abandoned:  # cancelled before we saw it: no allocation nobody would free
+            return
+        try:
+            if not isinstance(getattr(call, "owner", None), str):
+                raise CallError(f"a {kind} call needs an owner string")
+            if kind not in BATCHED_KINDS:
+                request.resolve(outcome.Value(self._bookkeep(call)))
+                return
+            self._validate(call)
+        except CallError as exc:
+            self._fail(request, exc)
+            return
+        except Exception as exc:  # malformed fields, e.g. a string where ids belong
+            self._fail(request, CallError(f"invalid {kind} call: {exc!r}"))
+            return
+        self._admitted += 1
+        request.seq = next(self._seq)
+        request.arrival = trio.current_time()
+        request.reads, request.writes = hazards(call, self.info.page_size)
+        self._pending.append(request)
+
+    def _bookkeep(self, call: Call) -> list[int] | None:
+        """Allocations and frees: answered at once, no model work."""
+        match call.kind:
+            case "alloc_pages":
+                return self.pages.alloc(call.owner, call.count)
+            case "free_pages":
+                self.pages.free(call.owner, call.pages)
+            case "alloc_slots":
+                return self.slots.alloc(call.owner, call.count)
+            case "free_slots":
+                self.slots.free(call.owner, call.slots)
+            case other:
+                raise CallError(f"unknown call kind {other!r}")
+        return None
+
+    def _validate(self, call: Call) -> None:
+        try:
+            self.runner.check(call)
+        except CallError:
+            raise
+        except Exception as exc:  # malformed fields the runner choked on, e.g. a str for a list
+            raise CallError(f"invalid {call.kind} call: {exc!r}") from None
+        self._check_ownership(call)
+
+    def _check_ownership(self, call: Call) -> None:
+        if isinstance(call, Forward):
+            self.pages.check(call.owner, call.kv_pages)
+            self.slots.check(call.owner, call.embed_slots or [])
+        elif isinstance(call, Embed):
+            self.slots.check(call.owner, call.slots)
+        elif isinstance(call, CopyKv):
+            self.pages.check(call.owner, [call.src_page, call.dst_page])
+        elif isinstance(call, MaskKv):
+            self.pages.check(call.owner, [call.page])
+
+    def _fail(self, request: Request, exc: CallError) -> None:
+        self.stats.failed[getattr(request.call, "kind", "?")] += 1
+        request.resolve(outcome.Error(exc))
+
+    async def _schedule(self) -> None:
+        while True:
+            self._arrived = trio.Event()  # set by any arrival after this point
+            plan = self._plan(trio.current_time())
+            if not plan:
+                with trio.move_on_at(self._forward_deadline):
+                    await self._arrived.wait()
+                continue
+            self.stats.ticks += 1
+            self._in_flight = [r for _, group in plan for r in group]
+            work = [(kind, [r.call for r in group]) for kind, group in plan]
+            results = await trio.to_thread.run_sync(self._execute, work, limiter=self._limiter)
+            resolved, self._in_flight = len(self._in_flight), []
+            self._resolve(plan, results)
+            await self._settle(resolved)
+
+    async def _settle(self, resolved: int) -> None:
+        """Give the callers just answered a few scheduling passes to submit their next calls.
+
+        A caller answered now typically submits its next forward within two or three passes (a
+        few more when it allocates a page first). Planning at once would split the callers into
+        two groups that then alternate forever, each forward half full. Waiting for passes, not
+        for time, costs microseconds, and stops as soon as every answered caller is back.
+        """
+        admitted_before = self._admitted
+        for _ in range(SETTLE_PASSES):
+            if self._admitted - admitted_before >= resolved:
+                return
+            await trio.lowlevel.checkpoint()
+
+    # ---- planning (trio thread) --------------------------------------------------------------
+
+    def _plan(self, now: float) -> Plan:
+        """Take the calls that may run this tick out of the queue, grouped by kind."""
+        groups: dict[str, list[Request]] = {kind: [] for kind in STAGES}
+        placed = [_Footprint() for _ in STAGES]
+        deferred = _Footprint()
+        waiting: list[Request] = []
+        for request in self._pending:
+            if request.abandoned:
+                continue
+            try:
+                self._check_ownership(request.call)  # a free may have come in meanwhile
+            except CallError as exc:
+                self._fail(request, exc)
+                continue
+            stage = STAGE_OF[request.call.kind]
+            if deferred.conflicts(request) or any(p.conflicts(request) for p in placed[stage:]):
+                deferred.add(request)
+                waiting.append(request)
+                continue
+            placed[stage].add(request)
+            groups[request.call.kind].append(request)
+
+        # Forward candidates are pairwise independent, and every later call touching one of
+        # them was deferred above, so leaving some of them for the next tick is always safe.
+        candidates = groups["forward"]
+        groups["forward"] = self._pick_forwards(candidates, now)
+        picked = set(map(id, groups["forward"]))
+        left = [r for r in candidates if id(r) not in picked]
+        self._forward_deadline = (
+            self.policy.deadline(min(r.arrival for r in left)) if left else math.inf
+        )
+        if self._forward_deadline <= now:
+            self._forward_deadline = math.inf  # the budget, not the policy, held them back
+        self._pending = sorted(waiting + left, key=lambda r: r.seq)
+        return [(kind, groups[kind]) for kind in STAGES if groups[kind]]
+
+    def _pick_forwards(self, candidates: list[Request], now: float) -> list[Request]:
+        """The forwards that fire now: by priority then arrival, up to the token budget."""
+        if not candidates:
+            return []
+        oldest = min(r.arrival for r in candidates)
+        if not self.policy.should_fire(len(candidates), oldest, now):
+            return []
+        picked: list[Request] = []
+        tokens = 0
+        for request in sorted(candidates, key=lambda r: (-r.priority, r.seq)):
+            size = num_tokens(request.call)
+            if picked and tokens + size > self.max_batch_tokens:
+                break  # strict order: a large call is not overtaken by smaller later ones
+            picked.append(request)
+            tokens += size
+        picked.sort(key=lambda r: r.seq)
+        return picked
+
+    # ---- running (worker thread) -------------------------------------------------------------
+
+    def _execute(self, work: list[tuple[str, list[Call]]]) -> list[list[outcome.Outcome]]:
+        return [self._run_group(kind, calls) for kind, calls in work]
+
+    def _run_group(self, kind: str, calls: list[Call]) -> list[outcome.Outcome]:
+        try:
+            results = getattr(self.runner, kind)(calls)
+        except Exception as exc:
+            if len(calls) == 1:
+                return [outcome.Error(_as_call_error(kind, exc))]
+            # Only the culprit should fail: rerun the members alone. Rerunning is safe because
+            # every batched kind is idempotent (a forward rewrites the same KV rows).
+            log.warning("a batched %s of %d calls failed (%r); running them one by one",
+                        kind, len(calls), exc)
+            return [self._run_group(kind, [call])[0] for call in calls]
+        if results is None:
+            results = [None] * len(calls)
+        if len(results) != len(calls):
+            error = CallError(f"{kind}: the runner answered {len(results)} of {len(calls)} calls")
+            return [outcome.Error(error) for _ in calls]
+        return [outcome.Value(result) for result in results]
+
+    # ---- resolving (trio thread) ---------------------------------------------------------------
+
+    def _resolve(self, plan: Plan, results: list[list[outcome.Outcome]]) -> None:
+        for (kind, group), outcomes in zip(plan, results, strict=True):
+            self.stats.batches[kind] += 1
+            if kind == "forward":
+                self.stats.record_forward(group)
+            for request, result in zip(group, outcomes, strict=True):
+                if isinstance(result, outcome.Error):
+                    self.stats.failed[kind] += 1
+                request.resolve(result)
+
+
+def _as_call_error(kind: str, exc: Exception) -> CallError:
+    if isinstance(exc, CallError):
+        return exc
+    log.error("%s failed", kind, exc_info=exc)
+    return CallError(f"{kind} failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,217 @@
+"""The Llama-family transformer (Llama, Mistral, Qwen2) over a paged KV cache.
+
+One forward runs every token of a ragged batch through each layer together: the projections and
+the MLP see a single `[tokens, hidden]` matrix, and only attention splits by sequence, along the
+groups planned in `pie_trio.model.batch`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import ops
+from pie_trio.model.batch import AttentionGroup, ForwardBatch
+from pie_trio.model.config import ModelConfig
+from pie_trio.model.kv_cache import KvCache
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + k + v rows, hidden]: one matmul for all three projections
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * ffn, hidden]: gate and up fused
+    down: torch.Tensor
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> torch.Tensor:
+    """Rotary inverse frequencies, with the model's scaling applied."""
+    dims = torch.arange(0, config.head_dim, 2, dtype=torch.float32)
+    inv_freq = 1.0 / (config.rope_theta ** (dims / config.head_dim))
+    if freq_factors is not None:  # GGUF files carry Llama 3 scaling as per-dimension factors
+        return inv_freq / freq_factors.float()
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_scaled(inv_freq, scaling)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported")
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(middle, blended, scaled)
+
+
+class LlamaModel:
+    """Weights and forward pass; the KV cache is passed in, the model keeps no sequence state."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+
+        def take(name: str) -> torch.Tensor:
+            return tensors[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed_tokens = take("model.embed_tokens.weight")
+        self.norm = take("model.norm.weight")
+        self.lm_head = (
+            self.embed_tokens
+            if config.tie_embeddings or "lm_head.weight" not in tensors
+            else take("lm_head.weight")
+        )
+        self.layers = [self._layer(tensors, i, take) for i in range(config.num_layers)]
+        inv_freq = rope_inv_freq(config, tensors.get("rope_freqs"))
+        self.rope_cos, self.rope_sin = ops.rotary_tables(
+            inv_freq.to(device), config.max_position, dtype
+        )
+        self.scale = config.head_dim**-0.5
+        # Reused gather buffers for context K/V (see ops.gather_kv); grown on demand.
+        self._gather_k = torch.empty(0, dtype=dtype, device=device)
+        self._gather_v = torch.empty(0, dtype=dtype, device=device)
+
+    def _layer(self, tensors: dict[str, torch.Tensor], i: int, take) -> LayerWeights:
+        prefix = f"model.layers.{i}."
+        attn = prefix + "self_attn."
+        bias = None
+        if self.config.qkv_bias:
+            bias = torch.cat(
+                [take(attn + f"{p}_proj.bias") for p in ("q", "k", "v")]
+            ).contiguous()
+        return LayerWeights(
+            input_norm=take(prefix + "input_layernorm.weight"),
+            qkv=torch.cat([take(attn + f"{p}_proj.weight") for p in ("q", "k", "v")]),
+            qkv_bias=bias,
+            out=take(attn + "o_proj.weight"),
+            post_norm=take(prefix + "post_attention_layernorm.weight"),
+            gate_up=torch.cat(
+                [take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")]
+            ),
+            down=take(prefix + "mlp.down_proj.weight"),
+        )
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed_tokens)
+
+    def inputs(self, batch: ForwardBatch, kv: KvCache) -> torch.Tensor:
+        """The first hidden states `[rows, hidden]`: token embeddings and/or embedding slots."""
+        if batch.token_ids is not None:
+            return self.embed(batch.token_ids)
+        hidden = torch.empty(
+            batch.num_rows, self.config.hidden_size, dtype=self.dtype, device=self.device
+        )
+        token_rows, token_ids = batch.input_tokens
+        slot_rows, slot_ids = batch.input_slots
+        if len(token_rows):
+            hidden.index_copy_(0, token_rows, self.embed(token_ids))
+        hidden.index_copy_(0, slot_rows, kv.embeddings.index_select(0, slot_ids))
+        return hidden
+
+    def forward(self, batch: ForwardBatch, kv: KvCache) -> torch.Tensor:
+        """Run every layer, writing K/V into the cache; returns logits (fp32) of output rows."""
+        cfg = self.config
+        hidden = self.inputs(batch, kv)
+        rows = batch.num_rows
+        cos = self.rope_cos.index_select(0, batch.positions)
+        sin = self.rope_sin.index_select(0, batch.positions)
+        rotated = cfg.num_heads + cfg.num_kv_heads
+        q_size = cfg.num_heads * cfg.head_dim
+        kv.clear_masked(batch.write_slots)
+        self._reserve_gather(batch.groups)
+        for i, layer in enumerate(self.layers):
+            x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qk = ops.apply_rotary(
+                qkv[:, : rotated * cfg.head_dim].view(rows, rotated, cfg.head_dim), cos, sin
+            )
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+            v = qkv[:, rotated * cfg.head_dim :].view(rows, cfg.num_kv_heads, cfg.head_dim)
+            ops.write_kv(kv.k[i], kv.v[i], batch.write_slots, k, v)
+            attn = self._attention(q, kv.k[i], kv.v[i], batch.groups)
+            hidden = hidden + F.linear(attn.reshape(rows, q_size), layer.out)
+            x = ops.rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
+            hidden = hidden + F.linear(ops.silu_mul(F.linear(x, layer.gate_up)), layer.down)
+        return self.logits(hidden.index_select(0, batch.output_rows))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    # -- attention -----------------------------------------------------------------------------
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        groups: list[AttentionGroup],
+    ) -> torch.Tensor:
+        if len(groups) == 1 and isinstance(groups[0].rows, slice) and groups[0].valid is None:
+            group = groups[0]
+            if group.rows == slice(0, q.shape[0]):
+                return self._attend(group, q, k_cache, v_cache)
+        out = torch.empty_like(q)
+        for group in groups:
+            result = self._attend(group, q[group.rows], k_cache, v_cache)
+            if group.valid is None:
+                out[group.rows] = result
+            else:
+                out[group.rows[group.valid]] = result[group.valid]
+        return out
+
+    def _attend(
+        self,
+        group: AttentionGroup,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of one group; `q` holds exactly its (padded) query rows."""
+        if group.span is not None:
+            k = k_cache[:, group.span[0] : group.span[1]].unsqueeze(1)
+            v = v_cache[:, group.span[0] : group.span[1]].unsqueeze(1)
+        else:
+            k = ops.gather_kv(k_cache, group.slots, self._gather_k)
+            v = ops.gather_kv(v_cache, group.slots, self._gather_v)
+        if group.queries > 1 and group.batch == 1 and group.valid is None:
+            return ops.prefill_attention(
+                q, k[:, 0], v[:, 0], group.mask, group.causal, self.scale
+            )
+        shaped = q.view(group.batch, group.queries, *q.shape[1:])
+        mask = group.mask
+        out = ops.decode_attention(shaped, k, v, mask, self.scale)
+        return out.reshape(group.batch * group.queries, *q.shape[1:])
+
+    def _reserve_gather(self, groups: list[AttentionGroup]) -> None:
+        """Grow the gather buffers to the largest context any group will gather this pass."""
+        needed = max(
+            (g.slots.numel() for g in groups if g.slots is not None), default=0
+        ) * self.config.num_kv_heads * self.config.head_dim
+        if needed > self._gather_k.numel():
+            self._gather_k = torch.empty(needed, dtype=self.dtype, device=self.device)
+            self._gather_v = torch.empty(needed, dtype=self.dtype, device=self.device)

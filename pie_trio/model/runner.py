@@ -1,0 +1,203 @@
+"""`ModelRunner`: the model layer's one face to the executor (see docs/layers.md).
+
+It owns the weights, the tokenizer and the KV pool, checks calls against them, and runs batches
+of calls synchronously. The executor calls `forward`/`embed`/`copy_kv`/`mask_kv` from its single
+worker thread and `check` from the trio thread; nothing here blocks on anything but compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv
+from pie_trio.model.batch import build_batch
+from pie_trio.model.checks import Limits, check_call
+from pie_trio.model.config import ModelConfig
+from pie_trio.model.kv_cache import (
+    DEFAULT_EMBED_SLOTS,
+    KvCache,
+    default_kv_budget,
+    pages_for_budget,
+)
+from pie_trio.model.llama import LlamaModel
+from pie_trio.model.sampling import results_for
+from pie_trio.model.tokenizer import Tokenizer
+from pie_trio.model.weights import load_model_files
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What clients and inferlets may know about the served model.
+
+    `bos_token` / `eos_token` are the tokens' text (as chat templates use them); their ids are
+    `bos_token_id` / `eos_token_id`.
+    """
+
+    name: str
+    page_size: int
+    vocab_size: int
+    stop_tokens: list[int]
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    max_position: int
+    num_pages: int
+    num_slots: int
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = ""
+    device: str = ""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 unless told otherwise: on CUDA, and on CPUs with AVX-512 BF16 it is also fastest."""
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class ModelRunner:
+    """Runs batches of calls on one model and its KV pool."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        tensors: dict[str, torch.Tensor],
+        tokenizer: Tokenizer,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_memory: int | None = None,
+        num_pages: int | None = None,
+        page_size: int = 16,
+        num_slots: int = DEFAULT_EMBED_SLOTS,
+        seed: int | None = None,
+    ) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.model = LlamaModel(config, tensors, dtype, device)
+        if num_pages is None:
+            budget = kv_memory if kv_memory is not None else default_kv_budget(device)
+            num_pages = pages_for_budget(config, budget, page_size, dtype)
+        self.kv = KvCache(config, num_pages, page_size, num_slots, dtype, device)
+        self.generator = torch.Generator(device=device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self.limits = Limits(
+            num_pages=num_pages,
+            page_size=page_size,
+            num_slots=num_slots,
+            vocab_size=config.vocab_size,
+            max_position=config.max_position,
+        )
+        self.info = ModelInfo(
+            name=name,
+            page_size=page_size,
+            vocab_size=config.vocab_size,
+            stop_tokens=list(tokenizer.stop_tokens),
+            chat_template=tokenizer.chat_template,
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+            max_position=config.max_position,
+            num_pages=num_pages,
+            num_slots=num_slots,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(device),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path = "default",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        kv_memory: int | None = None,
+        page_size: int = 16,
+        num_slots: int = DEFAULT_EMBED_SLOTS,
+        num_pages: int | None = None,
+        seed: int | None = None,
+    ) -> ModelRunner:
+        """Load "default" (SmolLM2-135M-Instruct), a `.gguf` file or a Hugging Face directory.
+
+        The KV pool holds `num_pages` pages if given, else as many as fit in `kv_memory` bytes
+        (default: 512 MiB on CPU, half the free memory on CUDA).
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        loaded = load_model_files(model, dtype)
+        return cls(
+            loaded.name,
+            loaded.config,
+            loaded.tensors,
+            loaded.tokenizer,
+            device=device,
+            dtype=dtype,
+            kv_memory=kv_memory,
+            num_pages=num_pages,
+            page_size=page_size,
+            num_slots=num_slots,
+            seed=seed,
+        )
+
+    # -- the executor's calls ------------------------------------------------------------------
+
+    def check(self, call: object) -> None:
+        """Raise `CallError` (with the reason) if `call` cannot run on this model and pool."""
+        check_call(call, self.limits)
+
+    @torch.inference_mode()
+    def forward(self, calls: list[Forward]) -> list[ForwardResult]:
+        """One ragged forward pass over every call's tokens; results in call order."""
+        if not calls:
+            return []
+        batch = build_batch(calls, self.kv.page_size, self.kv.masked, self.kv.any_masked)
+        logits = self.model.forward(batch, self.kv)
+        return results_for(logits, calls, batch.outputs_per_call, self.generator)
+
+    @torch.inference_mode()
+    def embed(self, calls: list[Embed]) -> None:
+        """Store token embeddings into embedding slots."""
+        for call in calls:
+            tokens = torch.tensor(call.tokens, dtype=torch.long, device=self.device)
+            slots = torch.tensor(call.slots, dtype=torch.long, device=self.device)
+            self.kv.embeddings[slots] = self.model.embed(tokens)
+
+    @torch.inference_mode()
+    def copy_kv(self, calls: list[CopyKv]) -> None:
+        """Copy KV rows (all layers, and their masked flags), in call order."""
+        for call in calls:
+            self.kv.copy(call.src_page, call.dst_page, call.src_offset, call.dst_offset, call.count)
+
+    @torch.inference_mode()
+    def mask_kv(self, calls: list[MaskKv]) -> None:
+        """Mark slots masked (never attended) or unmasked, in call order.
+
+        A slot stays masked until it is unmasked or a forward writes fresh K/V into it.
+        """
+        for call in calls:
+            self.kv.set_masked(call.page, call.slots, call.masked)

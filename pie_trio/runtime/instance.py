@@ -1,0 +1,229 @@
+"""One running inferlet: its trio task, its events, and the trio side of its host calls.
+
+An `Instance` lives in one trio task in the runtime's nursery; its guest runs in a dedicated
+thread (`guest.py`). The guest thread reaches this side only through the bridge: requests for
+the control layer (`handle_request`), events for the client (`emit`) and, last of all, its
+end (`_guest_exited`). Everything here runs on the trio thread.
+
+Ending. However an instance ends — the guest returns or traps, its owner kills it, a limit
+trips, the runtime shuts down — the same steps run, in this order: the guest thread is stopped
+and joined (its store already deleted), the control layer frees everything the instance held
+(`ctl.close()`), the `return` event (if the guest finished with a value) and exactly one
+`terminated` event are sent, and the event channel is closed.
+
+Events and back-pressure. `events` is unbounded so the final events can always be sent, but the
+guest cannot outrun its client: once more than `Limits.output_backlog_bytes` of its output is
+unread, its next `send` or print waits until the client has caught up by half. A client that
+closes its end of `events` ends the instance with `client_gone`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+import pie_trio
+from pie_trio.runtime.abi import HostCalls
+from pie_trio.runtime.bridge import Bridge
+from pie_trio.runtime.guest import GuestThread
+from pie_trio.runtime.programs import Program
+from pie_trio.runtime.sandbox import Guard, Limits, Termination, limit_hit
+
+log = logging.getLogger(__name__)
+
+KILL_REASONS = ("killed", "evicted", "client_gone")
+BACKLOG_POLL = 0.005  # seconds between checks of how far a congested client has read
+
+
+class InstanceGone(RuntimeError):
+    """The instance has already ended."""
+
+
+class InboxFull(RuntimeError):
+    """The guest has not received the messages already delivered to it."""
+
+
+class Instance:
+    """A running inferlet, as its owner sees it: `id`, `owner`, `events`, `deliver`, `kill`."""
+
+    def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
+                 args: Sequence[str], limits: Limits, ctl: Any, models: list[str],
+                 on_end: Callable[[Instance], None]):
+        self.id = instance_id
+        self.owner = owner
+        self.program = program.hash
+        self.args = list(args)
+        self.limits = limits
+        self.termination: Termination | None = None  # set once the instance has ended
+        self.return_value: str | None = None
+        self.ended = trio.Event()
+        self.consumed_bytes = 0  # output the client has read (see abi.Host)
+        self._events_out, self.events = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._ctl = ctl
+        self._on_end = on_end
+        self._exited = trio.Event()
+        self._started_at = trio.current_time()
+        self._nursery: trio.Nursery | None = None
+        self._inbox: deque[str] = deque()
+        self._receivers: deque[int] = deque()  # handles of `receive` requests waiting
+        self._unread: deque[int] = deque()  # sizes of emitted events the client has not read
+        self._watching_backlog = False
+        self.guard = Guard(limits, program.engine)
+        self.bridge = Bridge(trio.lowlevel.current_trio_token(), self.guard)
+        answers = {"version": pie_trio.__version__, "instance_id": instance_id,
+                   "args": list(args), "models": list(models)}
+        self.calls = HostCalls(self, self.bridge, self.guard, limits, answers)
+        self.guest = GuestThread(program, [program_name, *args], self.calls, self.guard,
+                                 self.bridge, limits, self._guest_exited,
+                                 name=f"inferlet-{instance_id[:12]}")
+        self._thread_started = False
+
+    # -- the owner's interface ------------------------------------------------------------
+
+    def kill(self, reason: str = "killed", detail: str = "") -> None:
+        """Stop the instance (it ends with `reason`); returns at once. No-op once it has ended."""
+        if reason not in KILL_REASONS:
+            raise ValueError(f"kill reason must be one of {KILL_REASONS}, got {reason!r}")
+        default = {"killed": "killed by its owner", "evicted": "evicted by the server",
+                   "client_gone": "the client went away"}[reason]
+        if self.guard.request_stop(Termination(reason, detail or default)):
+            self.bridge.interrupt()
+
+    def deliver(self, message: str) -> None:
+        """Hand a client message to the guest's next (or pending) `receive`."""
+        if not isinstance(message, str):
+            raise TypeError("a message to an instance must be a string")
+        if self._exited.is_set() or self.guard.stopping:
+            raise InstanceGone(f"instance {self.id} has ended")
+        if self._receivers:
+            self._complete(self._receivers.popleft(), {"ok": message})
+        elif len(self._inbox) >= self.limits.max_inbox:
+            raise InboxFull(f"instance {self.id} has {len(self._inbox)} messages it has not "
+                            "received yet")
+        else:
+            self._inbox.append(message)
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.is_set()
+
+    # -- the instance's task --------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.guest.start()
+                self._thread_started = True
+                task_status.started()
+                await self._wait_for_exit()
+                nursery.cancel_scope.cancel()  # a backlog watcher may still be polling
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _wait_for_exit(self) -> None:
+        wall_time = self.limits.wall_time
+        deadline = math.inf if wall_time is None else self._started_at + wall_time
+        with trio.move_on_at(deadline):
+            await self._exited.wait()
+            return
+        if self.guard.request_stop(limit_hit(
+                "wall_time", f"the instance ran longer than {wall_time:g} s")):
+            self.bridge.interrupt()
+        await self._exited.wait()
+
+    async def _finish(self) -> None:
+        if self._thread_started:
+            if not self._exited.is_set():  # cancelled: the runtime is shutting down
+                self.kill("evicted", "the runtime is shutting down")
+                await self._exited.wait()
+            # The guest posted its exit as its thread's last act: this join returns at once.
+            self.guest.join()
+        try:
+            await self._ctl.close()
+        except Exception:
+            log.exception("closing instance %s in the control layer failed", self.id)
+        termination = self.termination or Termination("trap", "the guest did not start")
+        self.termination = termination
+        if termination.reason == "finished" and self.return_value is not None:
+            self._send_final({"event": "return", "value": self.return_value})
+        self._send_final(termination.as_event())
+        self._events_out.close()
+        self.ended.set()
+        self._on_end(self)
+
+    def _send_final(self, event: dict[str, Any]) -> None:
+        try:
+            self._events_out.send_nowait(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # nobody is listening any more
+
+    # -- called by the guest thread through the bridge ------------------------------------
+
+    def handle_request(self, handle: int, request: dict[str, Any]) -> None:
+        """A request the control layer (or `receive`) answers; the answer lands in `ready`."""
+        if request.get("op") == "receive":
+            if self._inbox:
+                self._complete(handle, {"ok": self._inbox.popleft()})
+            else:
+                self._receivers.append(handle)
+            return
+        try:
+            self._ctl.submit(request, lambda response: self._complete(handle, response))
+        except Exception as exc:  # the control layer answers errors; this is a last resort
+            log.exception("control layer refused a request")
+            self._complete(handle, {"error": f"{request.get('op')}: {exc}"})
+
+    def emit(self, event: dict[str, Any], nbytes: int) -> None:
+        """An event from the guest (message, stdout, stderr) for the client."""
+        try:
+            self._events_out.send_nowait(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.kill("client_gone", "the client stopped reading the instance's events")
+            return
+        self._unread.append(nbytes)
+        self._count_consumed()
+        if self._backlog() > self.limits.output_backlog_bytes and not self._watching_backlog:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_backlog)
+
+    def _guest_exited(self, termination: Termination, return_value: str | None) -> None:
+        self.termination = termination
+        self.return_value = return_value
+        self._exited.set()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _complete(self, handle: int, response: dict[str, Any]) -> None:
+        if self._exited.is_set():
+            return  # e.g. the control layer answering "instance closed" during close()
+        self.calls.ready[handle] = response
+        self.bridge.notify()
+
+    def _count_consumed(self) -> None:
+        """Move the sizes of events the client has received from `_unread` to `consumed_bytes`."""
+        buffered = self._events_out.statistics().current_buffer_used
+        while len(self._unread) > buffered:
+            self.consumed_bytes += self._unread.popleft()
+
+    def _backlog(self) -> int:
+        return self.calls.posted_bytes - self.consumed_bytes
+
+    async def _watch_backlog(self) -> None:
+        """While the client lags, poll how far it has read and release the guest when it can."""
+        self._watching_backlog = True
+        try:
+            while self._backlog() > self.limits.output_backlog_bytes // 2:
+                await trio.sleep(BACKLOG_POLL)
+                self._count_consumed()
+                if self._events_out.statistics().open_receive_channels == 0:
+                    self.kill("client_gone", "the client stopped reading the instance's events")
+                self.bridge.notify()
+        finally:
+            self._watching_backlog = False

@@ -1,0 +1,112 @@
+"""`Runtime`: launches inferlets and owns their tasks (the interface in docs/layers.md).
+
+    runtime = Runtime(controller, ProgramStore(), Limits())
+    await nursery.start(runtime.run)
+    instance = await runtime.launch("text-completion", ["--prompt", "Hi"], owner="alice")
+    async for event in instance.events: ...
+
+`run` holds the nursery every instance task lives in and the epoch ticker that enforces CPU
+budgets. Cancelling it stops every instance (reason `evicted`), waits for their guest threads to
+exit and frees what they held, before it returns.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from pie_trio.runtime.instance import Instance
+from pie_trio.runtime.programs import ProgramStore
+from pie_trio.runtime.sandbox import Limits, tick_epochs
+
+
+class CapacityError(RuntimeError):
+    """The runtime already runs its maximum number of instances."""
+
+
+class Runtime:
+    def __init__(self, controller: Any, program_store: ProgramStore | None = None,
+                 limits: Limits | None = None, *, models: list[str] | None = None,
+                 max_instances: int = 4096):
+        self.controller = controller
+        self.programs = program_store if program_store is not None else ProgramStore()
+        self.limits = limits or Limits()
+        self.models = models if models is not None else _model_names(controller)
+        self.max_instances = max_instances
+        self.instances: dict[str, Instance] = {}
+        self.launched = 0
+        self.ended: Counter[str] = Counter()  # terminations by reason
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick_epochs, self.programs.engine)
+            try:
+                async with trio.open_nursery() as instances:
+                    self._nursery = instances
+                    task_status.started()
+                    await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def launch(self, program: str, args: Sequence[str] = (), owner: str = "",
+                     limits: Limits | None = None) -> Instance:
+        """Start `program` (a hash or built-in name) with `args`; the running Instance.
+
+        Raises UnknownProgram, ProgramError (a built-in that does not compile), CapacityError,
+        or RuntimeError when the runtime is not running.
+        """
+        if self._nursery is None:
+            raise RuntimeError("the runtime is not running: start Runtime.run first")
+        if len(self.instances) >= self.max_instances:
+            raise CapacityError(f"the runtime already runs {len(self.instances)} instances, "
+                                "its maximum")
+        args = [str(arg) for arg in args]
+        if self.programs.is_loaded(program):
+            compiled = self.programs.get(program)
+        else:  # compiling (a built-in's first use) or reading the disk: off the trio thread
+            compiled = await trio.to_thread.run_sync(self.programs.get, program)
+        instance_id = uuid.uuid4().hex
+        instance = Instance(
+            instance_id=instance_id, owner=owner, program=compiled, program_name=program,
+            args=args, limits=limits or self.limits, ctl=self.controller.attach(instance_id),
+            models=self.models, on_end=self._forget)
+        self.instances[instance_id] = instance
+        self.launched += 1
+        try:
+            await self._nursery.start(instance.run)
+        except BaseException:
+            self.instances.pop(instance_id, None)
+            raise
+        return instance
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self.instances.get(instance_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Live instances, guest threads still alive, launches and terminations by reason."""
+        return {
+            "instances": len(self.instances),
+            "guest_threads": sum(i.guest.thread.is_alive() for i in self.instances.values()),
+            "launched": self.launched,
+            "ended": dict(self.ended),
+        }
+
+    def _forget(self, instance: Instance) -> None:
+        self.instances.pop(instance.id, None)
+        assert instance.termination is not None
+        self.ended[instance.termination.reason] += 1
+
+
+def _model_names(controller: Any) -> list[str]:
+    for holder in (controller, getattr(controller, "executor", None)):
+        for attribute in ("runner_info", "info", "model_info"):
+            info = getattr(holder, attribute, None)
+            if getattr(info, "name", None):
+                return [info.name]
+    return []

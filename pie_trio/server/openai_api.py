@@ -1,0 +1,428 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions.
+
+Each request launches the built-in `text-completion` inferlet, exactly as a client program would
+be launched, so the API exercises the same path (runtime, control, executor) as every other
+program. Chat requests are rendered with the model's own chat template here and passed to the
+inferlet as a raw prompt; the inferlet streams text with `send` and stops at the model's stop
+tokens or after `max_tokens`. Stop strings are applied here, on the streamed text, and end the
+instance early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pie_trio.server.state import Running, ServerState
+
+if TYPE_CHECKING:
+    from pie_trio.server.app import HttpExchange
+
+log = logging.getLogger("pie_trio.server.openai")
+
+PROGRAM = "text-completion"
+DEFAULT_MAX_TOKENS = {False: 16, True: 512}  # OpenAI's completions default; chat: generous
+MAX_STOP_STRINGS = 4
+END_TIMEOUT = 5.0  # seconds to wait for an abandoned instance to report its end
+
+
+def _http_error(status: int, message: str, kind: str = "invalid_request_error") -> Exception:
+    from pie_trio.server.app import HttpError  # app imports this module
+
+    return HttpError(status, message, kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing
+
+
+@dataclass
+class Params:
+    prompt: str
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+    def args(self) -> list[str]:
+        args = ["--prompt", self.prompt, "--max-tokens", str(self.max_tokens),
+                "--temperature", repr(self.temperature), "--top-p", repr(self.top_p)]
+        if self.seed is not None:
+            args += ["--seed", str(self.seed)]
+        return args
+
+
+def parse_params(body: Any, state: ServerState, chat: bool) -> Params:
+    if not isinstance(body, dict):
+        raise _http_error(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != state.model_info.name:
+        raise _http_error(404, f"model {model!r} does not exist; this server serves "
+                               f"{state.model_info.name!r}", "not_found_error")
+    prompt = _chat_prompt(body, state) if chat else _completion_prompt(body)
+    key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    params = Params(
+        prompt=prompt,
+        max_tokens=_number(body, key, int, DEFAULT_MAX_TOKENS[chat], low=1,
+                           high=state.model_info.max_position),
+        temperature=_number(body, "temperature", float, 1.0, low=0.0, high=2.0),
+        top_p=_number(body, "top_p", float, 1.0, low=1e-6, high=1.0),
+        seed=_number(body, "seed", int, None, low=0, high=2**63 - 1),
+        stop=_stop(body.get("stop")),
+        stream=bool(body.get("stream", False)),
+    )
+    options = body.get("stream_options") or {}
+    params.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    if _number(body, "n", int, 1, low=1, high=1) != 1:
+        raise _http_error(400, "only n=1 is supported")
+    if body.get("logprobs") or body.get("echo") or body.get("tools"):
+        raise _http_error(400, "logprobs, echo and tools are not supported")
+    return params
+
+
+def _completion_prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _http_error(400, "'prompt' must be a string (one prompt per request)")
+    return prompt
+
+
+def _chat_prompt(body: dict, state: ServerState) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _http_error(400, "'messages' must be a non-empty list")
+    plain = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _http_error(400, "each message needs a string 'role'")
+        plain.append({"role": message["role"], "content": _content_text(message.get("content"))})
+    try:
+        return state.tokenizer.render_chat(plain, add_generation_prompt=True)
+    except Exception as exc:
+        raise _http_error(400, f"the chat template rejected these messages: {exc}") from None
+
+
+def _content_text(content: Any) -> str:
+    """Message content as text: a string, or a list of {type: text, text} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise _http_error(400, "message 'content' must be a string or a list of text parts")
+
+
+def _number(body: dict, key: str, kind: type, default: Any, low: float, high: float) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            kind is int and not float(value).is_integer()):
+        raise _http_error(400, f"'{key}' must be a{'n integer' if kind is int else ' number'}")
+    if not low <= value <= high:
+        raise _http_error(400, f"'{key}' must be between {low} and {high}")
+    return kind(value)
+
+
+def _stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise _http_error(400, f"'stop' must be a string or a list of at most "
+                               f"{MAX_STOP_STRINGS} non-empty strings")
+    return stops
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: one text-completion instance, its text stream, stop strings and the end
+
+
+class Generation:
+    """Runs one instance, hands its text to a callback as it streams, honours stop strings.
+
+    Afterwards `finish_reason` is "stop" or "length" and the token counts are set. The inferlet
+    streams pieces of text, not tokens, so the completion's tokens are counted by encoding the
+    text it produced (exact unless the model emitted a non-canonical tokenization)."""
+
+    def __init__(self, state: ServerState, params: Params, tenant: str):
+        self.state = state
+        self.params = params
+        self.tenant = tenant
+        self.finish_reason = "stop"
+        self.text = ""  # everything released to the client
+        self.completion_tokens = 0
+        self.prompt_tokens = len(state.tokenizer.encode(params.prompt))
+        self._running: Running | None = None
+
+    def _count_tokens(self) -> None:
+        self.completion_tokens = len(self.state.tokenizer.encode(self.text)) if self.text else 0
+
+    async def run(self, on_text: Callable[[str], Awaitable[None]]) -> None:
+        self._running = await self.state.launch(PROGRAM, self.params.args(), self.tenant, "http")
+        held = ""  # text that might be the start of a stop string, not yet released
+        try:
+            async for payload in self._running.instance.events:
+                kind = payload.get("event")
+                if kind == "message":
+                    released, held, stopped = _apply_stops(held + payload.get("message", ""),
+                                                           self.params.stop)
+                    await self._release(released, on_text)
+                    if stopped:
+                        self.finish_reason = "stop"
+                        return  # the finally below ends the instance
+                elif kind == "terminated":
+                    self._ended(payload)
+                    break
+            await self._release(held, on_text)
+        finally:
+            self._count_tokens()
+            with trio.CancelScope(shield=True):
+                await self._abandon()
+
+    async def _release(self, text: str, on_text: Callable[[str], Awaitable[None]]) -> None:
+        if text:
+            self.text += text
+            await on_text(text)
+
+    def _ended(self, payload: dict[str, Any]) -> None:
+        assert self._running is not None
+        reason = payload.get("reason")
+        self.state.ended(self._running.id, str(reason))
+        self._running = None
+        if reason != "finished":
+            raise _http_error(500, f"generation failed: {reason}: {payload.get('detail', '')}",
+                              "server_error")
+        self._count_tokens()
+        at_limit = self.completion_tokens >= self.params.max_tokens
+        self.finish_reason = "length" if at_limit else "stop"
+
+    async def _abandon(self) -> None:
+        """End the instance if it still runs, and consume its remaining events."""
+        if self._running is None:
+            return
+        running, self._running = self._running, None
+        running.instance.kill("killed")
+        reason = "killed"
+        with trio.move_on_after(END_TIMEOUT):
+            async for payload in running.instance.events:
+                if payload.get("event") == "terminated":
+                    reason = str(payload.get("reason"))
+                    break
+        self.state.ended(running.id, reason)
+
+
+def _apply_stops(text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """Split `text` into (release now, hold back, stopped).
+
+    Text up to the first stop string is released and generation stops; otherwise any tail that
+    could still grow into a stop string is held back."""
+    if not stops:
+        return text, "", False
+    hits = [text.find(s) for s in stops if s in text]
+    if hits:
+        return text[:min(hits)], "", True
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[:len(text) - hold], text[len(text) - hold:], False
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints
+
+
+async def models(state: ServerState, exchange: HttpExchange) -> None:
+    _tenant(state, exchange)
+    created = int(time.time())
+    await exchange.respond_json(200, {"object": "list", "data": [
+        {"id": m["name"], "object": "model", "created": created, "owned_by": "pie-trio",
+         "max_model_len": m["max_position"]} for m in state.models()]})
+
+
+async def completions(state: ServerState, exchange: HttpExchange, chat: bool) -> None:
+    tenant = _tenant(state, exchange)
+    started = time.perf_counter()
+    params = parse_params(await exchange.json_body(), state, chat)
+    generation = Generation(state, params, tenant)
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    timer = _TokenTimer(state, endpoint, started)
+    response = _Response(state, chat)
+    async with _cancel_on_disconnect(exchange):
+        if params.stream:
+            await _stream(exchange, generation, response, timer)
+        else:
+            text: list[str] = []
+
+            async def collect(piece: str) -> None:
+                timer.piece()
+                text.append(piece)
+
+            await generation.run(collect)
+            await exchange.respond_json(200, response.whole("".join(text), generation))
+    timer.done(generation)
+
+
+async def _stream(exchange: HttpExchange, generation: Generation, response: _Response,
+                  timer: _TokenTimer) -> None:
+    started = False
+
+    async def start() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            await exchange.start_stream("text/event-stream")
+            await _sse(exchange, response.first_chunk())
+
+    async def forward(piece: str) -> None:
+        await start()
+        timer.piece()
+        await _sse(exchange, response.chunk(piece))
+
+    try:
+        await generation.run(forward)
+    except Exception as exc:
+        if not started:
+            raise  # still time for a proper HTTP error
+        log.warning("stream failed error=%s", exc)
+        await _sse(exchange, {"error": {"message": str(exc), "type": "server_error"}})
+        await exchange.stream(b"data: [DONE]\n\n", more=False)
+        return
+    await start()
+    await _sse(exchange, response.last_chunk(generation.finish_reason))
+    if generation.params.include_usage:
+        await _sse(exchange, response.usage_chunk(generation))
+    await exchange.stream(b"data: [DONE]\n\n", more=False)
+
+
+async def _sse(exchange: HttpExchange, value: dict[str, Any]) -> None:
+    await exchange.stream(b"data: " + json.dumps(value).encode() + b"\n\n")
+
+
+@asynccontextmanager
+async def _cancel_on_disconnect(exchange: HttpExchange) -> AsyncIterator[None]:
+    """Runs the body, cancelling it if the HTTP client disconnects (the generation's cleanup then
+    ends its instance); a disconnect surfaces as HttpError 499 so nothing more is sent."""
+    gone = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                await exchange.wait_disconnect()
+                gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            yield
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The body's own error, wrapped by the nursery: re-raise it as it was.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    if gone:
+        raise _http_error(499, "client went away")
+
+
+def _tenant(state: ServerState, exchange: HttpExchange) -> str:
+    tenant = state.auth.tenant_for_header(exchange.headers.get("authorization"))
+    if tenant is None:
+        raise _http_error(401, "a valid API key is required (Authorization: Bearer KEY)",
+                          "authentication_error")
+    return tenant
+
+
+class _Response:
+    """The OpenAI response objects of one request."""
+
+    def __init__(self, state: ServerState, chat: bool):
+        self.chat = chat
+        self.model = state.model_info.name
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if delta:
+            return {"index": 0, "delta": {} if text is None else {"content": text},
+                    "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": finish}
+
+    def whole(self, text: str, generation: Generation) -> dict[str, Any]:
+        return {**self._base(self.object), "choices": [self._choice(text, generation.finish_reason,
+                                                                    delta=False)],
+                "usage": _usage(generation)}
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._base(obj), "choices": [choice]}
+
+    def first_chunk(self) -> dict[str, Any]:
+        if self.chat:
+            return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None, "finish_reason": None})
+        return self._chunk(self._choice("", None, delta=True))
+
+    def chunk(self, text: str) -> dict[str, Any]:
+        return self._chunk(self._choice(text, None, delta=True))
+
+    def last_chunk(self, finish: str) -> dict[str, Any]:
+        return self._chunk(self._choice(None, finish, delta=True))
+
+    def usage_chunk(self, generation: Generation) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": _usage(generation)}
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    return {"prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+
+class _TokenTimer:
+    """Observes time to first token, inter-token latency and request latency."""
+
+    def __init__(self, state: ServerState, endpoint: str, started: float):
+        self.metrics = state.metrics
+        self.endpoint = endpoint
+        self.started = started
+        self.last: float | None = None
+
+    def piece(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.time_to_first_token.labels(self.endpoint).observe(now - self.started)
+        else:
+            self.metrics.inter_token_latency.labels(self.endpoint).observe(now - self.last)
+        self.last = now
+
+    def done(self, generation: Generation) -> None:
+        self.metrics.request_latency.labels(self.endpoint).observe(
+            time.perf_counter() - self.started)
+        self.metrics.prompt_tokens.inc(generation.prompt_tokens)
+        self.metrics.completion_tokens.inc(generation.completion_tokens)

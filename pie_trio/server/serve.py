@@ -1,0 +1,165 @@
+"""`serve`: the whole server in one trio nursery.
+
+    model runner ─ executor ─ controller ─ runtime (epoch ticker inside) ─┬─ hypercorn (HTTP, /ws)
+                                                                         └─ TCP listener
+
+Start-up goes bottom-up, each component started with `nursery.start` so the next one only
+starts once the one below is ready. Shutdown (SIGTERM/SIGINT, or the `shutdown` event) drains:
+stop accepting, end every instance (reason `evicted`) and let each client see its `terminated`
+event, close WebSockets with 1001, stop hypercorn, then cancel the components top-down.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from pie_trio.config import Config
+from pie_trio.control.controller import Controller
+from pie_trio.executor.executor import Executor
+from pie_trio.model.runner import ModelRunner
+from pie_trio.runtime.programs import ProgramStore
+from pie_trio.runtime.runtime import Runtime
+from pie_trio.runtime.sandbox import Limits
+from pie_trio.server.app import App
+from pie_trio.server.state import ServerState
+from pie_trio.server.tcp import serve_tcp
+
+log = logging.getLogger("pie_trio.server")
+
+DRAIN_TIMEOUT = 5.0  # seconds for instances to end and clients to hear about it
+HTTP_GRACE = 2.0  # then seconds for hypercorn's remaining HTTP connections to finish
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where a started server listens (ports resolved when the config asked for port 0)."""
+
+    host: str
+    http_port: int
+    tcp_port: int | None
+
+    @property
+    def http(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.http_port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://{_url_host(self.host)}:{self.http_port}/ws"
+
+    @property
+    def tcp(self) -> str | None:
+        return None if self.tcp_port is None else f"tcp://{_url_host(self.host)}:{self.tcp_port}"
+
+
+def load_runner(config: Config) -> ModelRunner:
+    if config.model == "tiny":  # undocumented: the random-weight test model, loads in a second
+        from pie_trio.model.tiny import tiny_runner
+
+        return tiny_runner(num_pages=256, page_size=config.page_size)
+    return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
+                            kv_memory=config.kv_memory, page_size=config.page_size)
+
+
+async def serve(config: Config, *, runner: ModelRunner | None = None,
+                shutdown: trio.Event | None = None, handle_signals: bool = True,
+                task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a server until SIGTERM/SIGINT (when `handle_signals`) or until `shutdown` is set.
+
+    `runner` lets a caller share an already loaded model (tests); otherwise the configured
+    model is loaded in a worker thread. Reports the listening `Addresses` through task_status.
+    """
+    if runner is None:
+        log.info("loading model=%s", config.model)
+        runner = await trio.to_thread.run_sync(load_runner, config)
+    shutdown = trio.Event() if shutdown is None else shutdown
+    async with trio.open_nursery() as components:
+        executor = Executor(runner, policy=config.batch_policy)
+        await components.start(executor.run)
+        controller = Controller(executor, runner.info, runner.tokenizer)
+        await components.start(controller.run)
+        runtime = Runtime(controller, _program_store(config), _limits(config),
+                          max_instances=config.max_instances)
+        await components.start(runtime.run)
+        state = ServerState(config, runtime, runner.info, runner.tokenizer,
+                            stats=lambda: _component_stats(executor, controller))
+        if handle_signals:
+            components.start_soon(_set_on_signal, shutdown)
+        await _serve_front_ends(state, shutdown, task_status)
+        components.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _serve_front_ends(state: ServerState, shutdown: trio.Event,
+                            task_status: trio.TaskStatus[Addresses]) -> None:
+    config = state.config
+    http_stop = trio.Event()
+    async with trio.open_nursery() as front_ends:
+        binds = await front_ends.start(
+            lambda task_status: hypercorn.trio.serve(
+                App(state), _hypercorn_config(config), shutdown_trigger=http_stop.wait,
+                task_status=task_status))
+        tcp_port = None
+        if config.tcp_port is not None:
+            tcp_port = await front_ends.start(serve_tcp, state, config.host, config.tcp_port)
+        addresses = Addresses(config.host, _port_of(binds[0]), tcp_port)
+        log.info("listening http=%s ws=%s tcp=%s model=%s", addresses.http, addresses.ws,
+                 addresses.tcp or "off", state.model_info.name)
+        task_status.started(addresses)
+        await shutdown.wait()
+        log.info("draining instances=%d sessions=%d", len(state.running), len(state.sessions))
+        await state.drain(DRAIN_TIMEOUT)
+        # Sessions close themselves once their instances have reported their end; give them
+        # the time to flush, then stop hypercorn (which waits HTTP_GRACE for the rest).
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            while state.sessions:
+                await trio.sleep(0.01)
+        http_stop.set()
+
+
+async def _set_on_signal(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal=%s: shutting down", signal.Signals(signum).name)
+            shutdown.set()
+
+
+def _hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    hc.bind = [f"{_url_host(config.host)}:{config.http_port}"]
+    hc.websocket_max_message_size = config.max_frame_size  # larger messages close with 1009
+    hc.graceful_timeout = HTTP_GRACE
+    hc.accesslog = None  # requests are counted in /metrics
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+def _program_store(config: Config) -> ProgramStore:
+    return ProgramStore(config.program_cache_dir, memory_only=config.program_cache_dir is None,
+                        max_bytes=config.max_upload_size)
+
+
+def _limits(config: Config) -> Limits:
+    return Limits(memory_bytes=config.instance_memory, cpu_time=config.instance_cpu_time,
+                  wall_time=config.instance_wall_time)
+
+
+def _component_stats(executor: Executor, controller: Controller) -> dict[str, Any]:
+    pages = controller.stats()
+    return {"kv_pages_in_use": pages["pages_in_use"], "kv_pages_total": pages["pages_total"],
+            "ticks": executor.stats.ticks,
+            "forward_batch_sizes": dict(executor.stats.forward_calls)}
+
+
+def _port_of(bind: str) -> int:
+    return int(bind.rsplit(":", 1)[1])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,143 @@
+"""What every front-end of one server shares: the runtime, auth, metrics, and who owns what.
+
+The registry here is the server's view of running instances: which tenant launched each one, so
+that only that tenant can see, signal or terminate it, whatever connection it comes back on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from pie_trio.config import Config
+from pie_trio.runtime.programs import ProgramError, UnknownProgram
+from pie_trio.runtime.runtime import CapacityError
+from pie_trio.server import protocol
+from pie_trio.server.auth import Authenticator
+from pie_trio.server.metrics import Metrics
+from pie_trio.server.protocol import ProtocolError
+
+log = logging.getLogger("pie_trio.server")
+
+# Why the server ends instances while shutting down (reported in their `terminated` event).
+SHUTDOWN_REASON = "evicted"
+SHUTDOWN_DETAIL = "the server is shutting down"
+
+
+class Closable(Protocol):
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class Running:
+    """One running instance as the server sees it."""
+
+    instance: Any  # pie_trio.runtime Instance
+    tenant: str
+    program: str
+    args: list[str]
+    origin: str  # "ws", "tcp" or "http"
+    started: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+    def describe(self) -> dict[str, Any]:
+        return {"instance": self.id, "program": self.program, "args": self.args,
+                "origin": self.origin, "started": self.started}
+
+
+class ServerState:
+    def __init__(self, config: Config, runtime: Any, model_info: Any, tokenizer: Any,
+                 stats: Any = None):
+        self.config = config
+        self.runtime = runtime
+        self.model_info = model_info
+        self.tokenizer = tokenizer
+        self.auth = Authenticator(config.api_keys, config.auth_enabled)
+        self.metrics = Metrics()
+        self.running: dict[str, Running] = {}
+        self.sessions: set[Closable] = set()
+        self.draining = trio.Event()
+        self._idle = trio.Event()  # set while no instance is running
+        self._idle.set()
+        self._stats = stats  # callable → dict of live component stats, for /metrics
+        self.metrics.watch(self.snapshot)
+
+    # -- instances --------------------------------------------------------------------------
+
+    async def launch(self, program: str, args: list[str], tenant: str, origin: str,
+                     request_id: int | None = None) -> Running:
+        """Start `program` (hash or built-in name) for `tenant`; ProtocolError when refused."""
+        if self.draining.is_set():
+            raise ProtocolError(protocol.DRAINING, "the server is shutting down", request_id)
+        if len(self.running) >= self.config.max_instances:
+            raise ProtocolError(protocol.LIMIT, f"the server runs its maximum of "
+                                f"{self.config.max_instances} instances; retry later", request_id)
+        try:
+            instance = await self.runtime.launch(program, list(args), tenant)
+        except UnknownProgram as exc:
+            raise ProtocolError(protocol.UNKNOWN_PROGRAM, str(exc), request_id) from None
+        except ProgramError as exc:
+            raise ProtocolError(protocol.INVALID_PROGRAM, str(exc), request_id) from None
+        except CapacityError as exc:
+            raise ProtocolError(protocol.LIMIT, str(exc), request_id) from None
+        running = Running(instance, tenant, program, list(args), origin)
+        self.running[instance.id] = running
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self.metrics.launches.labels(origin).inc()
+        log.info("launch instance=%s tenant=%s program=%s origin=%s", instance.id, tenant,
+                 program, origin)
+        return running
+
+    def owned(self, instance_id: str, tenant: str, request_id: int | None = None) -> Running:
+        """The instance if `tenant` owns it. Someone else's instance is reported exactly like a
+        missing one, so instance ids of other tenants cannot be probed."""
+        running = self.running.get(instance_id)
+        if running is None or running.tenant != tenant:
+            raise ProtocolError(protocol.NOT_FOUND, f"no instance {instance_id!r} of yours",
+                                request_id)
+        return running
+
+    def of_tenant(self, tenant: str) -> list[Running]:
+        return [r for r in self.running.values() if r.tenant == tenant]
+
+    def ended(self, instance_id: str, reason: str) -> None:
+        running = self.running.pop(instance_id, None)
+        if running is not None:
+            self.metrics.terminations.labels(reason).inc()
+            log.info("end instance=%s tenant=%s reason=%s", instance_id, running.tenant, reason)
+        if not self.running:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, end every instance, and wait (up to `timeout`) until each one's
+        front-end has seen it end; sessions then close themselves (code 1001)."""
+        self.draining.set()
+        for running in list(self.running.values()):
+            running.instance.kill(SHUTDOWN_REASON, SHUTDOWN_DETAIL)
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        info = self.model_info
+        return [{"name": info.name, "page_size": info.page_size, "vocab_size": info.vocab_size,
+                 "max_position": info.max_position}]
+
+    def snapshot(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"instances_running": len(self.running),
+                                 "sessions": len(self.sessions)}
+        if self._stats is not None:
+            try:
+                state.update(self._stats())
+            except Exception:  # a scrape must never fail because one component is busy
+                log.exception("reading component stats failed")
+        return state

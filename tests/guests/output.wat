@@ -1,0 +1,42 @@
+;; Writes "hello stdout\n" to stdout and "hello stderr\n" to stderr, then repeats a 32 KiB block
+;; of 'x' to stdout argv[1] times (default 0): for back-pressure tests.
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 4096) "hello stdout\n")
+  (data (i32.const 4160) "hello stderr\n")
+  (func $arg (param $index i32) (param $default i32) (result i32)
+    (local $p i32) (local $n i32) (local $c i32)
+    (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
+    (if (i32.ge_u (local.get $index) (i32.load (i32.const 0)))
+      (then (return (local.get $default))))
+    (drop (call $args_get (i32.const 1024) (i32.const 2048)))
+    (local.set $p (i32.load (i32.add (i32.const 1024) (i32.shl (local.get $index) (i32.const 2)))))
+    (block $done
+      (loop $digit
+        (local.set $c (i32.load8_u (local.get $p)))
+        (br_if $done (i32.lt_u (local.get $c) (i32.const 48)))
+        (br_if $done (i32.gt_u (local.get $c) (i32.const 57)))
+        (local.set $n (i32.add (i32.mul (local.get $n) (i32.const 10))
+                               (i32.sub (local.get $c) (i32.const 48))))
+        (local.set $p (i32.add (local.get $p) (i32.const 1)))
+        (br $digit)))
+    (local.get $n))
+  (func $write (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 64) (local.get $ptr))
+    (i32.store (i32.const 68) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 64) (i32.const 1) (i32.const 72))))
+  (func (export "_start")
+    (local $left i32)
+    (call $write (i32.const 1) (i32.const 4096) (i32.const 13))
+    (call $write (i32.const 2) (i32.const 4160) (i32.const 13))
+    (memory.fill (i32.const 65536) (i32.const 120) (i32.const 32768))
+    (local.set $left (call $arg (i32.const 1) (i32.const 0)))
+    (block $done
+      (loop $again
+        (br_if $done (i32.eqz (local.get $left)))
+        (call $write (i32.const 1) (i32.const 65536) (i32.const 32768))
+        (local.set $left (i32.sub (local.get $left) (i32.const 1)))
+        (br $again)))))

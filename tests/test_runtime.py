@@ -1,0 +1,243 @@
+"""The inferlet runtime with hand-written WAT guests on the real executor and controller (tiny
+model): the ABI contract, events, client messages, every termination reason, isolation of
+adversarial guests from normal ones, and a randomised lifecycle run proving nothing leaks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+from test_runtime_support import finish, live_trio_tasks, running_stack, thread_count
+
+from pie_trio.runtime.instance import InstanceGone
+from pie_trio.runtime.sandbox import MiB, Limits
+
+FAST_LIMITS = Limits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
+
+
+async def test_ping_round_trips_and_exit_codes(tiny_runner):
+    async with running_stack(tiny_runner) as stack:
+        assert (await finish(await stack.launch("ping", 50))).reason == "finished"
+        assert (await finish(await stack.launch("exit", 0))).reason == "finished"
+        failed = await finish(await stack.launch("exit", 3))
+        assert failed.reason == "error" and "code 3" in failed.detail
+
+
+async def test_abi_contract(tiny_runner):
+    """submit / wait any+all / take and call / fetch with too-small buffers (see protocol.wat:
+    the exit code names the first failed check)."""
+    async with running_stack(tiny_runner) as stack:
+        outcome = await finish(await stack.launch("protocol", "a", "bc"))
+        assert outcome.reason == "finished", outcome.detail
+
+
+async def test_messages_both_ways_and_return_value(tiny_runner):
+    async with running_stack(tiny_runner) as stack:
+        instance = await stack.launch("echo")
+        assert instance.owner == "test" and instance.running
+        instance.deliver("hello")
+        instance.deliver("ünïcödé ✓ " + "x" * 70_000)  # beyond one-byte and two-byte lengths
+        instance.deliver("quit")
+        outcome = await finish(instance)
+        assert outcome.reason == "finished"
+        messages = [e["message"] for e in outcome.events if e["event"] == "message"]
+        assert messages == ["hello", "ünïcödé ✓ " + "x" * 70_000]
+        assert outcome.return_value == "done"
+        assert [e["event"] for e in outcome.events][-2:] == ["return", "terminated"]
+        with pytest.raises(InstanceGone):
+            instance.deliver("too late")
+
+
+async def test_stdout_and_stderr_are_events(tiny_runner):
+    async with running_stack(tiny_runner) as stack:
+        outcome = await finish(await stack.launch("output", 3))
+        assert outcome.reason == "finished"
+        assert outcome.text("stdout") == "hello stdout\n" + "x" * 3 * 32768
+        assert outcome.text("stderr") == "hello stderr\n"
+        chunks = [e for e in outcome.events if e["event"] == "stdout"]
+        assert all(len(e["data"]) <= 64 * 1024 for e in chunks)
+
+
+async def test_a_slow_client_holds_the_guest_back(tiny_runner):
+    """Output the client has not read is bounded: the guest waits, then resumes intact."""
+    blocks, backlog = 64, 128 * 1024  # 2 MiB of output through a 128 KiB window
+    async with running_stack(tiny_runner, Limits(output_backlog_bytes=backlog)) as stack:
+        instance = await stack.launch("output", blocks)
+        buffered = await _settled_buffer(instance)
+        # Unread events: at most the window plus one block in flight (32 KiB blocks).
+        assert 0 < buffered * 32768 <= backlog + 2 * 32768
+        assert instance.running
+        outcome = await finish(instance)
+        assert outcome.reason == "finished"
+        assert outcome.text("stdout") == "hello stdout\n" + "x" * blocks * 32768
+
+
+async def _settled_buffer(instance) -> int:
+    """The number of unread events once it stops changing (the guest is held back)."""
+    previous, stable = -1, 0
+    with trio.fail_after(30):
+        while stable < 5:
+            await trio.sleep(0.05)
+            now = instance.events.statistics().current_buffer_used
+            stable = stable + 1 if now == previous else 0
+            previous = now
+    return previous
+
+
+async def test_closing_the_event_channel_means_client_gone(tiny_runner):
+    async with running_stack(tiny_runner, Limits(output_backlog_bytes=64 * 1024)) as stack:
+        instance = await stack.launch("output", 1000)
+        await instance.events.receive()
+        await instance.events.aclose()
+        with trio.fail_after(30):
+            await instance.ended.wait()
+        assert instance.termination.reason == "client_gone"
+        assert stack.controller.stats()["instances"] == 0
+
+
+@pytest.mark.parametrize("guest", ["sleepy", "spin", "echo"])
+async def test_kill_interrupts_blocked_and_spinning_guests(tiny_runner, guest):
+    async with running_stack(tiny_runner) as stack:
+        instance = await stack.launch(guest)
+        await trio.sleep(0.05)  # let it reach its blocking call or loop
+        instance.kill()
+        outcome = await finish(instance)
+        assert outcome.reason == "killed"
+        instance.kill()  # a second kill of an ended instance is harmless
+        with pytest.raises(ValueError):
+            instance.kill("finished")
+
+
+async def test_wall_time_limit(tiny_runner):
+    async with running_stack(tiny_runner, Limits(wall_time=0.3)) as stack:
+        outcome = await finish(await stack.launch("sleepy"))
+        assert (outcome.reason, outcome.limit) == ("limit", "wall_time")
+
+
+ADVERSARIES = {
+    # guest: (args, reason, limit, what the detail must mention)
+    "spin": ((), "limit", "cpu_time", "CPU"),
+    "membomb": ((), "trap", None, "an allocation may have failed"),
+    "hugemem": ((), "limit", "memory", "memory"),
+    "giant": ((), "limit", "message_size", "5242880-byte request"),
+    "flood": ((), "limit", "outstanding", "64"),
+    "oob": ((), "trap", None, "ABI misuse: out-of-bounds pointer"),
+    "badhandle": ((), "trap", None, "ABI misuse: take: unknown handle 77"),
+    "forge": ((), "trap", None, "unreachable"),
+    "forward_trap": ((), "trap", None, "unreachable"),
+    "trap": ((), "trap", None, "unreachable"),
+}
+
+
+async def test_adversaries_end_with_the_right_reason_and_harm_no_one(tiny_runner):
+    async with running_stack(tiny_runner, FAST_LIMITS) as stack:
+        outcomes: dict[str, object] = {}
+
+        async def run(name: str, guest: str, *args) -> None:
+            outcomes[name] = await finish(await stack.launch(guest, *args))
+
+        async with trio.open_nursery() as nursery:
+            for guest, (args, *_) in ADVERSARIES.items():
+                nursery.start_soon(run, guest, guest, *args)
+            for i in range(4):  # normal guests running at the same time
+                nursery.start_soon(run, f"ping{i}", "ping", 300)
+                nursery.start_soon(run, f"hold{i}", "hold", 2, 0)
+        for guest, (_, reason, limit, mention) in ADVERSARIES.items():
+            outcome = outcomes[guest]
+            assert (outcome.reason, outcome.limit) == (reason, limit), (guest, outcome.detail)
+            assert mention in outcome.detail, (guest, outcome.detail)
+        for i in range(4):
+            assert outcomes[f"ping{i}"].reason == "finished"
+            assert outcomes[f"hold{i}"].reason == "finished"
+        assert "panicked: forged page id refused" in outcomes["forge"].text("stderr")
+        assert stack.controller.stats()["pages_in_use"] == 0
+
+
+async def test_runtime_shutdown_evicts_everyone(tiny_runner):
+    baseline = thread_count()
+    async with running_stack(tiny_runner) as stack:
+        instances = [await stack.launch(g) for g in ("spin", "sleepy", "echo")]
+        instances.append(await stack.launch("hold", 3, 2))
+        await trio.sleep(0.05)
+        runtime, controller = stack.runtime, stack.controller
+    for instance in instances:
+        assert instance.termination.reason == "evicted"
+    assert runtime.stats()["instances"] == 0 and runtime.stats()["guest_threads"] == 0
+    assert controller.stats()["pages_in_use"] == 0
+    assert thread_count() <= baseline + 1  # an idle executor worker may linger in trio's cache
+
+
+# -- 1,000 randomised lifecycles -----------------------------------------------------------
+
+LIFECYCLES = 1000
+CONCURRENCY = 24
+
+
+def plan_lifecycle(rng: random.Random) -> tuple[str, list, str | None, tuple[str, str | None]]:
+    """(guest, args, how the test interferes, the expected (reason, limit))."""
+    pages = rng.randint(0, 3)
+    roll = rng.random()
+    if roll < 0.30:
+        return "hold", [pages, 0], None, ("finished", None)
+    if roll < 0.45:
+        return "hold", [pages, 1], None, ("trap", None)
+    if roll < 0.55:
+        return "hold", [pages, 5], None, ("error", None)
+    if roll < 0.75:
+        return "hold", [pages, 2], "kill", ("killed", None)
+    if roll < 0.82:
+        return "hold", [pages, 2], "message", ("finished", None)
+    if roll < 0.87:
+        return "hold", [pages, 4], None, ("limit", "outstanding")
+    if roll < 0.90:
+        return "hold", [pages, 3], None, ("limit", "cpu_time")
+    if roll < 0.94:
+        return "ping", [rng.randint(1, 20)], None, ("finished", None)
+    if roll < 0.97:
+        return "giant", [], None, ("limit", "message_size")
+    return "oob", [], None, ("trap", None)
+
+
+async def test_randomised_lifecycles_leak_nothing(tiny_runner):
+    rng = random.Random(20250601)
+    limits = Limits(cpu_time=0.05, max_outstanding=32)
+    async with running_stack(tiny_runner, limits) as stack:
+        # Warm up every path once, so lazily created workers count in the baseline.
+        for guest, args in (("hold", [1, 0]), ("ping", [3])):
+            await finish(await stack.launch(guest, *args))
+        baseline_threads, baseline_tasks = thread_count(), live_trio_tasks()
+        plans = [plan_lifecycle(rng) for _ in range(LIFECYCLES)]
+        mismatches: list = []
+        limiter = trio.Semaphore(CONCURRENCY)
+
+        async def lifecycle(index: int) -> None:
+            guest, args, action, expected = plans[index]
+            async with limiter:
+                instance = await stack.launch(guest, *args)
+                if action == "kill":
+                    await trio.sleep(rng.random() * 0.005)
+                    instance.kill()
+                elif action == "message":
+                    instance.deliver("wake up")
+                outcome = await finish(instance)
+            if (outcome.reason, outcome.limit) != expected:
+                mismatches.append((index, guest, args, expected, outcome.terminated))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(LIFECYCLES):
+                nursery.start_soon(lifecycle, index)
+
+        assert not mismatches, mismatches[:5]
+        ended = stack.runtime.stats()["ended"]
+        assert sum(ended.values()) == LIFECYCLES + 2
+        assert stack.runtime.stats()["instances"] == 0
+        assert stack.runtime.stats()["guest_threads"] == 0
+        control = stack.controller.stats()
+        assert control["pages_in_use"] == 0 and control["slots_in_use"] == 0
+        assert control["instances"] == 0
+        assert live_trio_tasks() == baseline_tasks
+        with trio.move_on_after(15):  # trio's idle worker threads retire after 10 s
+            while thread_count() > baseline_threads:
+                await trio.sleep(0.1)
+        assert thread_count() == baseline_threads
