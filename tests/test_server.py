@@ -30,14 +30,10 @@ def url(request, server) -> str:
     return server.addresses.ws if request.param == "ws" else server.addresses.tcp
 
 
-async def collect(instance, until: str = "terminated") -> list:
-    events = []
+async def collect(instance) -> list:
+    """Every remaining event of the instance, up to its end."""
     with trio.fail_after(30):
-        async for event in instance.events():
-            events.append(event)
-            if event.kind == until:
-                break
-    return events
+        return [event async for event in instance.events()]
 
 
 # -- sessions -----------------------------------------------------------------------------------
@@ -60,8 +56,8 @@ async def test_upload_launch_signal_terminate(url):
 
 
 async def collect_messages(instance, count: int) -> list:
-    return [e for e in (await collect(instance, until="message") for _ in range(count))
-            for e in e]
+    with trio.fail_after(30):
+        return [await instance.next_event() for _ in range(count)]
 
 
 async def test_events_of_a_finishing_program(url):
@@ -146,18 +142,24 @@ async def test_bad_requests_are_refused_by_name(url, kind, fields, code, words):
         assert await client.models()  # the session carries on
 
 
+def fresh_module(tag: str) -> bytes:
+    """A valid program no test has uploaded yet (the tag lands in the name section)."""
+    return wasm(f'(module ${tag} (memory (export "memory") 1) (func (export "_start")))')
+
+
 async def test_upload_faults(url):
+    module, other = fresh_module(f"a{url[:2]}"), fresh_module(f"b{url[:2]}")
     async with connect(url) as client:
         wrong = program_hash(b"something else")
-        await client.request("upload_begin", hash=wrong, size=len(GREET))
-        await client.request("upload_chunk", hash=wrong, data=GREET)
+        await client.request("upload_begin", hash=wrong, size=len(module))
+        await client.request("upload_chunk", hash=wrong, data=module)
         with pytest.raises(ServerError, match="hash_mismatch"):
             await client.request("upload_end", hash=wrong)
 
-        right = program_hash(GREET)
+        right = program_hash(module)
         await client.request("upload_begin", hash=right, size=10)
         with pytest.raises(ServerError, match="too_large: chunks exceed"):
-            await client.request("upload_chunk", hash=right, data=GREET)
+            await client.request("upload_chunk", hash=right, data=module)
 
         junk = b"\0asm\x01\0\0\0 definitely not a module"
         await client.request("upload_begin", hash=program_hash(junk), size=len(junk))
@@ -165,12 +167,12 @@ async def test_upload_faults(url):
         with pytest.raises(ServerError, match="invalid_program"):
             await client.request("upload_end", hash=program_hash(junk))
 
-        short = program_hash(ECHO)
-        await client.request("upload_begin", hash=short, size=len(ECHO))
-        await client.request("upload_chunk", hash=short, data=ECHO[:10])
+        short = program_hash(other)
+        await client.request("upload_begin", hash=short, size=len(other))
+        await client.request("upload_chunk", hash=short, data=other[:10])
         with pytest.raises(ServerError, match="received 10 of"):
             await client.request("upload_end", hash=short)
-        assert await client.upload(ECHO) == short  # and a proper upload still works
+        assert await client.upload(other) == short  # and a proper upload still works
 
 
 # -- protocol violations -------------------------------------------------------------------------

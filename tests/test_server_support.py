@@ -70,9 +70,10 @@ KEYS = {"alice": "key-alice", "bob": "key-bob"}
 
 
 def test_config(**settings) -> Config:
-    """Ephemeral ports, memory-only program store, small frames so size limits are cheap."""
-    values = {"http_port": 0, "tcp_port": 0, "max_frame_size": "64KiB",
-              "max_upload_size": "256KiB", "log_level": "warning"} | settings
+    """Ephemeral ports, memory-only program store, small frames so size limits are cheap
+    (uploads are chunked at 256 KiB by the client, well under the 1 MiB frame limit)."""
+    values = {"http_port": 0, "tcp_port": 0, "max_frame_size": "1MiB",
+              "max_upload_size": "1MiB", "log_level": "warning"} | settings
     return Config().merged(values, source="test").validate()
 
 

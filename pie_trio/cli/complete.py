@@ -80,12 +80,8 @@ def run(
     if args.max_tokens < 0:
         print("pie-trio complete: --max-tokens must be >= 0", file=stderr)
         return 2
-    from pie_trio.model.runner import ModelRunner  # heavy: only when the verb runs
-
     try:
-        runner = ModelRunner.load(
-            args.model, device=args.device, dtype=DTYPES.get(args.dtype) if args.dtype else None
-        )
+        runner = load_model(args.model, args.device, DTYPES.get(args.dtype))
     except (OSError, ValueError) as exc:
         print(f"pie-trio complete: cannot load model {args.model!r}: {exc}", file=stderr)
         return 1
@@ -100,6 +96,13 @@ def run(
     return 0
 
 
+def load_model(model: str, device: str | None, dtype: str | None):
+    """The `ModelRunner` for `model` (imported here: loading torch is only for this verb)."""
+    from pie_trio.model.runner import ModelRunner
+
+    return ModelRunner.load(model, device=device, dtype=dtype)
+
+
 async def complete_to(
     runner, prompt: str, chat: bool, max_tokens: int, sampler: Sampler, out: TextIO
 ) -> str:
@@ -112,26 +115,32 @@ async def complete_to(
     text = TextStream(tokenizer.token_bytes())
     generated = 0
     first_token_s = 0.0
+    error: CallError | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(executor.run)
         start = time.perf_counter()
         tokens = generate(
             executor, prompt_tokens, max_tokens=max_tokens, sampler=sampler, owner="complete"
         )
-        async with contextlib.aclosing(tokens):
-            async for token in tokens:
-                if generated == 0:
-                    first_token_s = time.perf_counter() - start
-                generated += 1
-                out.write(text.push(token))
-                out.flush()
+        try:
+            async with contextlib.aclosing(tokens):
+                async for token in tokens:
+                    if generated == 0:
+                        first_token_s = time.perf_counter() - start
+                    generated += 1
+                    out.write(text.push(token))
+                    out.flush()
+        except CallError as exc:
+            error = exc  # raised below, outside the nursery, as itself (not in a group)
         elapsed = time.perf_counter() - start
         nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
     out.write(text.flush() + "\n")
     out.flush()
     decode_rate = (generated - 1) / (elapsed - first_token_s) if generated > 1 else 0.0
     return (
-        f"[{generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tok/s overall, "
+        f"[{generated} tokens in {elapsed:.2f} s: {generated / max(elapsed, 1e-9):.1f} tok/s, "
         f"{decode_rate:.1f} tok/s decoding; prompt {len(prompt_tokens)} tokens, "
         f"first token after {first_token_s:.2f} s]"
     )

@@ -38,11 +38,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "reads with `receive`)")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                         help="arguments for the inferlet")
-    parser.set_defaults(func=main)
+    parser.set_defaults(func=main, run_parser=parser)
+
+
+def split_program_args(args: argparse.Namespace) -> list[str]:
+    """The inferlet's arguments, after parsing this verb's options written after PROGRAM.
+
+    argparse hands everything after PROGRAM to the remainder, so `run PROG --server URL -- X`
+    arrives as ["--server", "URL", "--", "X"]. Everything before `--` is this verb's options;
+    without `--`, the leading words that are this verb's options are, the rest is the
+    inferlet's (`run PROG --server URL --prompt hi`)."""
+    rest = args.args
+    if "--" in rest:
+        split = rest.index("--")
+    else:
+        split = _leading_options(args.run_parser, rest)
+    args.run_parser.parse_args([*rest[:split], args.program], namespace=args)
+    return rest[split + 1:] if split < len(rest) and rest[split] == "--" else rest[split:]
+
+
+def _leading_options(parser: argparse.ArgumentParser, words: list[str]) -> int:
+    """How many leading words are options of `parser` (with their values)."""
+    i = 0
+    while i < len(words):
+        name, has_value, _ = words[i].partition("=")
+        action = parser._option_string_actions.get(name)
+        if action is None:
+            break
+        i += 1 if has_value or action.nargs == 0 else 2
+    return min(i, len(words))
 
 
 def main(args: argparse.Namespace) -> int:
-    program_args = args.args[1:] if args.args[:1] == ["--"] else args.args
+    program_args = split_program_args(args)
     path = Path(args.program)
     wasm = None
     if args.program.endswith(".wasm") or path.is_file():

@@ -29,6 +29,7 @@ from pie_trio.server import protocol
 log = logging.getLogger("pie_trio.client")
 
 CHUNK_SIZE = 256 * 1024  # upload chunk: well under the server's message size limit
+CLOSE_TIMEOUT = 2.0  # seconds to wait for the server to acknowledge a close
 
 
 class ServerError(Exception):
@@ -79,8 +80,9 @@ class Client:
         self._next_id = 1
         self._pending: dict[int, _Pending] = {}
         self._events: dict[str, tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]] = {}
-        self.closed: ConnectionClosed | None = None
+        self.closed: ConnectionClosed | None = None  # why the connection ended, once it has
         self.tenant: str | None = None
+        self._closed_event = trio.Event()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -177,9 +179,16 @@ class Client:
         elif kind == "error":
             log.warning("server error: %s: %s", message.get("error"), message.get("message"))
 
+    async def wait_closed(self) -> ConnectionClosed:
+        """Wait until the server ends the connection (e.g. code 1001 when it shuts down)."""
+        await self._closed_event.wait()
+        assert self.closed is not None
+        return self.closed
+
     def _close(self, exc: ConnectionClosed) -> None:
         if self.closed is None:
             self.closed = exc
+        self._closed_event.set()
         for pending in self._pending.values():
             pending.failure = self.closed
             pending.done.set()
@@ -196,18 +205,25 @@ class Instance:
         self.id = instance_id
         self.result: Event | None = None  # the terminated event, once seen
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event up to and including `terminated`. Raises ConnectionClosed if the
-        connection ends before the instance does."""
+    async def next_event(self) -> Event:
+        """The next event; raises ConnectionClosed if the connection ends before the instance
+        does, and EOFError after the `terminated` event was taken."""
+        if self.result is not None:
+            raise EOFError(f"instance {self.id} has terminated")
         _, receive = self.client._channel(self.id)
-        async for message in receive:
-            event = Event.from_message(message)
-            yield event
-            if event.kind == "terminated":
-                self.result = event
-                self.client._events.pop(self.id, None)
-                return
-        raise self.client.closed or ConnectionClosed()
+        try:
+            event = Event.from_message(await receive.receive())
+        except trio.EndOfChannel:
+            raise self.client.closed or ConnectionClosed() from None
+        if event.kind == "terminated":
+            self.result = event
+            self.client._events.pop(self.id, None)
+        return event
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event up to and including `terminated`."""
+        while self.result is None:
+            yield await self.next_event()
 
     async def signal(self, message: str) -> None:
         await self.client.signal(self.id, message)
@@ -232,9 +248,11 @@ async def connect(url: str, token: str | None = None) -> AsyncIterator[Client]:
                     await client.authenticate(token)
                 yield client
             finally:
-                nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                # Close first: the WebSocket's own reader lives in this nursery and must still
+                # run to complete the closing handshake.
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                     await transport.aclose()
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The background reader never raises, so a group holds the caller's own error:
         # hand it back unwrapped, as if there were no nursery.

@@ -1,6 +1,7 @@
 """The executor: one trio task that owns the model runner and its page and slot pools.
 
-Callers `await executor.submit(call, priority)` from any task. Each request travels over a
+Callers `await executor.submit(call, priority)` from any task (or `executor.enqueue` several
+calls in order and await each `request.wait()`). Each request travels over a
 memory channel to the executor, which answers it with the call's result or a `CallError` for
 that caller alone. Inside `Executor.run` two child tasks share the executor's state (they are
 one actor, on one trio thread, never running at the same time):
@@ -77,6 +78,16 @@ class Request:
     arrival: float = 0.0  # trio time of admission (for the `t` policies)
     reads: frozenset[int] = frozenset()  # pages as p, slots as ~s (negative)
     writes: frozenset[int] = frozenset()
+
+    async def wait(self) -> Any:
+        """The call's result, or its `CallError`. Cancelling the wait abandons the call."""
+        try:
+            await self.done.wait()
+        except BaseException:
+            self.abandoned = True  # the executor skips it if queued, drops its answer if not
+            raise
+        assert self.result is not None
+        return self.result.unwrap()
 
     def resolve(self, result: outcome.Outcome) -> None:
         if self.result is None:
@@ -211,18 +222,20 @@ class Executor:
 
     async def submit(self, call: Call, priority: int = 0) -> Any:
         """Run `call`; return its result or raise `CallError` (for this caller only)."""
+        return await self.enqueue(call, priority).wait()
+
+    def enqueue(self, call: Call, priority: int = 0) -> Request:
+        """Queue `call` now, without waiting; `await request.wait()` for its result.
+
+        Calls enqueued one after another arrive in that order, which is what lets one caller
+        keep several dependent calls in flight (see "Order between calls" in the module docstring).
+        """
         request = Request(call, priority)
         try:
             self._send.send_nowait(request)  # unbounded: never blocks, keeps arrival order
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise CallError("the executor is not running") from None
-        try:
-            await request.done.wait()
-        except BaseException:
-            request.abandoned = True  # cancelled: the executor skips or drops it
-            raise
-        assert request.result is not None
-        return request.result.unwrap()
+        return request
 
     @property
     def queued(self) -> int:
@@ -281,6 +294,7 @@ class Executor:
                 request.resolve(outcome.Value(self._bookkeep(call)))
                 return
             self._validate(call)
+            request.reads, request.writes = hazards(call, self.info.page_size)
         except CallError as exc:
             self._fail(request, exc)
             return
@@ -290,7 +304,6 @@ class Executor:
         self._admitted += 1
         request.seq = next(self._seq)
         request.arrival = trio.current_time()
-        request.reads, request.writes = hazards(call, self.info.page_size)
         self._pending.append(request)
 
     def _bookkeep(self, call: Call) -> list[int] | None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pie_trio.executor.calls import Forward
+from pie_trio.model.kv_cache import KvCache
 
 # Query blocks up to this long are batched together (padded); longer ones attend on their own.
 DECODE_QUERY_LIMIT = 8
@@ -49,7 +50,6 @@ class ForwardBatch:
     write_slots: torch.Tensor  # [rows], where each row's K/V goes
     groups: list[AttentionGroup]
     output_rows: torch.Tensor  # [outputs], rows whose logits are wanted, in call order
-    outputs_per_call: list[int]
 
 
 def context_length(call: Forward, page_size: int) -> int:
@@ -67,18 +67,17 @@ def expand_brle(runs: list[int]) -> np.ndarray:
     return np.repeat(values, runs)
 
 
-def build_batch(
-    calls: list[Forward], page_size: int, masked: torch.Tensor, any_masked: bool
-) -> ForwardBatch:
-    """Plan one forward over `calls` (already checked).
+def build_batch(calls: list[Forward], kv: KvCache) -> ForwardBatch:
+    """Plan one forward over `calls` (already checked) on the pool `kv`.
 
-    `masked` flags the pool's slots never to attend; `any_masked` says whether any flag is set,
-    so the common case skips looking at them.
+    The slots this forward writes lose their masked flag first (they are about to hold fresh
+    K/V), then attention masks are planned from the pool's remaining flags.
     """
-    device = masked.device
+    page_size = kv.page_size
+    device = kv.masked.device
     starts, positions, write_slots = [], [], []
     token_rows, token_ids, slot_rows, slot_ids = [], [], [], []
-    output_rows, outputs_per_call = [], []
+    output_rows = []
     row = 0
     for call in calls:
         n = num_inputs(call)
@@ -96,25 +95,23 @@ def build_batch(
             slot_rows.extend(range(row, row + n))
             slot_ids.extend(call.embed_slots or ())
         output_rows.extend(row + i for i in call.output_indices)
-        outputs_per_call.append(len(call.output_indices))
         row += n
 
     def as_tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
     all_tokens = not slot_rows
+    write_slots_tensor = as_tensor(write_slots)
+    kv.clear_masked(write_slots_tensor)
     return ForwardBatch(
         num_rows=row,
         token_ids=as_tensor(token_ids) if all_tokens else None,
         input_tokens=None if all_tokens else (as_tensor(token_rows), as_tensor(token_ids)),
         input_slots=None if all_tokens else (as_tensor(slot_rows), as_tensor(slot_ids)),
         positions=as_tensor(positions),
-        write_slots=as_tensor(write_slots),
-        groups=_plan_groups(
-            calls, starts, page_size, masked if any_masked else None, device
-        ),
+        write_slots=write_slots_tensor,
+        groups=_plan_groups(calls, starts, page_size, kv.masked if kv.any_masked else None, device),
         output_rows=as_tensor(output_rows),
-        outputs_per_call=outputs_per_call,
     )
 
 
@@ -222,11 +219,7 @@ def _decode_group(
     slots = None if span else _context_slots(calls, page_size, length, device)
 
     mask = None
-    needs_mask = (
-        queries > 1
-        or len(set(contexts)) > 1
-        or any(c.masks is not None for c in calls)
-    )
+    needs_mask = queries > 1 or len(set(contexts)) > 1 or any(c.masks is not None for c in calls)
     context_masked = None
     if masked is not None:
         context_masked = masked[span[0] : span[1]].unsqueeze(0) if span else masked[slots]
@@ -246,7 +239,8 @@ def _decode_group(
         valid = None
     else:
         index = [
-            start + min(i, n - 1) for start, n in zip(starts, counts, strict=True)
+            start + min(i, n - 1)
+            for start, n in zip(starts, counts, strict=True)
             for i in range(queries)
         ]
         rows = torch.tensor(index, dtype=torch.long, device=device)

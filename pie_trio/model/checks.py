@@ -55,9 +55,7 @@ def _check_forward(call: Forward, limits: Limits) -> None:
     if not pages:
         raise CallError("forward needs at least one KV page")
     _in_range("kv_pages", pages, limits.num_pages, f"the pool's {limits.num_pages} pages")
-    if not isinstance(call.last_page_len, int) or not (
-        1 <= call.last_page_len <= limits.page_size
-    ):
+    if not isinstance(call.last_page_len, int) or not (1 <= call.last_page_len <= limits.page_size):
         raise CallError(
             f"last_page_len {call.last_page_len!r} must be 1..{limits.page_size} (the page size): "
             "it is the fill of the last page after this call's tokens are written"

@@ -78,7 +78,10 @@ class KvCache:
     def set_masked(self, page: int, offsets: list[int], masked: bool) -> None:
         slots = torch.tensor(offsets, dtype=torch.long, device=self.masked.device)
         self.masked[page * self.page_size + slots] = masked
-        self.any_masked = bool(self.masked.any()) if not masked else bool(offsets) or self.any_masked
+        if masked:
+            self.any_masked = self.any_masked or bool(offsets)
+        else:
+            self.any_masked = bool(self.masked.any())
 
     def clear_masked(self, slots: torch.Tensor) -> None:
         """Fresh K/V was written to `slots`: whatever masked them before no longer applies."""

@@ -98,9 +98,7 @@ class LlamaModel:
         attn = prefix + "self_attn."
         bias = None
         if self.config.qkv_bias:
-            bias = torch.cat(
-                [take(attn + f"{p}_proj.bias") for p in ("q", "k", "v")]
-            ).contiguous()
+            bias = torch.cat([take(attn + f"{p}_proj.bias") for p in ("q", "k", "v")]).contiguous()
         return LayerWeights(
             input_norm=take(prefix + "input_layernorm.weight"),
             qkv=torch.cat([take(attn + f"{p}_proj.weight") for p in ("q", "k", "v")]),
@@ -141,7 +139,6 @@ class LlamaModel:
         sin = self.rope_sin.index_select(0, batch.positions)
         rotated = cfg.num_heads + cfg.num_kv_heads
         q_size = cfg.num_heads * cfg.head_dim
-        kv.clear_masked(batch.write_slots)
         self._reserve_gather(batch.groups)
         for i, layer in enumerate(self.layers):
             x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
@@ -199,9 +196,7 @@ class LlamaModel:
             k = ops.gather_kv(k_cache, group.slots, self._gather_k)
             v = ops.gather_kv(v_cache, group.slots, self._gather_v)
         if group.queries > 1 and group.batch == 1 and group.valid is None:
-            return ops.prefill_attention(
-                q, k[:, 0], v[:, 0], group.mask, group.causal, self.scale
-            )
+            return ops.prefill_attention(q, k[:, 0], v[:, 0], group.mask, group.causal, self.scale)
         shaped = q.view(group.batch, group.queries, *q.shape[1:])
         mask = group.mask
         out = ops.decode_attention(shaped, k, v, mask, self.scale)
@@ -209,9 +204,11 @@ class LlamaModel:
 
     def _reserve_gather(self, groups: list[AttentionGroup]) -> None:
         """Grow the gather buffers to the largest context any group will gather this pass."""
-        needed = max(
-            (g.slots.numel() for g in groups if g.slots is not None), default=0
-        ) * self.config.num_kv_heads * self.config.head_dim
+        needed = (
+            max((g.slots.numel() for g in groups if g.slots is not None), default=0)
+            * self.config.num_kv_heads
+            * self.config.head_dim
+        )
         if needed > self._gather_k.numel():
             self._gather_k = torch.empty(needed, dtype=self.dtype, device=self.device)
             self._gather_v = torch.empty(needed, dtype=self.dtype, device=self.device)

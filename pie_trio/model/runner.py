@@ -27,8 +27,14 @@ from pie_trio.model.sampling import results_for
 from pie_trio.model.tokenizer import Tokenizer
 from pie_trio.model.weights import load_model_files
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -175,9 +181,16 @@ class ModelRunner:
         """One ragged forward pass over every call's tokens; results in call order."""
         if not calls:
             return []
-        batch = build_batch(calls, self.kv.page_size, self.kv.masked, self.kv.any_masked)
-        logits = self.model.forward(batch, self.kv)
-        return results_for(logits, calls, batch.outputs_per_call, self.generator)
+        logits = self.logits(calls)
+        counts = [len(call.output_indices) for call in calls]
+        return results_for(logits, calls, counts, self.generator)
+
+    @torch.inference_mode()
+    def logits(self, calls: list[Forward]) -> torch.Tensor:
+        """The forward pass alone: raw fp32 logits `[outputs, vocab]` of every call's output
+        indices, in call order (no vocabulary mask, bias or sampling applied)."""
+        batch = build_batch(calls, self.kv)
+        return self.model.forward(batch, self.kv)
 
     @torch.inference_mode()
     def embed(self, calls: list[Embed]) -> None:

@@ -57,9 +57,7 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def top_k_dists(
-    probs: torch.Tensor, k: int
-) -> list[tuple[list[int], list[float]]]:
+def top_k_dists(probs: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:
     values, ids = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)
     return list(zip(ids.tolist(), values.tolist(), strict=True))
 
@@ -81,9 +79,11 @@ def results_for(
 
     wants_dists = [c.top_k > 0 for c in calls]
     probs = torch.softmax(logits, dim=-1) if any(wants_dists) else None
-    greedy = logits.argmax(dim=-1).tolist() if any(
-        c.sampler is not None and c.sampler.temperature == 0 for c in calls
-    ) else None
+    greedy = (
+        logits.argmax(dim=-1).tolist()
+        if any(c.sampler is not None and c.sampler.temperature == 0 for c in calls)
+        else None
+    )
 
     results = []
     for call, span in zip(calls, spans, strict=True):
@@ -100,9 +100,7 @@ def results_for(
     return results
 
 
-def _generator(
-    sampler: Sampler, device: torch.device, default: torch.Generator
-) -> torch.Generator:
+def _generator(sampler: Sampler, device: torch.device, default: torch.Generator) -> torch.Generator:
     if sampler.seed is None:
         return default
     return torch.Generator(device=device).manual_seed(sampler.seed)

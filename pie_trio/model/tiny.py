@@ -113,4 +113,3 @@ def tiny_runner(
         num_slots=num_slots,
         seed=seed,
     )
-

@@ -81,9 +81,7 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLITTING_PRE:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     return byte_level
 
 
@@ -139,9 +137,7 @@ class Tokenizer:
         byte_level = decoder_type.get("type") == "ByteLevel" or any(
             d.get("type") == "ByteLevel" for d in decoder_type.get("decoders", ())
         )
-        special = {
-            i: t.content for i, t in self.backend.get_added_tokens_decoder().items()
-        }
+        special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
         table = _byte_decoder()
         out: list[bytes] = []
         for token_id in range(self.vocab_size):

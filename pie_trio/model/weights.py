@@ -123,7 +123,8 @@ def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
         elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             weights = _unpermute_rotary(weights, config.num_kv_heads)
         # RoPE frequency factors stay fp32: they scale angles, not activations.
-        tensors[name] = torch.from_numpy(weights).to(torch.float32 if name == "rope_freqs" else dtype)
+        target = torch.float32 if name == "rope_freqs" else dtype
+        tensors[name] = torch.from_numpy(weights).to(target)
     tokenizer = Tokenizer.from_gguf_metadata(meta, config.vocab_size)
     return LoadedModel(Path(path).stem, config, tensors, tokenizer)
 

@@ -192,12 +192,18 @@ class HostCalls:
         """Hand an event to the trio thread, waiting first if the client lags too far behind."""
         if self.guard.stopping:
             return
-        limit = self.limits.output_backlog_bytes
-        host = self.host
-        if self.posted_bytes - host.consumed_bytes > limit:
-            self.bridge.block_until(lambda: self.posted_bytes - host.consumed_bytes <= limit // 2)
+        if self.output_backlog() > self.limits.output_backlog_bytes:
+            self.bridge.block_until(self.output_drained)
         self.posted_bytes += nbytes
-        self.bridge.post(host.emit, event, nbytes)
+        self.bridge.post(self.host.emit, event, nbytes)
+
+    def output_backlog(self) -> int:
+        """Bytes of output handed over that the client has not read yet (as last counted)."""
+        return self.posted_bytes - self.host.consumed_bytes
+
+    def output_drained(self) -> bool:
+        """Whether a guest held back by its backlog may go on: the client read half of it."""
+        return self.output_backlog() <= self.limits.output_backlog_bytes // 2
 
     def _answer_locally(self, request: Any) -> dict[str, Any] | None:
         """The response to a request the runtime answers itself, or None to pass it on."""

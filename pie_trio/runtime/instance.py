@@ -189,7 +189,10 @@ class Instance:
             return
         self._unread.append(nbytes)
         self._count_consumed()
-        if self._backlog() > self.limits.output_backlog_bytes and not self._watching_backlog:
+        # Watch from the point the guest would resume at, not the point it stops at: the guest
+        # decides to wait on counts that may be older than this one, and only the watcher
+        # notices the client reading on, so it must run whenever the guest might be waiting.
+        if not self.calls.output_drained() and not self._watching_backlog:
             assert self._nursery is not None
             self._nursery.start_soon(self._watch_backlog)
 
@@ -212,14 +215,11 @@ class Instance:
         while len(self._unread) > buffered:
             self.consumed_bytes += self._unread.popleft()
 
-    def _backlog(self) -> int:
-        return self.calls.posted_bytes - self.consumed_bytes
-
     async def _watch_backlog(self) -> None:
         """While the client lags, poll how far it has read and release the guest when it can."""
         self._watching_backlog = True
         try:
-            while self._backlog() > self.limits.output_backlog_bytes // 2:
+            while not self.calls.output_drained():
                 await trio.sleep(BACKLOG_POLL)
                 self._count_consumed()
                 if self._events_out.statistics().open_receive_channels == 0:

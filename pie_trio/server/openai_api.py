@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from pie_trio.server import protocol
+from pie_trio.server.protocol import ProtocolError
 from pie_trio.server.state import Running, ServerState
 
 if TYPE_CHECKING:
@@ -54,12 +56,15 @@ class Params:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def args(self) -> list[str]:
         args = ["--prompt", self.prompt, "--max-tokens", str(self.max_tokens),
                 "--temperature", repr(self.temperature), "--top-p", repr(self.top_p)]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
+        if self.ignore_eos:
+            args.append("--ignore-eos")
         return args
 
 
@@ -81,6 +86,7 @@ def parse_params(body: Any, state: ServerState, chat: bool) -> Params:
         seed=_number(body, "seed", int, None, low=0, high=2**63 - 1),
         stop=_stop(body.get("stop")),
         stream=bool(body.get("stream", False)),
+        ignore_eos=bool(body.get("ignore_eos", False)),
     )
     options = body.get("stream_options") or {}
     params.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -173,7 +179,14 @@ class Generation:
         self.completion_tokens = len(self.state.tokenizer.encode(self.text)) if self.text else 0
 
     async def run(self, on_text: Callable[[str], Awaitable[None]]) -> None:
-        self._running = await self.state.launch(PROGRAM, self.params.args(), self.tenant, "http")
+        try:
+            self._running = await self.state.launch(PROGRAM, self.params.args(), self.tenant,
+                                                    "http")
+        except ProtocolError as exc:
+            # Busy or draining: retry later (503). Anything else means the built-in is broken.
+            busy = exc.code in (protocol.LIMIT, protocol.DRAINING)
+            raise _http_error(503 if busy else 500, exc.message,
+                              "overloaded_error" if busy else "server_error") from None
         held = ""  # text that might be the start of a stop string, not yet released
         try:
             async for payload in self._running.instance.events:

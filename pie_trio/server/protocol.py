@@ -12,6 +12,7 @@ msgpack. WebSocket: one binary message per msgpack map.
 from __future__ import annotations
 
 import re
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,8 +197,8 @@ def _kind(value: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A bounded repr of client data (reprlib caps depth and length, whatever was sent)."""
+    return reprlib.repr(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@
   (data (i32.const 1200) "\81\a2ok\01")
   (data (i32.const 1216) "\81\a2ok\02")
   (data (i32.const 1232) "\81\a2ok\03")
-  (data (i32.const 1248) "\81\a2ok\92\a1a\a2bc")          ;; 11 bytes
+  (data (i32.const 1248) "\81\a2ok\92\a1a\a2bc")          ;; 10 bytes
 
   (func $check (param $ok i32) (param $code i32)
     (if (i32.eqz (local.get $ok)) (then (call $proc_exit (local.get $code)))))
@@ -68,12 +68,12 @@
     (call $check (call $same (i32.const 2048) (i32.const 1232) (i32.const 5)) (i32.const 7))
     ;; call + fetch
     (local.set $n (call $call (i32.const 1120) (i32.const 9) (i32.const 3000) (i32.const 1)))
-    (call $check (i32.eq (local.get $n) (i32.const 11)) (i32.const 8))
+    (call $check (i32.eq (local.get $n) (i32.const 10)) (i32.const 8))
     (call $check (i32.eqz (i32.load8_u (i32.const 3000))) (i32.const 8))
-    (call $check (i32.eq (call $fetch (i32.const 3000) (i32.const 1)) (i32.const 11)) (i32.const 9))
+    (call $check (i32.eq (call $fetch (i32.const 3000) (i32.const 1)) (i32.const 10)) (i32.const 9))
     (call $check (i32.eqz (i32.load8_u (i32.const 3000))) (i32.const 9))
-    (call $check (i32.eq (call $fetch (i32.const 3000) (i32.const 1024)) (i32.const 11)) (i32.const 10))
-    (call $check (call $same (i32.const 3000) (i32.const 1248) (i32.const 11)) (i32.const 10))
+    (call $check (i32.eq (call $fetch (i32.const 3000) (i32.const 1024)) (i32.const 10)) (i32.const 10))
+    (call $check (call $same (i32.const 3000) (i32.const 1248) (i32.const 10)) (i32.const 10))
     ;; a request the runtime answers locally, through submit/wait/take
     (local.set $h (call $submit (i32.const 1152) (i32.const 12)))
     (i32.store (i32.const 512) (local.get $h))

@@ -1,0 +1,121 @@
+"""The command line: every verb's help, settings precedence, and the client verbs against a real
+server (tiny model)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+import trio
+from test_server_support import ECHO_WAT, GREET_WAT, background_server, program_hash, wasm
+
+from pie_trio.cli import build_parser, main
+from pie_trio.cli.serve import config_from_args
+from pie_trio.client import connect
+from pie_trio.model.tiny import tiny_runner
+
+CLIENT_VERBS = ["run", "upload", "ps", "kill", "models"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with background_server(tiny_runner()) as server:
+        yield server
+
+
+def test_help_explains_every_verb_and_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    overview = capsys.readouterr().out
+    for verb in ["serve", *CLIENT_VERBS]:
+        assert verb in overview
+        with pytest.raises(SystemExit) as done:
+            main([verb, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        for action in build_parser()._subparsers._group_actions[0].choices[verb]._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{verb} {action.option_strings} has no help"
+                assert action.option_strings[-1] in text
+
+
+def test_settings_precedence(tmp_path, monkeypatch):
+    config_file = tmp_path / "pie.toml"
+    config_file.write_text('http_port = 9000\ntcp_port = 9001\nkv_memory = "1GiB"\n'
+                           'page_size = 32\n[api_keys]\nalice = "k1"\n')
+    monkeypatch.setenv("PIE_TRIO_TCP_PORT", "off")
+    monkeypatch.setenv("PIE_TRIO_PAGE_SIZE", "8")
+    args = build_parser().parse_args(["serve", "--config", str(config_file), "--page-size", "64",
+                                      "--api-key", "bob:k2", "--max-upload-size", "2MiB"])
+    config = config_from_args(args)
+    assert config.http_port == 9000  # file
+    assert config.tcp_port is None  # environment over file
+    assert config.page_size == 64  # flag over environment over file
+    assert config.kv_memory == 2**30
+    assert config.max_upload_size == 2 * 2**20
+    assert config.api_keys == {"bob": "k2"} and config.auth_enabled
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "--http-port", "99999"], "out of range"),
+    (["serve", "--batch-policy", "sometimes"], "expected one of"),
+    (["serve", "--auth", "on"], "no api_keys"),
+    (["serve", "--kv-memory", "lots"], "size"),
+])
+def test_bad_settings_are_named(capsys, argv, message):
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and "pie-trio serve" in error
+
+
+def test_upload_then_run_streams_output(server, tmp_path, capsys):
+    greet = tmp_path / "greet.wasm"
+    greet.write_bytes(wasm(GREET_WAT))
+    assert main(["upload", str(greet), "--server", server.addresses.ws]) == 0
+    assert capsys.readouterr().out.strip() == program_hash(greet.read_bytes())
+
+    assert main(["run", str(greet), "--server", server.addresses.tcp, "--", "--flag", "x"]) == 0
+    out = capsys.readouterr().out
+    assert out == "Hello, world!printed\n"  # streamed messages, then its stdout
+
+
+def test_run_reports_failures(server, capsys):
+    assert main(["run", "no-such-program", "--server", server.addresses.ws]) == 1
+    assert "unknown_program" in capsys.readouterr().err
+    assert main(["run", "x", "--server", "tcp://127.0.0.1:1"]) == 1
+    assert "cannot connect" in capsys.readouterr().err
+
+
+def test_models(server, capsys):
+    assert main(["models", "--server", server.addresses.ws]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NAME", "PAGE_SIZE", "VOCAB_SIZE", "MAX_POSITION"]
+    assert "tiny-random-llama" in out
+
+
+def test_ps_and_kill_an_instance_of_another_connection(server, capsys):
+    launched: queue.Queue = queue.Queue()
+    ends: list = []
+
+    async def hold_echo() -> None:
+        async with connect(server.addresses.tcp) as client:
+            instance = await client.launch(await client.upload(wasm(ECHO_WAT)))
+            launched.put(instance.id)
+            with trio.fail_after(60):
+                ends.extend([event.reason async for event in instance.events()])
+
+    holder = threading.Thread(target=trio.run, args=(hold_echo,))
+    holder.start()
+    instance_id = launched.get(timeout=60)
+    try:
+        assert main(["ps", "--server", server.addresses.ws]) == 0
+        table = capsys.readouterr().out
+        assert instance_id in table and "tcp" in table
+        assert main(["kill", instance_id, "--server", server.addresses.ws]) == 0
+        assert main(["kill", "not-an-instance", "--server", server.addresses.ws]) == 1
+        assert "no instance" in capsys.readouterr().err
+    finally:
+        holder.join(timeout=60)
+    assert ends == ["killed"]

@@ -1,0 +1,196 @@
+"""The real SmolLM2-135M-Instruct against an independent reference: transformers loading the
+same GGUF file (its own dequantisation, un-permutation, tokenizer and attention code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pie_trio.executor.calls import Forward, Sampler
+from pie_trio.model import ModelRunner
+from pie_trio.model.generate import generate
+from pie_trio.model.weights import default_model_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Once upon a time",
+    "The three primary colors are",
+    "def fibonacci(n):",
+]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+TOKENIZER_SAMPLES = [
+    "Once upon a time",
+    "The year 2024 had 366 days; 3.14159 ≈ π.",
+    "naïve café, Straße, 東京, emoji ✨🙂",
+    "code:\n\tdef f(x):\n\t\treturn x ** 2  # square\n\n",
+    "  leading spaces and trailing   ",
+    "<|im_start|>user\nHi<|im_end|>",
+]
+# fp32 on both sides; the implementations differ only in the order of floating-point operations
+# (fused RMSNorm, SDPA kernels, fused QKV matmuls), which moves logits of magnitude ~10-30 by
+# about 1e-4. 2e-3 leaves headroom and still catches any real error (a wrong weight, rotary
+# layout or mask changes logits by whole units).
+LOGITS_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def fp32_runner() -> ModelRunner:
+    return ModelRunner.load("default", device="cpu", dtype="fp32", num_pages=64)
+
+
+def hf_greedy(hf_model, ids: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = hf_model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=2
+        )
+    generated = out[0, len(ids) :].tolist()
+    return generated[:-1] if generated and generated[-1] == 2 else generated
+
+
+def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def test_tokenizer_matches_transformers(real_runner, hf_tokenizer):
+    for text in TOKENIZER_SAMPLES:
+        ids = real_runner.tokenizer.encode(text)
+        assert ids == hf_tokenizer(text, add_special_tokens=False).input_ids, text
+        assert real_runner.tokenizer.decode(ids) == hf_tokenizer.decode(ids), text
+
+
+def test_chat_template_matches_transformers(real_runner, hf_tokenizer):
+    ours = real_runner.tokenizer.render_chat(CHAT)
+    theirs = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    assert ours.endswith("<|im_start|>assistant\n")
+
+
+def test_model_info(real_runner):
+    info = real_runner.info
+    assert info.name == "SmolLM2-135M-Instruct"
+    assert info.vocab_size == 49152
+    assert info.max_position == 8192
+    assert 2 in info.stop_tokens  # <|im_end|>, also the EOS
+    assert real_runner.tokenizer.encode("<|im_end|>") == [2]
+    assert info.eos_token == "<|im_end|>"
+    token_bytes = real_runner.tokenizer.token_bytes()
+    assert len(token_bytes) == info.vocab_size
+    ids = real_runner.tokenizer.encode(TOKENIZER_SAMPLES[2])
+    assert b"".join(token_bytes[i] for i in ids) == TOKENIZER_SAMPLES[2].encode()
+
+
+def test_prefill_and_decode_logits_match_transformers(fp32_runner, hf_model):
+    prompt = fp32_runner.tokenizer.encode(PROMPTS[0])
+    page_size = fp32_runner.info.page_size
+    pages = [9, 2, 5]  # scattered, out of order
+    seq = list(prompt)
+    ours = []
+    new = list(prompt)
+    for _ in range(6):  # the prefill, then five decode steps
+        result = fp32_runner.forward(
+            [
+                Forward(
+                    owner="t",
+                    kv_pages=pages[: -(-len(seq) // page_size)],
+                    last_page_len=(len(seq) - 1) % page_size + 1,
+                    positions=list(range(len(seq) - len(new), len(seq))),
+                    tokens=new,
+                    output_indices=list(range(len(new))),
+                    top_k=5,
+                    sampler=Sampler(),
+                )
+            ]
+        )[0]
+        ours.extend(result.dists)
+        new = [result.tokens[-1]]
+        seq.append(new[0])
+    # Compare the top-5 distributions and the greedy path against one transformers pass.
+    reference = torch.softmax(hf_logits(hf_model, seq[:-1]), dim=-1)
+    assert len(ours) == len(seq) - 1
+    for position, (ids, probs) in enumerate(ours):
+        ref_probs, ref_ids = torch.topk(reference[position], 5)
+        assert ids[0] == ref_ids[0].item(), position
+        assert torch.allclose(torch.tensor(probs), ref_probs, atol=1e-4), position
+    assert seq[len(prompt) :] == reference[len(prompt) - 1 :].argmax(-1).tolist()
+
+
+def test_raw_logits_match_transformers(fp32_runner, hf_model):
+    """Logits themselves, for a prompt's prefill and for the decode steps after it."""
+    ids = fp32_runner.tokenizer.encode(PROMPTS[1]) + [1820, 314, 2116]
+    reference = hf_logits(hf_model, ids)
+    page_size = fp32_runner.info.page_size
+    prompt_len = len(ids) - 3
+    logits = []
+    for start, end in [(0, prompt_len), *((i, i + 1) for i in range(prompt_len, len(ids)))]:
+        call = Forward(
+            owner="t",
+            kv_pages=[4, 3][: -(-end // page_size)],
+            last_page_len=(end - 1) % page_size + 1,
+            positions=list(range(start, end)),
+            tokens=ids[start:end],
+            output_indices=list(range(end - start)),
+        )
+        fp32_runner.check(call)
+        logits.append(fp32_runner.logits([call]))
+    ours = torch.cat(logits)
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max().item() < LOGITS_ATOL
+
+
+@pytest.fixture(scope="module")
+def hf_greedy_outputs(fp32_runner, hf_model) -> dict[str, list[int]]:
+    """transformers' greedy continuations, computed once: prompts, then the chat question."""
+    outputs = {p: hf_greedy(hf_model, fp32_runner.tokenizer.encode(p), 12) for p in PROMPTS}
+    chat = fp32_runner.tokenizer.render_chat(CHAT)
+    outputs[chat] = hf_greedy(hf_model, fp32_runner.tokenizer.encode(chat), 12)
+    return outputs
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_text_matches_transformers(fp32_runner, hf_greedy_outputs, prompt):
+    ids = fp32_runner.tokenizer.encode(prompt)
+    assert generate(fp32_runner, [ids], 12) == [hf_greedy_outputs[prompt]]
+
+
+def test_chat_answer_matches_transformers(fp32_runner, hf_greedy_outputs):
+    chat = fp32_runner.tokenizer.render_chat(CHAT)
+    (ours,) = generate(fp32_runner, [fp32_runner.tokenizer.encode(chat)], 12)
+    assert ours == hf_greedy_outputs[chat]
+    # The known answer, as a sanity check on the reference itself.
+    assert fp32_runner.tokenizer.decode(ours) == "The capital of France is Paris."
+
+
+def test_batched_greedy_matches_transformers(fp32_runner, hf_greedy_outputs):
+    """All prompts together: one ragged prefill, then batched decode steps."""
+    texts = [*PROMPTS, fp32_runner.tokenizer.render_chat(CHAT)]
+    prompts = [fp32_runner.tokenizer.encode(t) for t in texts]
+    assert generate(fp32_runner, prompts, 12) == [hf_greedy_outputs[t] for t in texts]
+
+
+def test_bf16_default_runner_answers(real_runner):
+    """The served configuration (bf16) gives the known greedy answers."""
+    tokenizer = real_runner.tokenizer
+    chat = tokenizer.encode(tokenizer.render_chat(CHAT))
+    story = tokenizer.encode("Once upon a time")
+    answer, continuation = generate(real_runner, [chat, story], 12)
+    assert tokenizer.decode(answer) == "The capital of France is Paris."
+    assert tokenizer.decode(continuation).startswith(", the city of Nova Haven")

@@ -1,0 +1,72 @@
+"""Graceful shutdown of a real `pie-trio serve` process: on SIGTERM every client hears that its
+instances ended, WebSockets close with 1001, TCP sessions get a final `close` 1001, and the
+process exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+import trio_websocket
+from test_server_support import ECHO_WAT, wasm
+
+from pie_trio.client import connect
+
+START_TIMEOUT = 120
+LOG_LEVEL = os.environ.get("PIE_TRIO_TEST_LOG_LEVEL", "warning")
+
+
+async def start_server() -> tuple[trio.Process, dict[str, str]]:
+    """`pie-trio serve` on free ports; the URLs it prints, by scheme."""
+    command = [sys.executable, "-m", "pie_trio", "serve", "--model", "tiny", "--http-port", "0",
+               "--tcp-port", "0", "--log-level", LOG_LEVEL]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE,
+                                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    urls: dict[str, str] = {}
+    buffer = b""
+    with trio.fail_after(START_TIMEOUT):
+        while len(urls) < 3:
+            chunk = await process.stdout.receive_some()
+            assert chunk, "the server exited before it listened"
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                url = line.decode().split()[2]  # "pie-trio serving URL (...)"
+                urls[url.split("://")[0]] = url
+    return process, urls
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_every_client_and_exits_zero():
+    process, urls = await start_server()
+    try:
+        async with (connect(urls["ws"]) as ws_client, connect(urls["tcp"]) as tcp_client,
+                    trio_websocket.open_websocket_url(urls["ws"]) as idle):
+            echo = wasm(ECHO_WAT)
+            ws_instances = [await ws_client.launch(await ws_client.upload(echo)) for _ in range(2)]
+            tcp_instance = await tcp_client.launch(await tcp_client.upload(echo))
+            await ws_instances[0].signal("streaming")
+            assert (await ws_instances[0].next_event()).text == "streaming"
+
+            process.send_signal(signal.SIGTERM)
+
+            with trio.fail_after(30):
+                for instance in [*ws_instances, tcp_instance]:
+                    ends = [event async for event in instance.events()]
+                    assert [(e.kind, e.reason) for e in ends] == [("terminated", "evicted")]
+                    assert "shutting down" in ends[0].detail
+                assert (await ws_client.wait_closed()).code == 1001
+                assert (await tcp_client.wait_closed()).code == 1001
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await idle.get_message()
+                assert closed.value.reason.code == 1001
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
