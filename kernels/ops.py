@@ -12,8 +12,49 @@ Layouts:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class Linear:
+    """A linear layer's weights, in whatever form runs fastest on their device.
+
+    On CPU the weight is reordered once into oneDNN's blocked layout (`packed`): the matmuls of
+    a decode step (a few rows against a large weight) then run ~1.5-2x faster than `F.linear`
+    on the plain `[out, in]` tensor, with identical results in bf16.
+    """
+
+    weight: torch.Tensor | None  # [out, in]; None once packed
+    bias: torch.Tensor | None
+    packed: torch.Tensor | None = None
+    out_features: int = 0
+
+
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    """Prepare `weight` `[out, in]` (and `bias`) for `linear`."""
+    out_features = weight.shape[0]
+    if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+            torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+        except (RuntimeError, AttributeError):  # a torch build without these oneDNN ops
+            pass
+        else:
+            return Linear(None, bias, packed, out_features)
+    return Linear(weight, bias, None, out_features)
+
+
+def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """`x @ weight.T + bias` for `x` `[rows, in]`."""
+    if layer.packed is None:
+        return F.linear(x, layer.weight, layer.bias)
+    if x.shape[0] == 0:
+        return x.new_empty(0, layer.out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,24 +65,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary_tables(
     inv_freq: torch.Tensor, max_position: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's angles, `[max_position, head_dim // 2]`.
+    """Rotary tables `[max_position, head_dim]`: cos of each angle, and its sin signed for
+    `apply_rotary` (`-sin` on the first half, `+sin` on the second).
 
     Angles are computed in fp32 and only then rounded to `dtype`, as transformers does.
     """
     positions = torch.arange(max_position, dtype=torch.float32, device=inv_freq.device)
     angles = torch.outer(positions, inv_freq.float())
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[tokens, heads, head_dim]` by per-token angles (`cos`/`sin`: `[tokens, d/2]`).
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[tokens, heads, head_dim]` by per-token angles (tables: `[tokens, head_dim]`
+    rows of `rotary_tables`).
 
-    The "rotate half" convention of Hugging Face checkpoints: dimension i pairs with i + d/2.
+    The "rotate half" convention of Hugging Face checkpoints, dimension i pairing with i + d/2:
+    `[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`, computed as
+    `x * cos + roll(x, d/2) * signed_sin` in two fused kernels instead of eight.
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos.unsqueeze(1), x.roll(half, dims=-1), signed_sin.unsqueeze(1))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

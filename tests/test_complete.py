@@ -7,6 +7,7 @@ bf16), so `load_model` hands that over after checking what it was asked for.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import trio
 from pie_trio import cli
 from pie_trio.cli import complete as complete_cli
 from pie_trio.executor.calls import AllocPages, Forward, FreePages
-from pie_trio.executor.direct import TextStream
+from pie_trio.executor.direct import TextStream, complete, stream_text
 from pie_trio.executor.executor import Executor
 from pie_trio.model.tiny import default_tokenizer
 
@@ -32,6 +33,22 @@ def test_text_stream_holds_back_split_characters():
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text == tokenizer.decode(ids)
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+async def test_stream_text_spells_what_generate_yields(tiny_runner):
+    executor = Executor(tiny_runner)
+    prompt = tiny_runner.tokenizer.encode("Once upon a time")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        tokens = await complete(executor, prompt, max_tokens=24, owner="a", ignore_stop=True)
+        token_bytes = tiny_runner.tokenizer.token_bytes()
+        stream = stream_text(executor, token_bytes, prompt, max_tokens=24, owner="a",
+                             ignore_stop=True)
+        async with contextlib.aclosing(stream):
+            pieces = [piece async for piece in stream]
+        nursery.cancel_scope.cancel()
+    expected = b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace")
+    assert "".join(pieces) == expected
 
 
 def _not_utf8(data: bytes) -> bool:

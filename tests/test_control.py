@@ -26,14 +26,27 @@ class Stack:
         return self.controller.info.page_size
 
 
+async def start_stack(nursery: trio.Nursery, executor: Executor, runner) -> Stack:
+    await nursery.start(executor.run)
+    controller = Controller(executor, runner.info, runner.tokenizer)
+    await nursery.start(controller.run)
+    return Stack(executor, controller)
+
+
 @pytest.fixture
 async def stack(tiny_runner):
     async with trio.open_nursery() as nursery:
-        executor = Executor(tiny_runner)
-        await nursery.start(executor.run)
-        controller = Controller(executor, tiny_runner.info, tiny_runner.tokenizer)
-        await nursery.start(controller.run)
-        yield Stack(executor, controller)
+        yield await start_stack(nursery, Executor(tiny_runner), tiny_runner)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def stalled_stack(tiny_runner):
+    """An executor whose forwards never fire (the `k` policy, waiting for 10**6 of them), so a
+    test can close an instance while its forward is certainly inside the executor."""
+    async with trio.open_nursery() as nursery:
+        executor = Executor(tiny_runner, policy="k", k=10**6)
+        yield await start_stack(nursery, executor, tiny_runner)
         nursery.cancel_scope.cancel()
 
 
@@ -101,7 +114,7 @@ class Context:
 
 def assert_same_dist(a: dict, b: dict) -> None:
     (ids_a, probs_a), (ids_b, probs_b) = a["dists"][0], b["dists"][0]
-    assert ids_a[0] == ids_b[0]
+    assert ids_a[0] == ids_b[0], (a, b)
     assert probs_a[0] == pytest.approx(probs_b[0], rel=1e-3, abs=1e-5)
     assert sorted(probs_a) == pytest.approx(sorted(probs_b), rel=1e-3, abs=1e-5)
 
@@ -326,7 +339,8 @@ async def test_out_of_pages_is_refused_with_the_documented_error(stack):
 # -- closing -----------------------------------------------------------------------------------
 
 
-async def test_close_mid_forward_answers_pending_and_frees_everything(stack):
+async def test_close_mid_forward_answers_pending_and_frees_everything(stalled_stack):
+    stack = stalled_stack
     ps = stack.page_size
     a = stack.controller.attach("a")
     pages = await ok(a, "alloc_pages", count=4)
@@ -338,7 +352,8 @@ async def test_close_mid_forward_answers_pending_and_frees_everything(stack):
               "positions": list(range(4 * ps)), "tokens": prompt(4 * ps)}, answers.append)
     a.submit({"op": "topic_receive", "topic": "t"}, answers.append)
     a.submit({"op": "sleep", "ms": 10_000}, answers.append)
-    await trio.testing.wait_all_tasks_blocked()  # the forward is now in the executor
+    await trio.testing.wait_all_tasks_blocked()
+    assert stack.executor.queued == 1  # the forward waits inside the executor
     await a.close()
     assert answers == [{"error": "instance closed"}] * 3
     await a.close()  # idempotent

@@ -165,13 +165,8 @@ def hf_greedy_outputs(fp32_runner, hf_model) -> dict[str, list[int]]:
     return outputs
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_text_matches_transformers(fp32_runner, hf_greedy_outputs, prompt):
-    ids = fp32_runner.tokenizer.encode(prompt)
-    assert generate(fp32_runner, [ids], 12) == [hf_greedy_outputs[prompt]]
-
-
 def test_chat_answer_matches_transformers(fp32_runner, hf_greedy_outputs):
+    """One sequence alone (the single-sequence decode path)."""
     chat = fp32_runner.tokenizer.render_chat(CHAT)
     (ours,) = generate(fp32_runner, [fp32_runner.tokenizer.encode(chat)], 12)
     assert ours == hf_greedy_outputs[chat]
@@ -180,7 +175,8 @@ def test_chat_answer_matches_transformers(fp32_runner, hf_greedy_outputs):
 
 
 def test_batched_greedy_matches_transformers(fp32_runner, hf_greedy_outputs):
-    """All prompts together: one ragged prefill, then batched decode steps."""
+    """Several prompts together: one ragged prefill, then batched decode steps (padded to
+    the longest context), each sequence stopping on its own."""
     texts = [*PROMPTS, fp32_runner.tokenizer.render_chat(CHAT)]
     prompts = [fp32_runner.tokenizer.encode(t) for t in texts]
     assert generate(fp32_runner, prompts, 12) == [hf_greedy_outputs[t] for t in texts]

@@ -11,7 +11,7 @@ import trio
 from test_runtime_support import finish, live_trio_tasks, running_stack, thread_count
 
 from pie_trio.runtime.instance import InstanceGone
-from pie_trio.runtime.sandbox import MiB, Limits
+from pie_trio.runtime.sandbox import Limits, MiB
 
 FAST_LIMITS = Limits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
 

@@ -22,20 +22,26 @@ def server(real_runner):
         yield server
 
 
-def test_openai_client_streams_the_capital_of_france(server):
-    client = openai.OpenAI(base_url=server.addresses.http + "/v1", api_key="unused")
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=server.addresses.http + "/v1", api_key="unused") as client:
+        yield client
+
+
+def test_openai_client_streams_the_capital_of_france(client):
     model = client.models.list().data[0].id
     assert model == "SmolLM2-135M-Instruct"
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0, max_tokens=32, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    pieces = [c.choices[0].delta.content for c in chunks
+              if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 3  # streamed, not one blob
     assert "".join(pieces) == "The capital of France is Paris."
     finish = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finish[-1] == "stop"
-    assert chunks[-1].usage.completion_tokens == 7  # the answer's tokens (the stop token is not text)
+    assert chunks[-1].usage.completion_tokens == 7  # the answer's tokens; the stop token is no text
 
 
 async def stream_inferlet(url: str, args: list[str]) -> tuple[list[str], str | None]:
@@ -64,8 +70,7 @@ async def test_uploaded_text_completion_streams_tokens(server, transport):
     assert returned.startswith(GREEDY_START)
 
 
-def test_completions_endpoint_matches_the_inferlet(server):
-    client = openai.OpenAI(base_url=server.addresses.http + "/v1", api_key="unused")
+def test_completions_endpoint_matches_the_inferlet(client):
     result = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time",
                                        max_tokens=24, temperature=0)
     text = result.choices[0].text

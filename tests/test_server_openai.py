@@ -48,6 +48,7 @@ def test_stop_strings_release_only_safe_text(text, stops, expected):
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, 404, "gpt-9"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2048}, 400, "context is 2048 tokens"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content"),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import httpx
 import pytest
 import trio
 import trio_websocket
@@ -40,17 +41,34 @@ async def start_server() -> tuple[trio.Process, dict[str, str]]:
     return process, urls
 
 
+async def stream_completion(url: str, lines: list[str], started: trio.Event) -> None:
+    """A long streaming completion; records its SSE lines until the server ends it."""
+    body = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True}
+    async with (httpx.AsyncClient(base_url=url, timeout=60) as http,
+                http.stream("POST", "/v1/completions", json=body) as response):
+        async for line in response.aiter_lines():
+            if line:
+                lines.append(line)
+                started.set()
+
+
 @pytest.mark.slow
 async def test_sigterm_drains_every_client_and_exits_zero():
     process, urls = await start_server()
     try:
         async with (connect(urls["ws"]) as ws_client, connect(urls["tcp"]) as tcp_client,
-                    trio_websocket.open_websocket_url(urls["ws"]) as idle):
+                    trio_websocket.open_websocket_url(urls["ws"]) as idle,
+                    trio.open_nursery() as nursery):
             echo = wasm(ECHO_WAT)
             ws_instances = [await ws_client.launch(await ws_client.upload(echo)) for _ in range(2)]
             tcp_instance = await tcp_client.launch(await tcp_client.upload(echo))
             await ws_instances[0].signal("streaming")
             assert (await ws_instances[0].next_event()).text == "streaming"
+            http_lines: list[str] = []
+            http_started = trio.Event()
+            nursery.start_soon(stream_completion, urls["http"], http_lines, http_started)
+            await http_started.wait()
 
             process.send_signal(signal.SIGTERM)
 
@@ -64,6 +82,9 @@ async def test_sigterm_drains_every_client_and_exits_zero():
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await idle.get_message()
                 assert closed.value.reason.code == 1001
+        # The OpenAI stream was cut short with an error chunk naming the reason, then [DONE].
+        assert http_lines[-1] == "data: [DONE]"
+        assert "evicted" in http_lines[-2] and '"error"' in http_lines[-2]
         with trio.fail_after(30):
             assert await process.wait() == 0
     finally:

@@ -195,11 +195,14 @@ def _lookup(request: Any) -> tuple[str, Op]:
     op = OPS.get(name)
     if op is None:
         raise ControlError(f"unknown op {name!r}")
+    return name, op
+
+
+def _check_known_fields(op: Op, request: dict[str, Any]) -> None:
     unknown = sorted(str(k) for k in request if k not in op.fields and k not in ("op", "queue"))
     if unknown:
         expected = ", ".join(op.fields + ("queue",))
         raise ControlError(f"unknown field {unknown[0]!r}; expected some of: {expected}")
-    return name, op
 
 
 def _check_queue_field(request: dict[str, Any]) -> None:
@@ -219,6 +222,7 @@ async def handle(inst: InstanceControl, request: Any, queue: Queue | None) -> di
     except ControlError as exc:
         return {"error": str(exc)}
     try:
+        _check_known_fields(op, request)
         if queue is None:
             _check_queue_field(request)
         priority = queue.priority if queue is not None else 0

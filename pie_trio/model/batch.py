@@ -24,6 +24,9 @@ from pie_trio.model.kv_cache import KvCache
 
 # Query blocks up to this long are batched together (padded); longer ones attend on their own.
 DECODE_QUERY_LIMIT = 8
+# What one more padded attention group costs, in context pages of one sequence: its per-layer
+# launch overhead equals gathering and attending about this many pages on CPU.
+GROUP_COST_PAGES = 48
 
 
 @dataclass
@@ -125,13 +128,51 @@ def _plan_groups(
     short = [i for i, c in enumerate(calls) if num_inputs(c) <= DECODE_QUERY_LIMIT]
     long = [i for i, c in enumerate(calls) if num_inputs(c) > DECODE_QUERY_LIMIT]
     groups = [_prefill_group(calls[i], starts[i], page_size, masked, device) for i in long]
-    if short:
+    pages = [len(calls[i].kv_pages) for i in short]
+    for members in split_by_length([short[i] for i in _argsort(pages)], sorted(pages)):
         groups.append(
             _decode_group(
-                [calls[i] for i in short], [starts[i] for i in short], page_size, masked, device
+                [calls[i] for i in members],
+                [starts[i] for i in members],
+                page_size,
+                masked,
+                device,
             )
         )
     return groups
+
+
+def _argsort(values: list[int]) -> list[int]:
+    return sorted(range(len(values)), key=values.__getitem__)
+
+
+def split_by_length(members: list[int], pages: list[int]) -> list[list[int]]:
+    """Split decode sequences, sorted by context length in pages, into padded groups.
+
+    Every member of a group is padded to the group's longest context, so one group over very
+    different lengths gathers and attends mostly padding; each extra group costs a fixed few
+    dozen small ops per layer. An exact dynamic program over the distinct lengths minimises
+    `sum(members * longest) + GROUP_COST_PAGES * groups`.
+    """
+    if not members:
+        return []
+    lengths = sorted(set(pages))
+    count_upto = [0]
+    for length in lengths:
+        count_upto.append(count_upto[-1] + pages.count(length))
+    # best[j]: the cheapest split of the sequences with the j shortest distinct lengths.
+    best = [0.0] + [float("inf")] * len(lengths)
+    cut = [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        for i in range(j):
+            cost = best[i] + (count_upto[j] - count_upto[i]) * lengths[j - 1] + GROUP_COST_PAGES
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(lengths)
+    while j > 0:
+        bounds.append((count_upto[cut[j]], count_upto[j]))
+        j = cut[j]
+    return [members[a:b] for a, b in reversed(bounds)]
 
 
 def _context_span(call: Forward, page_size: int) -> tuple[int, int] | None:

@@ -22,12 +22,11 @@ from pie_trio.model.kv_cache import KvCache
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + k + v rows, hidden]: one matmul for all three projections
-    qkv_bias: torch.Tensor | None
-    out: torch.Tensor
+    qkv: ops.Linear  # q, k and v projections fused: one matmul for all three
+    out: ops.Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * ffn, hidden]: gate and up fused
-    down: torch.Tensor
+    gate_up: ops.Linear  # gate and up fused: [2 * ffn, hidden]
+    down: ops.Linear
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> torch.Tensor:
@@ -78,11 +77,8 @@ class LlamaModel:
 
         self.embed_tokens = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        self.lm_head = (
-            self.embed_tokens
-            if config.tie_embeddings or "lm_head.weight" not in tensors
-            else take("lm_head.weight")
-        )
+        tied = config.tie_embeddings or "lm_head.weight" not in tensors
+        self.lm_head = ops.pack_linear(self.embed_tokens if tied else take("lm_head.weight"))
         self.layers = [self._layer(tensors, i, take) for i in range(config.num_layers)]
         inv_freq = rope_inv_freq(config, tensors.get("rope_freqs"))
         self.rope_cos, self.rope_sin = ops.rotary_tables(
@@ -96,19 +92,20 @@ class LlamaModel:
     def _layer(self, tensors: dict[str, torch.Tensor], i: int, take) -> LayerWeights:
         prefix = f"model.layers.{i}."
         attn = prefix + "self_attn."
+        qkv = torch.cat([take(attn + f"{p}_proj.weight") for p in ("q", "k", "v")])
         bias = None
         if self.config.qkv_bias:
-            bias = torch.cat([take(attn + f"{p}_proj.bias") for p in ("q", "k", "v")]).contiguous()
+            bias = torch.cat([take(attn + f"{p}_proj.bias") for p in ("q", "k", "v")])
+        gate_up = torch.cat(
+            [take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")]
+        )
         return LayerWeights(
             input_norm=take(prefix + "input_layernorm.weight"),
-            qkv=torch.cat([take(attn + f"{p}_proj.weight") for p in ("q", "k", "v")]),
-            qkv_bias=bias,
-            out=take(attn + "o_proj.weight"),
+            qkv=ops.pack_linear(qkv, bias),
+            out=ops.pack_linear(take(attn + "o_proj.weight")),
             post_norm=take(prefix + "post_attention_layernorm.weight"),
-            gate_up=torch.cat(
-                [take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")]
-            ),
-            down=take(prefix + "mlp.down_proj.weight"),
+            gate_up=ops.pack_linear(gate_up),
+            down=ops.pack_linear(take(prefix + "mlp.down_proj.weight")),
         )
 
     # -- forward -------------------------------------------------------------------------------
@@ -142,7 +139,7 @@ class LlamaModel:
         self._reserve_gather(batch.groups)
         for i, layer in enumerate(self.layers):
             x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = ops.linear(x, layer.qkv)
             qk = ops.apply_rotary(
                 qkv[:, : rotated * cfg.head_dim].view(rows, rotated, cfg.head_dim), cos, sin
             )
@@ -150,14 +147,14 @@ class LlamaModel:
             v = qkv[:, rotated * cfg.head_dim :].view(rows, cfg.num_kv_heads, cfg.head_dim)
             ops.write_kv(kv.k[i], kv.v[i], batch.write_slots, k, v)
             attn = self._attention(q, kv.k[i], kv.v[i], batch.groups)
-            hidden = hidden + F.linear(attn.reshape(rows, q_size), layer.out)
+            hidden = hidden + ops.linear(attn.reshape(rows, q_size), layer.out)
             x = ops.rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            hidden = hidden + F.linear(ops.silu_mul(F.linear(x, layer.gate_up)), layer.down)
+            hidden = hidden + ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down)
         return self.logits(hidden.index_select(0, batch.output_rows))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return ops.linear(x, self.lm_head).float()
 
     # -- attention -----------------------------------------------------------------------------
 

@@ -98,16 +98,18 @@ def tiny_runner(
     num_slots: int = 64,
     seed: int = 0,
     architecture: str = "llama",
+    device: str | torch.device = "cpu",
 ) -> ModelRunner:
     """A fresh runner (own KV pool) on the tiny model; fp32 by default for exact comparisons."""
     config = tiny_config(architecture)
+    device = torch.device(device)
     return ModelRunner(
         f"{TINY_NAME} ({DEFAULT_MODEL_NAME} tokenizer)",
         config,
         tiny_tensors(config, seed),
         default_tokenizer(),
-        device=torch.device("cpu"),
-        dtype=resolve_dtype(dtype, torch.device("cpu")),
+        device=device,
+        dtype=resolve_dtype(dtype, device),
         num_pages=num_pages,
         page_size=page_size,
         num_slots=num_slots,

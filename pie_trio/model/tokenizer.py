@@ -146,8 +146,10 @@ class Tokenizer:
                 out.append(b"")
             elif token_id in special:
                 out.append(special[token_id].encode())
-            elif byte_level:
+            elif byte_level and all(c in table for c in token):
                 out.append(bytes(table[c] for c in token))
+            elif byte_level:  # spelled outside the byte alphabet: taken as plain text
+                out.append(token.encode())
             else:
                 out.append(_sentencepiece_bytes(token))
         return tuple(out)

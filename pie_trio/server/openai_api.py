@@ -34,6 +34,7 @@ PROGRAM = "text-completion"
 DEFAULT_MAX_TOKENS = {False: 16, True: 512}  # OpenAI's completions default; chat: generous
 MAX_STOP_STRINGS = 4
 END_TIMEOUT = 5.0  # seconds to wait for an abandoned instance to report its end
+LONG_TEXT = 8192  # characters: longer prompts are tokenized off the trio thread
 
 
 def _http_error(status: int, message: str, kind: str = "invalid_request_error") -> Exception:
@@ -165,14 +166,14 @@ class Generation:
     streams pieces of text, not tokens, so the completion's tokens are counted by encoding the
     text it produced (exact unless the model emitted a non-canonical tokenization)."""
 
-    def __init__(self, state: ServerState, params: Params, tenant: str):
+    def __init__(self, state: ServerState, params: Params, tenant: str, prompt_tokens: int):
         self.state = state
         self.params = params
         self.tenant = tenant
+        self.prompt_tokens = prompt_tokens
         self.finish_reason = "stop"
         self.text = ""  # everything released to the client
         self.completion_tokens = 0
-        self.prompt_tokens = len(state.tokenizer.encode(params.prompt))
         self._running: Running | None = None
 
     def _count_tokens(self) -> None:
@@ -274,7 +275,12 @@ async def completions(state: ServerState, exchange: HttpExchange, chat: bool) ->
     tenant = _tenant(state, exchange)
     started = time.perf_counter()
     params = parse_params(await exchange.json_body(), state, chat)
-    generation = Generation(state, params, tenant)
+    prompt_tokens = await count_tokens(state, params.prompt)
+    context = state.model_info.max_position
+    if prompt_tokens + params.max_tokens > context:
+        raise _http_error(400, f"this model's context is {context} tokens: the prompt has "
+                               f"{prompt_tokens} and max_tokens asks for {params.max_tokens}")
+    generation = Generation(state, params, tenant, prompt_tokens)
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     timer = _TokenTimer(state, endpoint, started)
     response = _Response(state, chat)
@@ -291,6 +297,13 @@ async def completions(state: ServerState, exchange: HttpExchange, chat: bool) ->
             await generation.run(collect)
             await exchange.respond_json(200, response.whole("".join(text), generation))
     timer.done(generation)
+
+
+async def count_tokens(state: ServerState, text: str) -> int:
+    """Tokens in `text`; long texts are encoded in a worker thread to keep the loop responsive."""
+    if len(text) < LONG_TEXT:
+        return len(state.tokenizer.encode(text))
+    return len(await trio.to_thread.run_sync(state.tokenizer.encode, text))
 
 
 async def _stream(exchange: HttpExchange, generation: Generation, response: _Response,

@@ -28,6 +28,7 @@ from pie_trio.runtime.programs import ProgramStore
 from pie_trio.runtime.runtime import Runtime
 from pie_trio.runtime.sandbox import Limits
 from pie_trio.server.app import App
+from pie_trio.server.openai_api import PROGRAM as OPENAI_PROGRAM
 from pie_trio.server.state import ServerState
 from pie_trio.server.tcp import serve_tcp
 
@@ -87,6 +88,7 @@ async def serve(config: Config, *, runner: ModelRunner | None = None,
         runtime = Runtime(controller, _program_store(config), _limits(config),
                           max_instances=config.max_instances)
         await components.start(runtime.run)
+        components.start_soon(_prepare_builtin, runtime.programs)
         state = ServerState(config, runtime, runner.info, runner.tokenizer,
                             stats=lambda: _component_stats(executor, controller))
         if handle_signals:
@@ -117,10 +119,17 @@ async def _serve_front_ends(state: ServerState, shutdown: trio.Event,
         await state.drain(DRAIN_TIMEOUT)
         # Sessions close themselves once their instances have reported their end; give them
         # the time to flush, then stop hypercorn (which waits HTTP_GRACE for the rest).
-        with trio.move_on_after(DRAIN_TIMEOUT):
-            while state.sessions:
-                await trio.sleep(0.01)
+        await state.wait_sessions_closed(DRAIN_TIMEOUT)
         http_stop.set()
+
+
+async def _prepare_builtin(programs: ProgramStore) -> None:
+    """Compile the OpenAI API's inferlet in the background, so the first request does not
+    wait for it (a request arriving sooner waits on the store's lock, then finds it ready)."""
+    if OPENAI_PROGRAM in programs.builtins:
+        await trio.to_thread.run_sync(programs.get, OPENAI_PROGRAM)
+    else:
+        log.warning("builtin=%s missing: the OpenAI API will answer 500", OPENAI_PROGRAM)
 
 
 async def _set_on_signal(shutdown: trio.Event) -> None:

@@ -102,7 +102,7 @@ class Session:
 
     async def run(self) -> None:
         """Serve the client until it goes away, breaks the protocol, or the server drains."""
-        self.state.sessions.add(self)
+        self.state.session_opened(self)
         log.info("session open origin=%s peer=%s", self.origin, self.peer)
         try:
             async with trio.open_nursery() as nursery:
@@ -120,7 +120,7 @@ class Session:
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self.state.sessions.discard(self)
+            self.state.session_closed(self)
             self._end_instances("client_gone")
             log.info("session closed origin=%s peer=%s tenant=%s", self.origin, self.peer,
                      self.tenant)
@@ -159,10 +159,13 @@ class Session:
             await self.send(protocol.error(protocol.INTERNAL, "internal server error", request_id))
             return
         if isinstance(result, Running):
-            # A launch: the response is queued before the pump starts, so the client always
-            # learns the instance id before the instance's first event.
+            # A launch. The session owns the instance from here on (a disconnect ends it), and
+            # the response is queued before the pump starts, so the client always learns the
+            # instance id before the instance's first event.
+            self._adopt(result)
             await self.send(protocol.ok(request_id, {"instance": result.id}))
-            self._start_pump(result)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._pump, result)
         else:
             await self.send(protocol.ok(request_id, result))
 
@@ -314,23 +317,24 @@ class Session:
 
     # -- events -----------------------------------------------------------------------------
 
-    def _start_pump(self, running: Running) -> None:
+    def _adopt(self, running: Running) -> None:
         self.launched.add(running.id)
         if self._idle.is_set():
             self._idle = trio.Event()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._pump, running)
 
     async def _pump(self, running: Running) -> None:
         """Forward one instance's events to the client until it terminates."""
-        reason = "client_gone"
+        reason = None
         try:
             async for payload in running.instance.events:
                 await self.send(protocol.event(running.id, payload))
                 if payload.get("event") == "terminated":
-                    reason = payload.get("reason", "?")
+                    reason = str(payload.get("reason"))
                     break
         finally:
+            if reason is None:  # cancelled before the end: nobody will read it any more
+                running.instance.kill("client_gone")
+                reason = "client_gone"
             self.launched.discard(running.id)
             self.state.ended(running.id, reason)
             if not self.launched:

@@ -64,6 +64,8 @@ class ServerState:
         self.running: dict[str, Running] = {}
         self.sessions: set[Closable] = set()
         self.draining = trio.Event()
+        self._no_sessions = trio.Event()  # set while no session is connected
+        self._no_sessions.set()
         self._idle = trio.Event()  # set while no instance is running
         self._idle.set()
         self._stats = stats  # callable → dict of live component stats, for /metrics
@@ -124,6 +126,22 @@ class ServerState:
             running.instance.kill(SHUTDOWN_REASON, SHUTDOWN_DETAIL)
         with trio.move_on_after(timeout):
             await self._idle.wait()
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def session_opened(self, session: Closable) -> None:
+        self.sessions.add(session)
+        if self._no_sessions.is_set():
+            self._no_sessions = trio.Event()
+
+    def session_closed(self, session: Closable) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
+
+    async def wait_sessions_closed(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._no_sessions.wait()
 
     # -- introspection ----------------------------------------------------------------------
 

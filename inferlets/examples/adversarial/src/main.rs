@@ -21,8 +21,12 @@
 //!   unknown-handle             take a handle that was never submitted.
 //!   fetch-empty                fetch when no response is kept.
 //!   exit CODE                  exit with CODE at once.
+//!   sdk-check                  not adversarial: drive every SDK feature against the host and
+//!                              check its invariants (see sdk_check.rs); returns "ok: N checks".
 //! ```
 //! Modes that the host should stop end with `set_return("survived: ...")` if it does not.
+
+mod sdk_check;
 
 use inferlet::abi::{self, unchecked};
 use inferlet::forward::{self, ForwardRequest, Input};
@@ -49,9 +53,12 @@ fn main() {
             "spin" => spin(),
             "oob-request" => oob(true),
             "oob-response" => oob(false),
-            "unknown-handle" => survived(unsafe { unchecked::take(987_654, scratch().as_mut_ptr(), 4096) }),
+            "unknown-handle" => {
+                survived(unsafe { unchecked::take(987_654, scratch().as_mut_ptr(), 4096) })
+            }
             "fetch-empty" => survived(unsafe { unchecked::fetch(scratch().as_mut_ptr(), 4096) }),
             "exit" => std::process::exit(number(arg(1), 3)? as i32),
+            "sdk-check" => sdk_check::run(),
             other => Err(Error::usage(format!(
                 "unknown mode {:?}; see the module docs of examples/adversarial",
                 other
@@ -164,7 +171,12 @@ fn submit_flood(count: usize, kind: &str) -> Result<()> {
             }
             .to_request()
         }
-        other => return Err(Error::usage(format!("submit-flood kind must be ping or forward, not {:?}", other))),
+        other => {
+            return Err(Error::usage(format!(
+                "submit-flood kind must be ping or forward, not {:?}",
+                other
+            )))
+        }
     };
     let bytes = request.encode();
     for _ in 0..count {

@@ -78,7 +78,9 @@ fn main() {
             }
             beams = advance(beams, &chosen, &queues)?;
         }
-        finished.extend(beams.into_iter().map(|beam| Hypothesis { tokens: beam.tokens, score: beam.score }));
+        finished.extend(
+            beams.into_iter().map(|beam| Hypothesis { tokens: beam.tokens, score: beam.score }),
+        );
 
         let best = finished
             .iter()
@@ -97,7 +99,8 @@ fn main() {
 
 /// Forward every beam in the same tick and list all extensions, best first.
 fn expand(beams: &mut [Beam], top_k: u32) -> Result<Vec<Candidate>> {
-    let steps = beams.iter_mut().map(|beam| beam.ctx.next_dist_async(top_k)).collect::<Result<Vec<_>>>()?;
+    let steps =
+        beams.iter_mut().map(|beam| beam.ctx.next_dist_async(top_k)).collect::<Result<Vec<_>>>()?;
     let outputs = join_all(steps)?;
     let mut candidates = Vec::new();
     for (b, output) in outputs.into_iter().enumerate() {

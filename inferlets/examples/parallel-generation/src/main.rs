@@ -11,7 +11,9 @@
 //! Fork i samples with seed S + 1000·i (when a seed is given). Each finished continuation is
 //! sent as `{"index": i, "text": ...}`; the return value is the JSON array of the N texts.
 
-use inferlet::{generate_parallel, json, Args, Generation, Message, Model, Queue, Sampler, StopCondition};
+use inferlet::{
+    generate_parallel, json, Args, Generation, Message, Model, Queue, Sampler, StopCondition,
+};
 
 /// Seeds of different forks stay apart for this many steps.
 const SEED_STRIDE: u64 = 1000;

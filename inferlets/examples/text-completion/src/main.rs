@@ -34,13 +34,23 @@ fn parse(mut args: Args) -> Result<Options> {
     let ignore_eos = args.flag("--ignore-eos");
     let prompt = args.option_or_words("--prompt")?;
     if prompt.is_empty() {
-        return Err(inferlet::Error::usage("no prompt: pass --prompt TEXT or the text as arguments"));
+        return Err(inferlet::Error::usage(
+            "no prompt: pass --prompt TEXT or the text as arguments",
+        ));
     }
     let mut sampler = Sampler::new(temperature);
     sampler.top_p = top_p;
     sampler.top_k = top_k;
     sampler.seed = seed;
-    Ok(Options { prompt, max_tokens, sampler, chat, system, ignore_eos, stop: stop.into_iter().collect() })
+    Ok(Options {
+        prompt,
+        max_tokens,
+        sampler,
+        chat,
+        system,
+        ignore_eos,
+        stop: stop.into_iter().collect(),
+    })
 }
 
 fn main() {
@@ -57,7 +67,8 @@ fn main() {
         } else {
             options.prompt.clone()
         };
-        let stop_tokens = if options.ignore_eos { Vec::new() } else { model.stop_tokens().to_vec() };
+        let stop_tokens =
+            if options.ignore_eos { Vec::new() } else { model.stop_tokens().to_vec() };
         let stop = StopCondition::new(options.max_tokens)
             .with_stop_tokens(stop_tokens)
             .with_stop_strings(options.stop.clone());

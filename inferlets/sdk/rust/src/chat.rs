@@ -114,8 +114,11 @@ mod tests {
     #[test]
     fn smollm2_renders_like_its_template() {
         let template_system = default_system_prompt(SMOLLM2);
-        let rendered =
-            render_chatml(&[Message::user("What is the capital of France?")], true, template_system.as_deref());
+        let rendered = render_chatml(
+            &[Message::user("What is the capital of France?")],
+            true,
+            template_system.as_deref(),
+        );
         assert_eq!(
             rendered,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -126,7 +129,10 @@ mod tests {
     fn explicit_system_replaces_the_default() {
         let messages = [Message::system("Be brief."), Message::user("Hi")];
         let rendered = render_chatml(&messages, false, Some("default"));
-        assert_eq!(rendered, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        assert_eq!(
+            rendered,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]

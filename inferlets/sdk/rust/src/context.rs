@@ -91,6 +91,8 @@ pub struct Context {
     /// Tokens filled but not forwarded yet.
     pending: Vec<Slot>,
     next_position: u32,
+    /// The model's context length: positions stay below it.
+    max_position: Option<u64>,
 }
 
 impl Context {
@@ -102,6 +104,7 @@ impl Context {
             kv: Vec::new(),
             pending: Vec::new(),
             next_position: 0,
+            max_position: model.info().max_position,
         }
     }
 
@@ -145,6 +148,17 @@ impl Context {
     /// The position the next filled token gets.
     pub fn next_position(&self) -> u32 {
         self.next_position
+    }
+
+    /// Set the position the next filled token gets. Positions need not be contiguous: leave a
+    /// gap to keep positions of dropped tokens, or rewind to overlap them.
+    pub fn set_next_position(&mut self, position: u32) {
+        self.next_position = position;
+    }
+
+    /// Whether the model's context length leaves no position for another token.
+    pub fn is_full(&self) -> bool {
+        self.max_position.map_or(false, |max| u64::from(self.next_position) >= max)
     }
 
     /// Tokenize `text` on the host and fill its tokens.
@@ -231,6 +245,7 @@ impl Context {
             kv: self.kv[..full * self.page_size].to_vec(),
             pending: Vec::new(),
             next_position: self.next_position,
+            max_position: self.max_position,
         };
         if child.pages.len() != full {
             return Err(Error::Decode(format!(
@@ -293,9 +308,8 @@ impl Context {
 
     /// Rebuild a context exported under `name` (by this or another instance), on `queue`.
     pub fn import(model: &Model, name: &str, queue: Queue) -> Result<Context> {
-        let text = runtime::store_get(&state_key(name))?.ok_or_else(|| {
-            Error::usage(format!("no context state was exported as {:?}", name))
-        })?;
+        let text = runtime::store_get(&state_key(name))?
+            .ok_or_else(|| Error::usage(format!("no context state was exported as {:?}", name)))?;
         let state: ExportedState = from_hex(&text)
             .and_then(|bytes| rmp_serde::from_slice(&bytes).map_err(|err| err.to_string()))
             .map_err(|err| Error::usage(format!("bad context state for {:?}: {}", name, err)))?;

@@ -125,5 +125,10 @@ pub fn forward_async(request: &ForwardRequest) -> Pending<ForwardOutput> {
 
 /// Store the embeddings of `tokens` into embedding `slots` (same length).
 pub fn embed(queue: Queue, tokens: &[u32], slots: &[u32]) -> Result<()> {
-    call(&Request::new("embed").with("queue", &queue.id()).with("tokens", tokens).with("slots", slots))
+    call(
+        &Request::new("embed")
+            .with("queue", &queue.id())
+            .with("tokens", tokens)
+            .with("slots", slots),
+    )
 }

@@ -131,14 +131,23 @@ impl Generation {
     /// The result; the text comes from the host's tokenizer.
     pub fn finish(self) -> Result<Generated> {
         let finish = self.finish.unwrap_or(FinishReason::MaxTokens);
-        let mut text =
-            if self.tokens.is_empty() { String::new() } else { tokenizer::detokenize(&self.tokens)? };
+        let mut text = if self.tokens.is_empty() {
+            String::new()
+        } else {
+            tokenizer::detokenize(&self.tokens)?
+        };
         if let FinishReason::StopString(stop) = &finish {
             if let Some(at) = text.find(stop.as_str()) {
                 text.truncate(at);
             }
         }
         Ok(Generated { tokens: self.tokens, text, finish })
+    }
+
+    /// End the generation because the context has no room for another token.
+    fn end_for_length(&mut self) -> String {
+        self.finish = Some(FinishReason::MaxTokens);
+        self.text.as_mut().map(|text| text.finish()).unwrap_or_default()
     }
 
     fn text_state(&mut self) -> Result<&mut TokenText> {
@@ -150,9 +159,9 @@ impl Generation {
 }
 
 impl Context {
-    /// Generate until `stop`: the pending tokens (the prompt) go in the first forward, then one
-    /// token per forward. The last sampled token (a stop token too) stays pending, so the
-    /// conversation can go on.
+    /// Generate until `stop` or until the model's context is full: the pending tokens (the
+    /// prompt) go in the first forward, then one token per forward. The last sampled token (a
+    /// stop token too) stays pending, so the conversation can go on.
     pub fn generate(&mut self, sampler: &Sampler, stop: &StopCondition) -> Result<Generated> {
         self.drive(Generation::new(sampler, stop), |_| Ok(()))
     }
@@ -174,8 +183,12 @@ impl Context {
         mut on_text: F,
     ) -> Result<Generated> {
         while !generation.is_finished() {
-            let token = self.decode_step(&generation.next_sampler())?;
-            let text = generation.accept(token)?;
+            let text = if self.is_full() {
+                generation.end_for_length()
+            } else {
+                let token = self.decode_step(&generation.next_sampler())?;
+                generation.accept(token)?
+            };
             if !text.is_empty() {
                 on_text(&text)?;
             }
@@ -201,7 +214,16 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
         )));
     }
     loop {
-        let active: Vec<usize> = (0..generations.len()).filter(|&i| !generations[i].is_finished()).collect();
+        for (i, (ctx, generation)) in contexts.iter().zip(generations.iter_mut()).enumerate() {
+            if ctx.is_full() && !generation.is_finished() {
+                let text = generation.end_for_length();
+                if !text.is_empty() {
+                    on_text(i, &text)?;
+                }
+            }
+        }
+        let active: Vec<usize> =
+            (0..generations.len()).filter(|&i| !generations[i].is_finished()).collect();
         if active.is_empty() {
             return Ok(());
         }

@@ -14,7 +14,7 @@
 //!         let mut ctx = model.new_context();
 //!         ctx.fill("Once upon a time")?;
 //!         let stop = StopCondition::new(32).with_stop_tokens(model.stop_tokens().to_vec());
-//!         let out = ctx.generate_streaming(&Sampler::greedy(), &stop, |text| inferlet::send(text))?;
+//!         let out = ctx.generate_streaming(&Sampler::greedy(), &stop, inferlet::send)?;
 //!         inferlet::set_return(&out.text)
 //!     })
 //! }

@@ -47,10 +47,24 @@ impl Sampler {
     }
 
     /// The sampler for step `step` of a generation: a seed applies per call on the host, so
-    /// each step gets `seed + step` to draw fresh (and still reproducible) randomness.
+    /// each step gets `(seed + step) mod 2^63` to draw fresh (and still reproducible)
+    /// randomness — the same seeds the host's own generation loop uses.
     pub fn for_step(&self, step: u64) -> Sampler {
         let mut sampler = self.clone();
-        sampler.seed = self.seed.map(|seed| seed.wrapping_add(step));
+        sampler.seed = self.seed.map(|seed| ((seed as u128 + step as u128) % (1u128 << 63)) as u64);
         sampler
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_seeds_advance_and_wrap_below_2_pow_63() {
+        assert_eq!(Sampler::greedy().for_step(5).seed, None);
+        assert_eq!(Sampler::new(1.0).with_seed(7).for_step(3).seed, Some(10));
+        assert_eq!(Sampler::new(1.0).with_seed((1 << 63) - 1).for_step(2).seed, Some(1));
+        assert_eq!(Sampler::new(1.0).with_seed(u64::MAX).for_step(1).seed, Some(0));
     }
 }
