@@ -130,8 +130,11 @@ def example_names(source: Path = INFERLETS) -> list[str]:
     return [member.split("/", 1)[1] for member in members if member.startswith("examples/")]
 
 
-def _remap_flags(source: Path) -> list[str]:
-    cargo_home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
+def _cargo_home(env: dict[str, str]) -> Path:
+    return Path(env.get("CARGO_HOME", Path.home() / ".cargo"))
+
+
+def _remap_flags(source: Path, cargo_home: Path) -> list[str]:
     # rustc applies the last matching prefix: the workspace comes last so it wins even if it
     # lies inside one of the others.
     return [
@@ -141,13 +144,17 @@ def _remap_flags(source: Path) -> list[str]:
     ]
 
 
-def _cargo_env(toolchain: Toolchain, source: Path, target_dir: Path) -> dict[str, str]:
+def _cargo_env(
+    toolchain: Toolchain, source: Path, target_dir: Path, cargo_home: Path | None = None
+) -> dict[str, str]:
     # Drop the caller's compiler settings: they would change the output bytes.
     ignored = ("RUSTFLAGS", "RUSTC", "RUSTDOC", "CARGO_BUILD_", "CARGO_ENCODED_", "CARGO_PROFILE_")
     env = {key: value for key, value in os.environ.items() if not key.startswith(ignored)}
+    if cargo_home is not None:
+        env["CARGO_HOME"] = str(cargo_home)
     env["RUSTC"] = toolchain.rustc
     env["CARGO_TARGET_DIR"] = str(target_dir)
-    env["CARGO_ENCODED_RUSTFLAGS"] = "\x1f".join(_remap_flags(source))
+    env["CARGO_ENCODED_RUSTFLAGS"] = "\x1f".join(_remap_flags(source, _cargo_home(env)))
     if toolchain.kind == "debian":
         env["RUSTDOC"] = str(DEBIAN_RUSTC.with_name("rustdoc"))
     return env
@@ -175,8 +182,11 @@ def build(
     source: Path = INFERLETS,
     target_dir: Path | None = None,
     log: Log = print,
+    cargo_home: Path | None = None,
 ) -> dict[str, Path]:
-    """Build every example; returns {name: path of its .wasm under <target_dir>/wasm/}."""
+    """Build every example; returns {name: path of its .wasm under <target_dir>/wasm/}.
+
+    `cargo_home` overrides CARGO_HOME (the reproducibility check builds under another one)."""
     toolchain = toolchain or find_toolchain()
     source = source.resolve()
     target_dir = (target_dir or source / "target").resolve()
@@ -190,7 +200,7 @@ def build(
         workspace = _prepare_rustup_workspace()
     log(f"building {source} with {toolchain.describe()}")
     started = time.monotonic()
-    _run(command, workspace, _cargo_env(toolchain, workspace, target_dir), log)
+    _run(command, workspace, _cargo_env(toolchain, workspace, target_dir, cargo_home), log)
     outputs = _collect(toolchain, source, target_dir)
     log(f"built {len(outputs)} modules in {time.monotonic() - started:.1f} s")
     for name, path in outputs.items():
@@ -239,16 +249,18 @@ def check_builtins(outputs: dict[str, Path]) -> list[str]:
 
 
 def verify_reproducible(toolchain: Toolchain, log: Log = print) -> list[str]:
-    """Build two copies of the workspace in unrelated directories; list modules that differ."""
+    """Build two copies of the workspace in unrelated directories (the second also under
+    another cargo home, as on another machine); list the modules that differ."""
     with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
         copies = [
-            Path(first) / "checkout" / "inferlets",
-            Path(second) / "a" / "much" / "longer" / "path" / "inferlets",
+            (Path(first) / "checkout" / "inferlets", None),
+            (Path(second) / "a" / "much" / "longer" / "path" / "inferlets", Path(second) / "home"),
         ]
         builds = []
-        for copy in copies:
+        for copy, cargo_home in copies:
             shutil.copytree(INFERLETS, copy, ignore=shutil.ignore_patterns("target"))
-            builds.append(build(toolchain, source=copy, target_dir=copy / "target", log=log))
+            outputs = build(toolchain, copy, copy / "target", log=log, cargo_home=cargo_home)
+            builds.append(outputs)
         differing = [
             name
             for name in builds[0]
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BuildError(f"--check needs the Debian toolchain; missing: {missing}")
             problems = check_builtins(build(toolchain))
             if problems:
-                print("the shipped built-in programs are stale or not reproducible:", file=sys.stderr)
+                print("the shipped built-ins are stale or not reproducible:", file=sys.stderr)
                 for problem in problems:
                     print(f"  {problem}", file=sys.stderr)
                 print("rebuild them with: python scripts/build_inferlets.py", file=sys.stderr)

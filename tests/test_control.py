@@ -13,6 +13,7 @@ import trio.testing
 
 from pie_trio.control.controller import Controller
 from pie_trio.control.instance import InstanceControl
+from pie_trio.executor.calls import AllocPages, FreePages
 from pie_trio.executor.executor import Executor
 
 
@@ -104,12 +105,13 @@ class Context:
         pages = await ok(self.ctl, "share_pages", pages=self.pages)
         return Context(self.ctl, self.page_size, pages, self.length)
 
-    async def generate(self, first: int, steps: int) -> list[int]:
-        tokens, token = [], first
+    async def generate(self, first: int, steps: int) -> list[dict]:
+        """Greedy steps from `first`: each step's forward value (distribution and token)."""
+        values, token = [], first
         for _ in range(steps):
-            token = (await self.append([token]))["tokens"][0]
-            tokens.append(token)
-        return tokens
+            values.append(await self.append([token]))
+            token = values[-1]["tokens"][0]
+        return values
 
 
 def assert_same_dist(a: dict, b: dict) -> None:
@@ -192,8 +194,8 @@ async def test_fork_shares_full_pages_and_generates_like_unshared_contexts(stack
     forks.append(await forks[0].fork())
     assert (await settled(stack))["pages_in_use"] == math.ceil(len(shared_prompt) / ps)
 
-    async def generate_pair(contexts: list[Context]) -> list[list[int]]:
-        out: list[list[int]] = [[], []]
+    async def generate_pair(contexts: list[Context]) -> list[list[dict]]:
+        out: list[list[dict]] = [[], []]
 
         async def one(i: int) -> None:
             out[i] = await contexts[i].generate(first=100 + i, steps=steps)
@@ -212,7 +214,10 @@ async def test_fork_shares_full_pages_and_generates_like_unshared_contexts(stack
     singles = [Context(a, ps), Context(a, ps)]
     for single in singles:
         await single.append(shared_prompt)
-    assert await generate_pair(singles) == forked
+    for fork_steps, single_steps in zip(forked, await generate_pair(singles), strict=True):
+        assert [v["tokens"] for v in fork_steps] == [v["tokens"] for v in single_steps]
+        for fork_value, single_value in zip(fork_steps, single_steps, strict=True):
+            assert_same_dist(fork_value, single_value)
     await a.close()
     assert (await settled(stack))["pages_in_use"] == 0
 
@@ -336,6 +341,18 @@ async def test_out_of_pages_is_refused_with_the_documented_error(stack):
     assert stack.executor.pages.num_used == 0
 
 
+async def test_pages_held_by_other_executor_users_are_not_promised(stack):
+    total = stack.controller.info.num_pages
+    other = await stack.executor.submit(AllocPages("direct-generation", total - 4))
+    a = stack.controller.attach("a")
+    assert await error(a, "alloc_pages", count=5) == (
+        "alloc_pages: out of KV pages: 5 requested, 4 free"
+    )
+    assert len(await ok(a, "alloc_pages", count=4)) == 4
+    await a.close()
+    await stack.executor.submit(FreePages("direct-generation", other))
+
+
 # -- closing -----------------------------------------------------------------------------------
 
 
@@ -366,6 +383,51 @@ async def test_close_mid_forward_answers_pending_and_frees_everything(stalled_st
     assert slots and stack.executor.pages.num_used == 0 and stack.executor.slots.num_used == 0
 
 
+async def test_pages_named_by_a_call_in_flight_stay_allocated(stalled_stack):
+    stack = stalled_stack
+    total = stack.controller.info.num_pages
+    a, b = stack.controller.attach("a"), stack.controller.attach("b")
+    [page] = await ok(a, "alloc_pages", count=1)
+    answers: list[dict] = []
+    a.submit({"op": "forward", "pages": [page], "last_page_len": 2, "positions": [0, 1],
+              "tokens": [5, 6]}, answers.append)
+    await trio.testing.wait_all_tasks_blocked()
+    await ok(a, "free_pages", pages=[page])  # freed by name, but the forward still writes it
+    assert (await settled(stack))["pages_in_use"] == 1
+    assert await error(b, "alloc_pages", count=total) == (
+        f"alloc_pages: out of KV pages: {total} requested, {total - 1} free"
+    )
+    await a.close()  # cancels the forward: now the page goes back
+    assert answers == [{"error": "instance closed"}]
+    assert len(await ok(b, "alloc_pages", count=total)) == total
+    await b.close()
+
+
+async def test_close_during_shutdown_does_not_hang(tiny_runner):
+    """As the runtime does it: a shielded close() while the whole server is being cancelled."""
+    answers: list[dict] = []
+
+    async def instance_owner(ctl: InstanceControl, *, task_status) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await ctl.close()
+
+    with trio.fail_after(30):  # a guard against a hang, not a timing check
+        async with trio.open_nursery() as nursery:
+            stack = await start_stack(nursery, Executor(tiny_runner), tiny_runner)
+            ctl = stack.controller.attach("a")
+            await nursery.start(instance_owner, ctl)
+            await ok(ctl, "alloc_pages", count=2)
+            ctl.submit({"op": "sleep", "ms": 10**7}, answers.append)
+            nursery.cancel_scope.cancel()
+    assert answers == [{"error": "instance closed"}]
+    assert not stack.controller.running
+    await ctl.close()  # after shutdown too: returns at once
+
+
 async def test_concurrent_closes_are_safe(stack):
     a = stack.controller.attach("a")
     await ok(a, "alloc_pages", count=2)
@@ -384,76 +446,91 @@ async def test_concurrent_closes_are_safe(stack):
 
 
 class RandomInstance:
-    """Random but valid (and sometimes invalid) requests for one instance."""
+    """Random requests for one instance: mostly valid, some refused, some left in flight."""
+
+    OPS = ["alloc", "alloc", "share", "share", "free", "export", "import", "unexport",
+           "forward", "forward", "forward", "forward", "slots", "free_slots", "forged"]
 
     def __init__(self, stack: Stack, ctl: InstanceControl, rng: random.Random):
         self.stack, self.ctl, self.rng = stack, ctl, rng
         self.pages: list[int] = []
         self.slots: list[int] = []
+        self.submitted = 0
         self.answers: list[dict] = []
 
     def submit(self, op: str, **fields) -> None:
+        self.submitted += 1
         self.ctl.submit({"op": op, **fields}, self.answers.append)
 
     async def call(self, op: str, **fields):
         response = await request(self.ctl, op, **fields)
+        assert "internal error" not in response.get("error", ""), response
         return response.get("ok")
 
-    async def step(self, exports: list[str]) -> None:
-        rng, ps = self.rng, self.stack.page_size
-        choice = rng.randrange(9)
-        if choice == 0:
-            self.pages += await self.call("alloc_pages", count=rng.randint(1, 3)) or []
-        elif choice == 1 and self.pages:
-            self.pages += await self.call("share_pages", pages=rng.sample(
-                self.pages, rng.randint(1, len(self.pages)))) or []
-        elif choice == 2 and self.pages:
+    async def step(self) -> None:
+        rng = self.rng
+        op = rng.choice(self.OPS)
+        if op == "alloc":
+            count = rng.choice([1, 2, 3, 40])  # 40: often more than is free
+            self.pages += await self.call("alloc_pages", count=count) or []
+        elif op == "share" and self.pages:
+            some = rng.sample(self.pages, rng.randint(1, len(self.pages)))
+            self.pages += await self.call("share_pages", pages=some) or []
+        elif op == "free" and self.pages:
             gone = rng.sample(self.pages, rng.randint(1, len(self.pages)))
             await self.call("free_pages", pages=gone)
             self.pages = [p for p in self.pages if p not in gone]
-        elif choice == 3 and self.pages:
-            name = f"e{rng.randrange(6)}"
-            await self.call("export_pages", name=name, pages=self.pages[:2],
+        elif op == "export" and self.pages:
+            await self.call("export_pages", name=f"e{rng.randrange(4)}", pages=self.pages[:2],
                             persistent=rng.random() < 0.3)
-            exports.append(name)
-        elif choice == 4 and exports:
-            self.pages += await self.call("import_pages", name=rng.choice(exports)) or []
-        elif choice == 5 and exports:
-            await self.call("unexport", name=rng.choice(exports))
-        elif choice == 6 and self.pages:
-            pages = self.pages[-rng.randint(1, min(2, len(self.pages))):]
-            n = rng.randint(1, ps)
-            forward = dict(pages=pages, last_page_len=rng.randint(1, ps),
-                           positions=list(range(n)), tokens=prompt(n), outputs=[0], top_k=2)
-            if rng.random() < 0.5:
-                self.submit("forward", queue=0, **forward)  # not awaited: may be mid-flight
-            else:
-                await self.call("forward", **forward)
-        elif choice == 7:
+        elif op == "import" and (names := await self.call("list_exports")):
+            self.pages += await self.call("import_pages", name=rng.choice(names)) or []
+        elif op == "unexport" and (names := await self.call("list_exports")):
+            await self.call("unexport", name=rng.choice(names))
+        elif op == "forward" and self.pages:
+            await self.forward()
+        elif op == "slots":
             self.slots += await self.call("alloc_slots", count=rng.randint(1, 2)) or []
             if self.slots:
                 self.submit("embed", tokens=[5] * len(self.slots[:2]), slots=self.slots[:2])
-        elif choice == 8 and self.slots:
+        elif op == "free_slots" and self.slots:
             await self.call("free_slots", slots=[self.slots.pop()])
+        elif op == "forged":  # ids this instance never held: refused, harmlessly
+            assert "not held" in (await request(self.ctl, "free_pages", pages=[10**6]))["error"]
+
+    async def forward(self) -> None:
+        """A forward on 1-2 of the instance's pages, often shared: a copy-on-write case."""
+        rng, ps = self.rng, self.stack.page_size
+        pages = rng.sample(self.pages, rng.randint(1, min(2, len(self.pages))))
+        last = rng.randint(1, ps)
+        ctx_len = (len(pages) - 1) * ps + last
+        n = rng.randint(1, min(ctx_len, 8))
+        forward = dict(pages=pages, last_page_len=last, positions=list(range(ctx_len - n, ctx_len)),
+                       tokens=prompt(n), outputs=[n - 1], top_k=2)
+        if rng.random() < 0.5:
+            self.submit("forward", queue=0, **forward)  # not awaited: may be mid-flight
+        else:
+            await self.call("forward", **forward)
 
 
 async def test_random_lifecycles_leak_nothing(stack):
     rng = random.Random(1234)
     controller = stack.controller
-    exports: list[str] = []
     for sequence in range(200):
         instances = [RandomInstance(stack, controller.attach(f"s{sequence}-{i}"), rng)
                      for i in range(rng.randint(1, 3))]
-        for _ in range(rng.randint(1, 12)):
+        for _ in range(rng.randint(4, 16)):
             instance = rng.choice(instances)
             if instance.ctl.closed:
                 continue
-            await instance.step(exports)
-            if rng.random() < 0.1:
+            await instance.step()
+            if rng.random() < 0.05:
                 await instance.ctl.close()  # possibly with a forward or an embed in flight
         for instance in instances:
             await instance.ctl.close()
-        assert all(("ok" in a) != ("error" in a) for i in instances for a in i.answers)
+        for instance in instances:  # every request answered exactly once, closed or not
+            assert len(instance.answers) == instance.submitted
+            assert all(("ok" in a) != ("error" in a) for a in instance.answers)
     cleaner = controller.attach("cleaner")
     for name in await ok(cleaner, "list_exports"):
         await ok(cleaner, "unexport", name=name)

@@ -250,3 +250,26 @@ def test_tiny_runner_in_bf16_is_close_to_fp32(dtype):
     # bf16 keeps ~3 significant digits; over two layers the logits stay within a few percent.
     assert (fp32 - low).abs().max() < 0.05 * fp32.abs().max()
     assert (fp32.argmax(-1) == low.argmax(-1)).float().mean() > 0.9
+
+
+def test_decode_batch_split_by_context_length():
+    """Short and long contexts in one decode batch attend in separate padded groups."""
+    from pie_trio.model.batch import build_batch
+    from pie_trio.model.tiny import tiny_runner as fresh
+
+    runner, alone_runner = fresh(num_pages=320), fresh(num_pages=320)
+    lengths = [9, 900, 20, 950, 3]
+    pages = [list(range(64 * i, 64 * i + 64)) for i in range(len(lengths))]
+    prompts = [tokens_of(n, seed=n) for n in lengths]
+    for r in (runner, alone_runner):
+        run(
+            r, *(call(p, t, len(t), output_indices=[]) for p, t in zip(pages, prompts, strict=True))
+        )
+    steps = [
+        call(p, [7 + i], len(t) + 1) for i, (p, t) in enumerate(zip(pages, prompts, strict=True))
+    ]
+    groups = build_batch(steps, runner.kv).groups
+    assert sorted(g.batch for g in groups) == [2, 3]
+    together = run(runner, *steps)
+    alone = torch.cat([run(alone_runner, c) for c in steps])
+    assert torch.allclose(together, alone, atol=ATOL)

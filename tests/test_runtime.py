@@ -8,9 +8,16 @@ import random
 
 import pytest
 import trio
-from test_runtime_support import finish, live_trio_tasks, running_stack, thread_count
+from test_runtime_support import (
+    finish,
+    guest_programs,
+    live_trio_tasks,
+    running_stack,
+    thread_count,
+)
 
 from pie_trio.runtime.instance import InstanceGone
+from pie_trio.runtime.runtime import Runtime
 from pie_trio.runtime.sandbox import Limits, MiB
 
 FAST_LIMITS = Limits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
@@ -160,14 +167,25 @@ async def test_adversaries_end_with_the_right_reason_and_harm_no_one(tiny_runner
 async def test_runtime_shutdown_evicts_everyone(tiny_runner):
     baseline = thread_count()
     async with running_stack(tiny_runner) as stack:
-        instances = [await stack.launch(g) for g in ("spin", "sleepy", "echo")]
-        instances.append(await stack.launch("hold", 3, 2))
-        await trio.sleep(0.05)
-        runtime, controller = stack.runtime, stack.controller
-    for instance in instances:
-        assert instance.termination.reason == "evicted"
-    assert runtime.stats()["instances"] == 0 and runtime.stats()["guest_threads"] == 0
-    assert controller.stats()["pages_in_use"] == 0
+        store, guests = guest_programs()
+        runtime = Runtime(stack.controller, store, Limits())
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(runtime.run)
+                instances = [await runtime.launch(guests[g], [], "test")
+                             for g in ("spin", "sleepy", "echo")]
+                instances.append(await runtime.launch(guests["hold"], ["3", "2"], "test"))
+                await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()  # how a server stops its runtime
+        # runtime.run has returned: every instance has ended and released what it held
+        for instance in instances:
+            assert instance.termination.reason == "evicted"
+            assert (await finish(instance)).reason == "evicted"
+        assert runtime.stats() == {"instances": 0, "guest_threads": 0, "launched": 4,
+                                   "ended": {"evicted": 4}}
+        assert stack.controller.stats()["pages_in_use"] == 0
+        with pytest.raises(RuntimeError, match="not running"):
+            await runtime.launch(guests["ping"], [], "test")
     assert thread_count() <= baseline + 1  # an idle executor worker may linger in trio's cache
 
 

@@ -50,16 +50,20 @@ class Stack:
 async def running_stack(runner: Any, limits: Limits | None = None,
                         programs: ProgramStore | None = None,
                         **runtime_options: Any) -> AsyncIterator[Stack]:
+    """Executor, controller and runtime, stopped top-down like a server: the runtime first (its
+    instances are evicted and release their pages while the layers below still run)."""
     store, hashes = guest_programs()
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as lower:
         executor = Executor(runner)
-        await nursery.start(executor.run)
+        await lower.start(executor.run)
         controller = Controller(executor, runner.info, runner.tokenizer)
-        await nursery.start(controller.run)
+        await lower.start(controller.run)
         runtime = Runtime(controller, programs or store, limits or Limits(), **runtime_options)
-        await nursery.start(runtime.run)
-        yield Stack(executor, controller, runtime, hashes)
-        nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as upper:
+            await upper.start(runtime.run)
+            yield Stack(executor, controller, runtime, hashes)
+            upper.cancel_scope.cancel()
+        lower.cancel_scope.cancel()
 
 
 @dataclass
@@ -96,8 +100,9 @@ class Outcome:
 async def finish(instance: Instance) -> Outcome:
     """Read every event until the channel closes; exactly one `terminated`, and it is last."""
     outcome = Outcome()
-    async for event in instance.events:
-        outcome.events.append(event)
+    with trio.fail_after(120):  # a hang is a failure, not a stuck CI job
+        async for event in instance.events:
+            outcome.events.append(event)
     kinds = [e["event"] for e in outcome.events]
     assert kinds.count("terminated") == 1 and kinds[-1] == "terminated", kinds
     assert instance.ended.is_set()

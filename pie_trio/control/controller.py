@@ -42,9 +42,8 @@ class Controller:
         self.tokenizer = tokenizer
         self.limits = limits or ControlLimits()
         self.releaser = Releaser(executor)
-        self.pages = PhysicalPool(PAGES, "KV pages", runner_info.num_pages, executor,
-                                  self.releaser)
-        self.slots = PhysicalPool(SLOTS, "embedding slots", runner_info.num_slots, executor,
+        self.pages = PhysicalPool(PAGES, "KV pages", executor, executor.pages, self.releaser)
+        self.slots = PhysicalPool(SLOTS, "embedding slots", executor, executor.slots,
                                   self.releaser)
         self.exports = ExportRegistry(self.pages)
         self.topics = Topics(self.limits.topic_buffer)
@@ -67,6 +66,10 @@ class Controller:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+
+    @property
+    def running(self) -> bool:
+        return self._nursery is not None
 
     def attach(self, instance_id: str) -> InstanceControl:
         """Start serving a new instance's requests; `await ctl.close()` ends it."""

@@ -9,7 +9,10 @@ field as nil.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+D = TypeVar("D")
 
 
 class ControlError(Exception):
@@ -34,8 +37,12 @@ def is_int(value: Any) -> bool:
 
 
 class Fields:
-    """The fields of one request (or of a map nested in it, named by `prefix`); each getter
-    validates as it reads."""
+    """The fields of one request (or of a map nested in it, named by `prefix`).
+
+    Each getter validates as it reads. Without a default a field is required; with one, an
+    absent (or nil) field yields the default unchecked, so `getter(name, None)` reads an
+    optional field.
+    """
 
     def __init__(self, request: dict[str, Any], prefix: str = ""):
         self.request = request
@@ -44,70 +51,60 @@ class Fields:
     def error(self, message: str) -> ControlError:
         return ControlError(f"{self.prefix}{message}")
 
-    def _get(self, name: str, default: Any) -> Any:
-        """The field's value, or `default` when absent; getters pass a None default through
-        unchecked, so `getter(name, None)` reads an optional field."""
-        value = self.request.get(name)
-        if value is None:
-            if default is _MISSING:
-                raise self.error(f"missing field {name!r}")
-            return default
+    def _present(self, name: str, default: Any) -> bool:
+        if self.request.get(name) is not None:
+            return True
+        if default is _MISSING:
+            raise self.error(f"missing field {name!r}")
+        return False
+
+    def _check(self, name: str, accepts: Callable[[Any], bool], expected: str) -> Any:
+        value = self.request[name]
+        if not accepts(value):
+            raise self.error(f"field {name!r} must be {expected}, got {type_name(value)}")
         return value
 
-    def _wrong(self, name: str, expected: str, value: Any) -> ControlError:
-        return self.error(f"field {name!r} must be {expected}, got {type_name(value)}")
-
-    def integer(self, name: str, default: Any = _MISSING, *, low: int | None = None,
-                high: int | None = None) -> int:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not is_int(value):
-            raise self._wrong(name, "an int", value)
+    def integer(self, name: str, default: D = _MISSING, *, low: int | None = None,
+                high: int | None = None) -> int | D:
+        if not self._present(name, default):
+            return default
+        value = self._check(name, is_int, "an int")
         if low is not None and value < low:
             raise self.error(f"field {name!r} must be at least {low}, got {value}")
         if high is not None and value > high:
             raise self.error(f"field {name!r} must be at most {high}, got {value}")
         return value
 
-    def number(self, name: str, default: Any = _MISSING) -> float:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not (is_int(value) or isinstance(value, float)):
-            raise self._wrong(name, "a number", value)
-        return float(value)
+    def number(self, name: str, default: D = _MISSING) -> float | D:
+        if not self._present(name, default):
+            return default
+        return float(self._check(name, lambda v: is_int(v) or isinstance(v, float), "a number"))
 
-    def flag(self, name: str, default: Any = _MISSING) -> bool:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, bool):
-            raise self._wrong(name, "a bool", value)
-        return value
+    def flag(self, name: str, default: D = _MISSING) -> bool | D:
+        if not self._present(name, default):
+            return default
+        return self._check(name, lambda v: isinstance(v, bool), "a bool")
 
-    def text(self, name: str, default: Any = _MISSING) -> str:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self._wrong(name, "a str", value)
-        return value
+    def text(self, name: str, default: D = _MISSING) -> str | D:
+        if not self._present(name, default):
+            return default
+        return self._check(name, lambda v: isinstance(v, str), "a str")
 
-    def blob(self, name: str, default: Any = _MISSING) -> bytes:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, bytes | bytearray):
-            raise self._wrong(name, "bin", value)
-        return bytes(value)
+    def blob(self, name: str, default: D = _MISSING) -> bytes | D:
+        if not self._present(name, default):
+            return default
+        return bytes(self._check(name, lambda v: isinstance(v, bytes | bytearray), "bin"))
 
-    def int_list(self, name: str, default: Any = _MISSING, *, low: int | None = None) -> list[int]:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, list | tuple):
-            raise self._wrong(name, "a list of int", value)
+    def mapping(self, name: str, default: D = _MISSING) -> dict[Any, Any] | D:
+        if not self._present(name, default):
+            return default
+        return self._check(name, lambda v: isinstance(v, dict), "a map")
+
+    def int_list(self, name: str, default: D = _MISSING, *,
+                 low: int | None = None) -> list[int] | D:
+        if not self._present(name, default):
+            return default
+        value = self._check(name, lambda v: isinstance(v, list | tuple), "a list of int")
         for i, item in enumerate(value):
             if not is_int(item):
                 raise self.error(f"field {name!r}[{i}] must be an int, got {type_name(item)}")
@@ -115,26 +112,15 @@ class Fields:
                 raise self.error(f"field {name!r}[{i}] must be at least {low}, got {item}")
         return list(value)
 
-    def int_lists(self, name: str, default: Any = _MISSING) -> list[list[int]]:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, list | tuple):
-            raise self._wrong(name, "a list of lists of int", value)
-        rows = []
+    def int_lists(self, name: str, default: D = _MISSING) -> list[list[int]] | D:
+        if not self._present(name, default):
+            return default
+        value = self._check(name, lambda v: isinstance(v, list | tuple),
+                            "a list of lists of int")
         for i, row in enumerate(value):
             if not isinstance(row, list | tuple) or not all(is_int(x) for x in row):
                 raise self.error(f"field {name!r}[{i}] must be a list of int")
-            rows.append(list(row))
-        return rows
-
-    def mapping(self, name: str, default: Any = _MISSING) -> dict[Any, Any]:
-        value = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise self._wrong(name, "a map", value)
-        return value
+        return [list(row) for row in value]
 
     def anything(self, name: str, default: Any = None) -> Any:
         return self.request.get(name, default)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pie_trio.control.fields import ControlError, Fields, distinct
+from pie_trio.control.fields import Fields, distinct
 from pie_trio.control.resources import OWNER
 from pie_trio.executor.calls import CopyKv
 
@@ -23,22 +23,25 @@ async def make_private(inst: InstanceControl, vid: int, keep_rows: int, priority
     """Before page `vid` is written: if its physical page is shared, copy rows [0, keep_rows)
     into a fresh page of its own and remap `vid` there."""
     pool = inst.controller.pages
-    old = inst.pages.physical(vid)
-    if not pool.shared(old):
-        return
-    [new] = await pool.allocate(1, priority)
-    try:
-        if keep_rows:
-            call = CopyKv(OWNER, src_page=old, dst_page=new, src_offset=0, dst_offset=0,
-                          count=keep_rows)
-            await inst.execute(call, priority, pages=[old, new])
-        if inst.pages.get(vid) != old:
-            raise ControlError(f"page {vid} was freed or replaced while it was being copied")
-    except BaseException:
+    while True:
+        old = inst.pages.physical(vid)  # raises if a concurrent request freed it
+        if not pool.shared(old):
+            return
+        [new] = await pool.allocate(1, priority)
+        try:
+            if keep_rows:
+                call = CopyKv(OWNER, src_page=old, dst_page=new, src_offset=0, dst_offset=0,
+                              count=keep_rows)
+                await inst.execute(call, priority, pages=[old, new])
+        except BaseException:
+            pool.unref([new])
+            raise
+        if inst.pages.get(vid) == old:
+            inst.pages.remap(vid, new)
+            pool.unref([old])
+            return
+        # Another request of this instance remapped or freed `vid` meanwhile: look again.
         pool.unref([new])
-        raise
-    inst.pages.remap(vid, new)
-    pool.unref([old])
 
 
 def _add_pages(inst: InstanceControl, physical: list[int]) -> list[int]:

@@ -39,7 +39,8 @@ class Releaser:
 
     The last reference often drops in synchronous code — an instance closing, the cleanup of a
     cancelled request — where awaiting the executor is impossible, so ids are queued here and
-    freed in batches. `flushed()` waits until the executor has taken every one back.
+    freed in batches. `flushed()` waits until the executor has taken every one back, or until
+    the releaser stops (at shutdown), so nobody waits forever on ids that will never return.
     """
 
     def __init__(self, executor: Any):
@@ -48,11 +49,12 @@ class Releaser:
         self.pending: Counter[str] = Counter()
         self._idle = trio.Event()
         self._idle.set()
+        self._stopped = False
 
     def release(self, kind: str, ids: list[int]) -> None:
         if not ids:
             return
-        if self._idle.is_set():
+        if self._idle.is_set() and not self._stopped:
             self._idle = trio.Event()
         self.pending[kind] += len(ids)
         self._send.send_nowait((kind, ids))
@@ -62,7 +64,14 @@ class Releaser:
             await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        try:
+            task_status.started()
+            await self._serve()
+        finally:
+            self._stopped = True
+            self._idle.set()
+
+    async def _serve(self) -> None:
         async for kind, ids in self._receive:
             batches: dict[str, list[int]] = {kind: ids}
             while True:  # everything queued meanwhile goes back in the same executor call
@@ -88,13 +97,19 @@ class Releaser:
 
 
 class PhysicalPool:
-    """The controller's share of one executor pool (KV pages or embedding slots)."""
+    """The controller's share of one executor pool (KV pages or embedding slots).
 
-    def __init__(self, kind: str, noun: str, capacity: int, executor: Any, releaser: Releaser):
+    Free capacity is read from the executor's own pool (`executor_pool.num_free`), so ids that
+    other users of the executor hold are never promised to an instance.
+    """
+
+    def __init__(self, kind: str, noun: str, executor: Any, executor_pool: Any,
+                 releaser: Releaser):
         self.kind = kind
         self.noun = noun  # "KV pages": the words of the out-of-capacity error
-        self.capacity = capacity
+        self.capacity = executor_pool.capacity
         self._executor = executor
+        self._executor_pool = executor_pool
         self._releaser = releaser
         self._refs: dict[int, int] = {}  # kept while refs > 0 or pins > 0
         self._pins: Counter[int] = Counter()
@@ -106,7 +121,8 @@ class PhysicalPool:
         return len(self._refs) + self._releaser.pending[self.kind]
 
     def free(self) -> int:
-        return self.capacity - self.in_use - self._reserved
+        """Ids the executor can hand out now, less those being allocated already."""
+        return self._executor_pool.num_free - self._reserved
 
     async def allocate(self, count: int, priority: int = 0) -> list[int]:
         """`count` fresh ids with one reference each, or the documented out-of-capacity error."""
@@ -129,9 +145,6 @@ class PhysicalPool:
         for i in ids:
             self._refs[i] = 1
         return ids
-
-    def refs(self, i: int) -> int:
-        return self._refs[i]
 
     def shared(self, i: int) -> bool:
         return self._refs[i] > 1

@@ -4,8 +4,9 @@ All calls' tokens are concatenated into one token axis (`rows`), so projections 
 once over the whole batch. Attention is the only per-sequence step; it is planned here, once per
 forward, into groups that every layer then reuses:
 
-- a *decode group* holds every sequence with a short query block (a decode step, a few
-  speculative tokens), padded to one `[batch, queries, length]` attention;
+- sequences with a short query block (a decode step, a few speculative tokens) attend in
+  *decode groups*, each padded to one `[batch, queries, length]` attention; sequences of very
+  different context lengths go to different groups, so that little of the work is padding;
 - each longer query block (a prefill chunk) is its own *prefill group*.
 
 The KV layout follows `pie_trio.executor.calls`: a context is the concatenation of its pages,

@@ -4,6 +4,7 @@
 //! Each passing check is sent as `ok <name>`; the return value is `ok: <n> checks`; a failed
 //! check exits with status 1 and names itself on stderr.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 
 use inferlet::forward::{self, ForwardRequest, Input};
@@ -12,14 +13,14 @@ use inferlet::tokenizer;
 use inferlet::wire::Request;
 use inferlet::{
     join_all, wait_all, wait_any, Context, Error, FinishReason, Model, Pending, Queue, Result,
-    Sampler, StopCondition,
+    Sampler, StepOptions, StopCondition,
 };
 
 type Check = fn(&Model) -> Result<()>;
 
 pub fn run() -> Result<()> {
     let model = Model::load()?;
-    let checks: [(&str, Check); 10] = [
+    let checks: [(&str, Check); 11] = [
         ("runtime", runtime_ops),
         ("tokenizer", tokenizer_ops),
         ("async", async_handles),
@@ -30,6 +31,7 @@ pub fn run() -> Result<()> {
         ("mask", mask_and_drop_pages),
         ("embed", embed_slots),
         ("stop", stop_conditions),
+        ("constraints", constraints),
     ];
     for (name, check) in checks.iter() {
         check(&model).map_err(|err| Error::usage(format!("check {} failed: {}", name, err)))?;
@@ -272,4 +274,18 @@ fn stop_conditions(model: &Model) -> Result<()> {
     ensure(by_string.text == free_run.text[..cut], "stop string cut")?;
     ensure(by_string.finish == FinishReason::StopString(stop), "stop string reason")?;
     ensure(streamed == by_string.text, "streamed text != returned text")
+}
+
+fn constraints(model: &Model) -> Result<()> {
+    let prompt = prompt_tokens(4)?;
+    let (allowed, favoured) = (prompt[1], prompt[2]);
+    let mut mask = vec![0u8; (model.info().vocab_size as usize + 7) / 8];
+    mask[allowed as usize / 8] |= 1 << (allowed % 8);
+    let mut ctx = model.new_context();
+    ctx.fill_tokens(&prompt);
+    let step = StepOptions::sample(&Sampler::greedy()).with_vocab_mask(mask);
+    ensure(ctx.step(&step)?.token == Some(allowed), "the vocabulary mask was ignored")?;
+    let bias: BTreeMap<u32, f32> = [(favoured, 1000.0)].into_iter().collect();
+    let step = StepOptions::sample(&Sampler::greedy()).with_logit_bias(bias);
+    ensure(ctx.step(&step)?.token == Some(favoured), "the logit bias was ignored")
 }

@@ -44,7 +44,7 @@ impl Vocab {
 }
 
 thread_local! {
-    static VOCAB: RefCell<Option<Rc<Vocab>>> = RefCell::new(None);
+    static VOCAB: RefCell<Option<Rc<Vocab>>> = const { RefCell::new(None) };
 }
 
 /// The vocabulary, fetched from the host on first use (one large response) and then cached.
