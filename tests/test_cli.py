@@ -3,8 +3,10 @@ server (tiny model)."""
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
+import time
 
 import pytest
 import trio
@@ -119,3 +121,33 @@ def test_ps_and_kill_an_instance_of_another_connection(server, capsys):
     finally:
         holder.join(timeout=60)
     assert ends == ["killed"]
+
+
+
+async def running_instances(url: str) -> list[str]:
+    async with connect(url) as client:
+        return [row["instance"] for row in await client.instances()]
+
+
+def test_run_input_sends_stdin_lines_to_the_instance(server, tmp_path, capsys, monkeypatch):
+    echo = tmp_path / "echo.wasm"
+    echo.write_bytes(wasm(ECHO_WAT))
+    before = set(trio.run(running_instances, server.addresses.tcp))
+    monkeypatch.setattr("sys.stdin", io.StringIO("first line\nsecond line\n"))
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(
+        main(["run", str(echo), "--input", "--server", server.addresses.ws])))
+    runner.start()
+    out = ""
+    try:
+        deadline = time.monotonic() + 60  # a guard against hanging, not a measurement
+        while "second line" not in out and time.monotonic() < deadline:
+            time.sleep(0.01)
+            out += capsys.readouterr().out
+        assert out == "first linesecond line"  # each line went in and came back out
+        (instance_id,) = set(trio.run(running_instances, server.addresses.tcp)) - before
+        assert main(["kill", instance_id, "--server", server.addresses.tcp]) == 0
+    finally:
+        runner.join(timeout=60)
+    assert codes == [1]  # killed, not finished
+    assert "instance ended: killed" in capsys.readouterr().err

@@ -149,3 +149,12 @@ async def test_tenants_see_only_their_instances(server):
             assert ok.status_code == 200
         await mine.terminate()
         await theirs.terminate()
+
+
+async def test_authorization_header_authenticates_a_websocket(server):
+    headers = [(b"authorization", f"Bearer {KEYS['bob']}".encode())]
+    async with trio_websocket.open_websocket_url(server.addresses.ws,
+                                                 extra_headers=headers) as ws:
+        await ws.send_message(msgpack.packb({"id": 1, "type": "query", "what": "instances"}))
+        reply = msgpack.unpackb(await ws.get_message())
+        assert reply["ok"] is True and isinstance(reply["result"], list)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from pie_trio.client.client import Client, Event
+from pie_trio.client.client import Client, Event, Instance
 from pie_trio.client.options import add_server_options, fail, run_with_client
 
 
@@ -108,10 +108,10 @@ def run_local_program(program: str | bytes, program_args: list[str]) -> int:
     return printer.exit_code
 
 
-async def _forward_stdin(instance: object) -> None:
-    stdin = trio.wrap_file(sys.stdin)
-    async for line in stdin:
-        await instance.signal(line.rstrip("\n"))  # type: ignore[attr-defined]
+async def _forward_stdin(instance: Instance) -> None:
+    # A thread blocked in readline cannot be interrupted: abandon it when the instance ends.
+    while line := await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
+        await instance.signal(line.rstrip("\n"))
 
 
 class EventPrinter:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 KILL_REASONS = ("killed", "evicted", "client_gone")
 BACKLOG_POLL = 0.005  # seconds between checks of how far a congested client has read
+CONTROL_CLOSE_TIMEOUT = 10.0  # seconds the control layer gets to release an ended instance
 
 
 class InstanceGone(RuntimeError):
@@ -145,10 +146,16 @@ class Instance:
                 await self._exited.wait()
             # The guest posted its exit as its thread's last act: this join returns at once.
             self.guest.join()
-        try:
-            await self._ctl.close()
-        except Exception:
-            log.exception("closing instance %s in the control layer failed", self.id)
+        # Bounded: this runs shielded, and a control layer stopped before the runtime (a wrong
+        # shutdown order) must not hang the instance forever.
+        with trio.move_on_after(CONTROL_CLOSE_TIMEOUT) as scope:
+            try:
+                await self._ctl.close()
+            except Exception:
+                log.exception("closing instance %s in the control layer failed", self.id)
+        if scope.cancelled_caught:
+            log.error("the control layer did not release instance %s within %s s", self.id,
+                      CONTROL_CLOSE_TIMEOUT)
         termination = self.termination or Termination("trap", "the guest did not start")
         self.termination = termination
         if termination.reason == "finished" and self.return_value is not None:

@@ -167,12 +167,13 @@ class App:
             return
         await send({"type": "websocket.accept"})
         client = scope.get("client") or ("?", 0)
-        session = Session(self.state, WebSocketTransport(receive, send), "ws",
-                          f"{client[0]}:{client[1]}")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        if "authorization" in headers:  # optional: authenticate at connect time
-            session.tenant = self.state.auth.tenant_for_header(headers["authorization"])
+        # Optional: an Authorization header authenticates at connect time; without a valid
+        # one the client must send `authenticate` (when the server requires keys).
+        tenant = self.state.auth.tenant_for_header(headers.get("authorization"))
+        session = Session(self.state, WebSocketTransport(receive, send), "ws",
+                          f"{client[0]}:{client[1]}", tenant=tenant)
         await session.run()
 
 

@@ -76,26 +76,40 @@ async def serve(config: Config, *, runner: ModelRunner | None = None,
     `runner` lets a caller share an already loaded model (tests); otherwise the configured
     model is loaded in a worker thread. Reports the listening `Addresses` through task_status.
     """
-    if runner is None:
-        log.info("loading model=%s", config.model)
-        runner = await trio.to_thread.run_sync(load_runner, config)
     shutdown = trio.Event() if shutdown is None else shutdown
-    async with trio.open_nursery() as components:
-        executor = Executor(runner, policy=config.batch_policy)
-        await components.start(executor.run)
-        controller = Controller(executor, runner.info, runner.tokenizer)
-        await components.start(controller.run)
-        runtime = Runtime(controller, _program_store(config), _limits(config),
-                          max_instances=config.max_instances)
-        await components.start(runtime.run)
-        components.start_soon(_prepare_builtin, runtime.programs)
-        state = ServerState(config, runtime, runner.info, runner.tokenizer,
-                            stats=lambda: _component_stats(executor, controller))
-        if handle_signals:
-            components.start_soon(_set_on_signal, shutdown)
-        await _serve_front_ends(state, shutdown, task_status)
-        components.cancel_scope.cancel()
+    async with trio.open_nursery() as everything:
+        if handle_signals:  # first, so that a signal while the model loads is handled too
+            everything.start_soon(_set_on_signal, shutdown, everything.cancel_scope)
+        if runner is None:
+            log.info("loading model=%s", config.model)
+            runner = await trio.to_thread.run_sync(load_runner, config, abandon_on_cancel=True)
+        await _serve_components(config, runner, shutdown, task_status)
+        everything.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def _serve_components(config: Config, runner: ModelRunner, shutdown: trio.Event,
+                            task_status: trio.TaskStatus[Addresses]) -> None:
+    """Start executor, controller and runtime bottom-up, each in its own nursery nested in the
+    one below, so that shutdown cancels them top-down: the runtime's instances release their
+    pages through a controller and an executor that are still running."""
+    async with trio.open_nursery() as bottom:
+        executor = Executor(runner, policy=config.batch_policy)
+        await bottom.start(executor.run)
+        async with trio.open_nursery() as middle:
+            controller = Controller(executor, runner.info, runner.tokenizer)
+            await middle.start(controller.run)
+            async with trio.open_nursery() as top:
+                runtime = Runtime(controller, _program_store(config), _limits(config),
+                                  max_instances=config.max_instances)
+                await top.start(runtime.run)
+                top.start_soon(_prepare_builtin, runtime.programs)
+                state = ServerState(config, runtime, runner.info, runner.tokenizer,
+                                    stats=lambda: _component_stats(executor, controller))
+                await _serve_front_ends(state, shutdown, task_status)
+                top.cancel_scope.cancel()
+            middle.cancel_scope.cancel()
+        bottom.cancel_scope.cancel()
 
 
 async def _serve_front_ends(state: ServerState, shutdown: trio.Event,
@@ -132,11 +146,17 @@ async def _prepare_builtin(programs: ProgramStore) -> None:
         log.warning("builtin=%s missing: the OpenAI API will answer 500", OPENAI_PROGRAM)
 
 
-async def _set_on_signal(shutdown: trio.Event) -> None:
+async def _set_on_signal(shutdown: trio.Event, everything: trio.CancelScope) -> None:
+    """The first SIGTERM/SIGINT drains gracefully; a second one stops at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("signal=%s: shutting down", signal.Signals(signum).name)
-            shutdown.set()
+            name = signal.Signals(signum).name
+            if shutdown.is_set():
+                log.warning("signal=%s again: stopping without draining", name)
+                everything.cancel()
+            else:
+                log.info("signal=%s: draining", name)
+                shutdown.set()
 
 
 def _hypercorn_config(config: Config) -> hypercorn.config.Config:

@@ -72,12 +72,14 @@ class Upload:
 
 
 class Session:
-    def __init__(self, state: ServerState, transport: Transport, origin: str, peer: str = "?"):
+    def __init__(self, state: ServerState, transport: Transport, origin: str, peer: str = "?",
+                 tenant: str | None = None):
         self.state = state
         self.transport = transport
         self.origin = origin
         self.peer = peer
-        self.tenant: str | None = None if state.auth.enabled else state.auth.tenant_for(None)
+        # Who the client is: known from the start without auth (or from a valid header).
+        self.tenant = tenant if state.auth.enabled else state.auth.tenant_for(None)
         self.uploads: dict[str, Upload] = {}
         self.launched: set[str] = set()
         self._outbox, self._outbox_reader = trio.open_memory_channel[bytes](OUTBOX_SIZE)
@@ -327,15 +329,19 @@ class Session:
         reason = None
         try:
             async for payload in running.instance.events:
-                await self.send(protocol.event(running.id, payload))
                 if payload.get("event") == "terminated":
+                    # Unlist it before telling the client, so that whoever hears of the end
+                    # no longer finds the instance listed.
                     reason = str(payload.get("reason"))
+                    self.state.ended(running.id, reason)
+                await self.send(protocol.event(running.id, payload))
+                if reason is not None:
                     break
         finally:
-            if reason is None:  # cancelled before the end: nobody will read it any more
+            if reason is None:  # cancelled before the end: nobody will read its events any more
                 running.instance.kill("client_gone")
-                reason = "client_gone"
+                self.state.ended(running.id, "client_gone")
+            # Only now, with its last event queued, may a draining session close.
             self.launched.discard(running.id)
-            self.state.ended(running.id, reason)
             if not self.launched:
                 self._idle.set()

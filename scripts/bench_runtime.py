@@ -1,0 +1,282 @@
+"""Benchmark the inferlet runtime: host-call overhead, spawn time, and the cost of programmability.
+
+    python scripts/bench_runtime.py            real model (SmolLM2-135M), full sizes
+    python scripts/bench_runtime.py --quick    tiny random model, small sizes (seconds)
+
+Three measurements, each on the real stack (executor + controller + runtime) in one process:
+
+1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
+   control layer answers: one guest→trio→guest round trip each. For comparison, N `call`s of
+   `version` (tests/guests/local.wat), which the runtime answers in the guest thread.
+2. spawn time: launch K trivial guests at once (tests/guests/exit.wat) and wait until every one
+   has terminated, for K = 1, 4, 16, 64, 256, 1024.
+3. the cost of programmability: the built-in text-completion inferlet against direct generation
+   (pie_trio/executor/direct.py, what `pie-trio complete` runs) on the same executor, greedy,
+   --ignore-eos, at 1 and 32 concurrent sequences. Reported per output token: the decode rate
+   (first to last token of each sequence) and end to end (launch to end, prompt included), as
+   inferlet/direct ratios. Runs alternate between the two and the median is kept.
+
+Progress goes to stderr; the last line of stdout is one JSON record (also written to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+import wasmtime
+
+ROOT = Path(__file__).resolve().parents[1]
+GUESTS = ROOT / "tests" / "guests"
+SPAWN_COUNTS = (1, 4, 16, 64, 256, 1024)
+PROMPT = "Once upon a time"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_runner(model: str, pages: int):
+    if model == "tiny":
+        from pie_trio.model.tiny import tiny_runner
+
+        return tiny_runner(num_pages=pages)
+    from pie_trio.model import ModelRunner
+
+    return ModelRunner.load(model, device="cpu", num_pages=pages)
+
+
+@asynccontextmanager
+async def stack(runner, programs, limits):
+    from pie_trio.control.controller import Controller
+    from pie_trio.executor.executor import Executor
+    from pie_trio.runtime.runtime import Runtime
+
+    async with trio.open_nursery() as lower:
+        executor = Executor(runner)
+        await lower.start(executor.run)
+        controller = Controller(executor, runner.info, runner.tokenizer)
+        await lower.start(controller.run)
+        runtime = Runtime(controller, programs, limits)
+        async with trio.open_nursery() as upper:
+            await upper.start(runtime.run)
+            yield executor, controller, runtime
+            upper.cancel_scope.cancel()
+        lower.cancel_scope.cancel()
+
+
+async def run_to_end(instance, on_message: Callable[[], None] | None = None) -> dict:
+    last = None
+    async for event in instance.events:
+        if event["event"] == "message" and on_message is not None:
+            on_message()
+        last = event
+    assert last is not None and last["event"] == "terminated"
+    return last
+
+
+# -- 1. per-call overhead -------------------------------------------------------------------
+
+async def bench_calls(runtime, guests: dict[str, str], calls: int) -> dict:
+    results = {}
+    for name, guest in (("ping_via_control_us", "ping"), ("local_answer_us", "local")):
+        await run_to_end(await runtime.launch(guests[guest], ["100"], "bench"))  # warm up
+        start = time.perf_counter()
+        end = await run_to_end(await runtime.launch(guests[guest], [str(calls)], "bench"))
+        elapsed = time.perf_counter() - start
+        assert end["reason"] == "finished", end
+        results[name] = round(elapsed / calls * 1e6, 2)
+        log(f"  {guest:5s}: {results[name]:8.2f} µs per call ({calls} calls)")
+    return results
+
+
+# -- 2. spawn time --------------------------------------------------------------------------
+
+async def bench_spawn(runtime, guests: dict[str, str], counts: tuple[int, ...]) -> dict:
+    results = {}
+    await run_to_end(await runtime.launch(guests["exit"], ["0"], "bench"))  # warm up
+    for count in counts:
+        ends: list[dict] = []
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(_spawn_one, runtime, guests["exit"], ends)
+        elapsed = time.perf_counter() - start
+        assert all(e["reason"] == "finished" for e in ends) and len(ends) == count
+        results[str(count)] = {"total_ms": round(elapsed * 1e3, 2),
+                               "per_instance_ms": round(elapsed / count * 1e3, 3)}
+        log(f"  {count:5d} instances: {elapsed * 1e3:9.1f} ms "
+            f"({elapsed / count * 1e3:.3f} ms each)")
+    return results
+
+
+async def _spawn_one(runtime, program: str, ends: list[dict]) -> None:
+    ends.append(await run_to_end(await runtime.launch(program, ["0"], "bench")))
+
+
+# -- 3. the cost of programmability ---------------------------------------------------------
+
+class Timing:
+    """Per sequence: launch, first token, last token, end."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.end: float | None = None
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+
+
+async def direct_sequence(executor, prompt_tokens, max_tokens: int, owner: str) -> Timing:
+    from contextlib import aclosing
+
+    from pie_trio.executor.direct import generate
+
+    timing = Timing()
+    async with aclosing(generate(executor, prompt_tokens, max_tokens=max_tokens, owner=owner,
+                                 ignore_stop=True)) as tokens:
+        async for _ in tokens:
+            timing.token()
+    timing.end = time.perf_counter()
+    return timing
+
+
+async def inferlet_sequence(runtime, max_tokens: int) -> Timing:
+    timing = Timing()
+    instance = await runtime.launch(
+        "text-completion", ["--prompt", PROMPT, "--max-tokens", str(max_tokens), "--ignore-eos"],
+        "bench")
+    end = await run_to_end(instance, timing.token)
+    assert end["reason"] == "finished", end
+    timing.end = time.perf_counter()
+    return timing
+
+
+async def concurrently(count: int, make: Callable[[int], Awaitable[Timing]]) -> list[Timing]:
+    timings: list[Timing] = []
+
+    async def one(i: int) -> None:
+        timings.append(await make(i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+    return timings
+
+
+def per_token(timings: list[Timing], max_tokens: int) -> tuple[float, float]:
+    """(decode seconds per token, end-to-end seconds per token) over all sequences at once."""
+    first = min(t.first for t in timings)
+    last = max(t.last for t in timings)
+    start = min(t.start for t in timings)
+    end = max(t.end for t in timings)
+    tokens = len(timings) * max_tokens
+    decoded = len(timings) * (max_tokens - 1)  # tokens after each sequence's first
+    return (last - first) / decoded, (end - start) / tokens
+
+
+async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
+                                sequences: tuple[int, ...], repeats: int) -> dict:
+    prompt_tokens = tokenizer.encode(PROMPT)
+    await inferlet_sequence(runtime, 4)  # warm up: compile, vocabulary, model
+    await direct_sequence(executor, prompt_tokens, 4, "warmup")
+    results = {}
+    for count in sequences:
+        runs: dict[str, list[tuple[float, float]]] = {"direct": [], "inferlet": []}
+        for repeat in range(repeats):
+            direct = await concurrently(count, lambda i: direct_sequence(
+                executor, prompt_tokens, max_tokens, f"direct{i}"))
+            runs["direct"].append(per_token(direct, max_tokens))
+            inferlet = await concurrently(count, lambda i: inferlet_sequence(runtime, max_tokens))
+            runs["inferlet"].append(per_token(inferlet, max_tokens))
+            log(f"  {count:2d} sequences, run {repeat + 1}/{repeats}: decode "
+                f"{runs['direct'][-1][0] * 1e3:.2f} ms/token direct, "
+                f"{runs['inferlet'][-1][0] * 1e3:.2f} ms/token inferlet")
+        direct_decode = statistics.median(r[0] for r in runs["direct"])
+        inferlet_decode = statistics.median(r[0] for r in runs["inferlet"])
+        direct_e2e = statistics.median(r[1] for r in runs["direct"])
+        inferlet_e2e = statistics.median(r[1] for r in runs["inferlet"])
+        results[str(count)] = {
+            "direct_decode_ms_per_token": round(direct_decode * 1e3, 3),
+            "inferlet_decode_ms_per_token": round(inferlet_decode * 1e3, 3),
+            "decode_ratio": round(inferlet_decode / direct_decode, 3),
+            "direct_e2e_ms_per_token": round(direct_e2e * 1e3, 3),
+            "inferlet_e2e_ms_per_token": round(inferlet_e2e * 1e3, 3),
+            "e2e_ratio": round(inferlet_e2e / direct_e2e, 3),
+        }
+        r = results[str(count)]
+        log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode, "
+            f"{r['e2e_ratio']:.3f}x end to end")
+    return results
+
+
+# -- main -----------------------------------------------------------------------------------
+
+async def main_async(args: argparse.Namespace) -> dict:
+    from pie_trio.runtime.programs import ProgramStore
+    from pie_trio.runtime.sandbox import Limits
+
+    model = "tiny" if args.quick else args.model
+    log(f"loading model {model!r} ...")
+    runner = load_runner(model, pages=args.pages)
+    programs = ProgramStore(memory_only=True)
+    guests = {name: programs.add(wasmtime.wat2wasm((GUESTS / f"{name}.wat").read_text()))
+              for name in ("ping", "local", "exit")}
+    log("compiling text-completion ...")
+    programs.get("text-completion")
+    calls = 2000 if args.quick else args.calls
+    counts = tuple(c for c in SPAWN_COUNTS if not args.quick or c <= 256)
+    max_tokens = 16 if args.quick else args.max_tokens
+    repeats = 1 if args.quick else args.repeats
+    record: dict = {"model": runner.info.name, "device": runner.info.device,
+                    "dtype": runner.info.dtype, "quick": args.quick}
+    async with stack(runner, programs, Limits()) as (executor, controller, runtime):
+        log("per-call overhead:")
+        record["calls"] = await bench_calls(runtime, guests, calls)
+        log("spawn time (launch to terminated, all at once):")
+        record["spawn"] = await bench_spawn(runtime, guests, counts)
+        log(f"cost of programmability ({max_tokens} tokens per sequence, greedy):")
+        record["programmability"] = await bench_programmability(
+            executor, runtime, runner.tokenizer, max_tokens, (1, 32), repeats)
+        record["programmability"]["max_tokens"] = max_tokens
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints progress to stderr and a JSON record as the last line of stdout.")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny random model and small sizes: a smoke run in seconds")
+    parser.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF directory")
+    parser.add_argument("--calls", type=int, default=20_000,
+                        help="host calls per overhead measurement (default 20000)")
+    parser.add_argument("--max-tokens", type=int, default=64,
+                        help="tokens per sequence for the programmability cost (default 64)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating runs per configuration; the median is kept (default 3)")
+    parser.add_argument("--pages", type=int, default=1024, help="KV pages (default 1024)")
+    parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
+    args = parser.parse_args(argv)
+    record = trio.run(main_async, args)
+    text = json.dumps(record)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
