@@ -176,8 +176,9 @@ class Config:
             raise ConfigError("auth is on but no api_keys are configured")
         if self.page_size <= 0:
             raise ConfigError("page_size must be positive")
-        if self.max_frame_size < 1024:
-            raise ConfigError("max_frame_size must be at least 1KiB")
+        if self.max_frame_size < 512 * 1024:
+            raise ConfigError("max_frame_size must be at least 512KiB (upload chunks are "
+                              "256 KiB)")
         if self.max_instances <= 0:
             raise ConfigError("max_instances must be positive")
         if self.instance_cpu_time <= 0 or self.instance_wall_time <= 0:

@@ -151,3 +151,17 @@ def test_run_input_sends_stdin_lines_to_the_instance(server, tmp_path, capsys, m
         runner.join(timeout=60)
     assert codes == [1]  # killed, not finished
     assert "instance ended: killed" in capsys.readouterr().err
+
+
+def test_run_local_runs_in_process(tmp_path, capsys, monkeypatch):
+    """--local: the whole stack in this process (the tiny model stands in for the default)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("pie_trio.runtime.local._load_model", lambda *_: tiny_runner())
+    greet = tmp_path / "greet.wasm"
+    greet.write_bytes(wasm(GREET_WAT))
+    assert main(["run", "--local", str(greet), "--", "some", "args"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello, world!\n"
+    assert "[stdout] printed" in captured.err and "[terminated: finished]" in captured.err
+    assert main(["run", "--local", "--input", str(greet)]) == 1
+    assert "cannot be combined" in capsys.readouterr().err

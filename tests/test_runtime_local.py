@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 
+import trio
 import wasmtime
 from test_runtime_support import GUESTS
 
 from pie_trio.executor.direct import complete
+from pie_trio.executor.executor import Executor
 from pie_trio.runtime.local import run_local
 from pie_trio.runtime.sandbox import Limits
 
@@ -39,17 +41,14 @@ async def test_messages_stream_to_stdout_unchanged(tmp_path, tiny_runner):
     assert code == 0 and err.endswith("[terminated: finished]\n")
     assert "[return]" not in err  # the text was streamed: not repeated
     # The reference on its own executor: the same model and weights, the same greedy tokens.
-    import trio
-
-    from pie_trio.executor.executor import Executor
-
     async with trio.open_nursery() as nursery:
         executor = Executor(tiny_runner)
         await nursery.start(executor.run)
         tokens = await complete(executor, tiny_runner.tokenizer.encode(prompt), max_tokens=12,
                                 owner="reference", ignore_stop=True)
         nursery.cancel_scope.cancel()
-    assert out == tiny_runner.tokenizer.decode(tokens)
+    # The streamed text exactly, then the newline that ends the terminal's line.
+    assert out == tiny_runner.tokenizer.decode(tokens) + "\n"
 
 
 async def test_failures_give_their_reason_and_a_nonzero_code(tmp_path, tiny_runner):

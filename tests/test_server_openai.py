@@ -141,4 +141,8 @@ async def test_disconnect_mid_stream_ends_the_instance(server, http):
             while any(r["origin"] == "http" for r in await watcher.instances()):
                 await trio.sleep(0.01)
     metrics = (await http.get("/metrics")).text
-    assert "pie_trio_time_to_first_token_seconds_count" in metrics
+    for name in ("pie_trio_time_to_first_token_seconds_count",
+                 "pie_trio_inter_token_latency_seconds_count",
+                 'pie_trio_forward_batch_size_bucket{le="+Inf"}', "pie_trio_executor_ticks_total",
+                 'pie_trio_instance_launches_total{origin="http"}'):
+        assert name in metrics

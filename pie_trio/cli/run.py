@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -32,10 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="a .wasm file, an uploaded program's hash, or a built-in name")
     add_server_options(parser)
     parser.add_argument("--local", action="store_true",
-                        help="run in this process with the local model instead of on a server")
+                        help="run in this process on the default model instead of on a server "
+                             "(messages go to stdout; the program's stdout, stderr and its end "
+                             "go to stderr, marked [stdout], [stderr], [terminated: ...])")
     parser.add_argument("--input", action="store_true",
                         help="send each line of stdin to the instance as a message (what it "
-                             "reads with `receive`)")
+                             "reads with `receive`); not with --local")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                         help="arguments for the inferlet")
     parser.set_defaults(func=main, run_parser=parser)
@@ -72,14 +75,17 @@ def _leading_options(parser: argparse.ArgumentParser, words: list[str]) -> int:
 def main(args: argparse.Namespace) -> int:
     program_args = split_program_args(args)
     path = Path(args.program)
+    is_file = args.program.endswith(".wasm") or path.is_file()
+    if args.local and args.input:
+        return fail("--input needs a server: it cannot be combined with --local")
+    if args.local:
+        return run_local_program(path if is_file else args.program, program_args)
     wasm = None
-    if args.program.endswith(".wasm") or path.is_file():
+    if is_file:
         try:
             wasm = path.read_bytes()
         except OSError as exc:
             return fail(f"cannot read {path}: {exc.strerror}")
-    if args.local:
-        return run_local_program(args.program if wasm is None else wasm, program_args)
 
     async def body(client: Client) -> int:
         program = args.program if wasm is None else await client.upload(wasm)
@@ -96,16 +102,12 @@ def main(args: argparse.Namespace) -> int:
     return run_with_client(args, body)
 
 
-def run_local_program(program: str | bytes, program_args: list[str]) -> int:
-    """`--local`: an in-process runtime with the local model (pie_trio.runtime.local)."""
+def run_local_program(program: str | Path, program_args: list[str]) -> int:
+    """`--local`: model, executor, controller and runtime in this process, one instance
+    (pie_trio/runtime/local.py prints its events and picks the exit code)."""
     from pie_trio.runtime.local import run_local  # loads torch: only when asked for
 
-    printer = EventPrinter()
-    try:
-        trio.run(run_local, program, program_args, printer.show_raw)
-    except KeyboardInterrupt:
-        return 130
-    return printer.exit_code
+    return trio.run(partial(run_local, program, program_args))
 
 
 async def _forward_stdin(instance: Instance) -> None:
@@ -121,14 +123,6 @@ class EventPrinter:
         self.exit_code = 1
         self.printed = False
         self.at_line_start = True
-
-    def show_raw(self, payload: dict) -> None:
-        """An event dict as the runtime emits it (for --local)."""
-        kind = payload.get("event")
-        text = payload.get("message") if kind == "message" else (
-            payload.get("value") if kind == "return" else payload.get("data"))
-        self.show(Event(str(kind), "", text, payload.get("reason"), payload.get("detail"),
-                        payload))
 
     def show(self, event: Event) -> None:
         if event.kind in ("message", "stdout"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pie_trio.control.fields import Fields, is_int, type_name
+from pie_trio.control.fields import Fields, distinct, is_int, type_name
 from pie_trio.control.kv import make_private
 from pie_trio.control.resources import OWNER
 from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
@@ -136,17 +136,10 @@ def _result_value(result: ForwardResult) -> dict[str, Any]:
 
 async def embed(inst: InstanceControl, f: Fields, priority: int) -> None:
     tokens = f.int_list("tokens", low=0)
-    slots = inst.slots.resolve(distinct_slots(f))
+    slots = inst.slots.resolve(distinct("slot", f.int_list("slots")))
     if len(tokens) != len(slots):
         raise f.error(f"{len(tokens)} tokens but {len(slots)} slots")
     await inst.execute(Embed(OWNER, tokens, slots), priority, slots=slots)
-
-
-def distinct_slots(f: Fields) -> list[int]:
-    slots = f.int_list("slots")
-    if len(set(slots)) != len(slots):
-        raise f.error("field 'slots' names a slot twice")
-    return slots
 
 
 def _row_range(f: Fields, offset_field: str, count: int, page_size: int) -> int:

@@ -60,7 +60,7 @@ class Releaser:
         self._send.send_nowait((kind, ids))
 
     async def flushed(self) -> None:
-        while self.pending.total():
+        while self.pending.total() and not self._stopped:
             await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

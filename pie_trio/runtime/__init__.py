@@ -1,0 +1,24 @@
+"""The inferlet runtime: programs, instances, the guest ABI's host side and the sandbox.
+
+See docs/runtime.md. The server builds on `Runtime` (runtime.py) and `ProgramStore`
+(programs.py); `pie-trio run --local` on `run_local` (local.py).
+"""
+
+from pie_trio.runtime.instance import InboxFull, Instance, InstanceGone
+from pie_trio.runtime.programs import Program, ProgramError, ProgramStore, UnknownProgram
+from pie_trio.runtime.runtime import CapacityError, Runtime
+from pie_trio.runtime.sandbox import Limits, Termination
+
+__all__ = [
+    "CapacityError",
+    "InboxFull",
+    "Instance",
+    "InstanceGone",
+    "Limits",
+    "Program",
+    "ProgramError",
+    "ProgramStore",
+    "Runtime",
+    "Termination",
+    "UnknownProgram",
+]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # op -> the runtime answers it itself (the rest goes to the control layer)
 LOCAL_OPS = frozenset({"version", "instance_id", "args", "models", "send", "set_return"})
 OUTPUT_CHUNK = 64 * 1024  # characters per stdout/stderr event, so no event is unbounded
+EVENT_OVERHEAD = 64  # bytes an event costs beyond its text: empty messages are not free
 WAIT_ANY, WAIT_ALL = 0, 1
 WASI_ERRNO_NOTSUP = 58
 
@@ -43,7 +45,7 @@ class Host(Protocol):
     consumed_bytes: int  # output the client has read so far (updated by the trio thread)
 
     def handle_request(self, handle: int, request: dict[str, Any]) -> None: ...
-    def emit(self, event: dict[str, Any], nbytes: int) -> None: ...
+    def emit(self, events: list[tuple[dict[str, Any], int]]) -> None: ...
 
 
 class Misuse(Exception):
@@ -65,7 +67,8 @@ class HostCalls:
         self.ready: dict[int, dict[str, Any]] = {}
         self.issued: set[int] = set()  # submit handles not yet taken
         self.return_value: str | None = None
-        self.posted_bytes = 0  # output handed to the trio thread so far
+        self.posted_bytes = 0  # output handed to the trio thread so far (or held for it)
+        self._outbox: list[tuple[dict[str, Any], int]] = []  # events held until the next post
         self._next_handle = 1
         self._next_call = -1  # `call` uses negative handles: they never collide with submit's
         self._encoded: dict[int, bytes] = {}  # responses that did not fit, kept for a retry
@@ -83,6 +86,7 @@ class HostCalls:
         self._memory = ctypes.byref(memory._memory)
         self._base = _memory_data(self._context, self._memory)
         self._size = _memory_data_size(self._context, self._memory)
+        self.guard.on_tick = self.flush_events
         _local.calls = self
 
     # -- the five imports -----------------------------------------------------------------
@@ -93,9 +97,10 @@ class HostCalls:
         if response is None:
             handle = self._next_call
             self._next_call -= 1
-            self.bridge.post(self.host.handle_request, handle, request)
-            self._await_handle(handle)
-            response = self.ready.pop(handle)
+            ready = self.ready
+            self._block_until(lambda: handle in ready, self.host.handle_request, handle,
+                              request)
+            response = ready.pop(handle)
         encoded = _encode(response)
         if len(encoded) > _unsigned(resp_cap):
             self._kept = encoded
@@ -114,7 +119,7 @@ class HostCalls:
         self.issued.add(handle)
         response = self._answer_locally(request)
         if response is None:
-            self.bridge.post(self.host.handle_request, handle, request)
+            self._post(self.host.handle_request, handle, request)
         else:
             self.ready[handle] = response
         return handle
@@ -124,20 +129,19 @@ class HostCalls:
             raise Misuse(f"wait: mode must be 0 (any) or 1 (all), got {mode}")
         if not 0 <= count <= self.limits.max_outstanding:
             raise Misuse(f"wait: {count} handles (at most {self.limits.max_outstanding})")
-        raw = self._read(handles_ptr, 4 * count)
-        handles = memoryview(raw).cast("I").tolist()  # little-endian, like wasm itself
+        handles = struct.unpack(f"<{count}I", self._read(handles_ptr, 4 * count))
         for handle in handles:
             if handle not in self.issued:
                 raise Misuse(f"wait: unknown handle {handle}")
         ready = self.ready
         if mode == WAIT_ALL:
             if not all(h in ready for h in handles):
-                self.bridge.block_until(lambda: all(h in ready for h in handles))
+                self._block_until(lambda: all(h in ready for h in handles))
             return count
         if count == 0:
             raise Misuse("wait(any) on no handles would never return")
         if not any(h in ready for h in handles):
-            self.bridge.block_until(lambda: any(h in ready for h in handles))
+            self._block_until(lambda: any(h in ready for h in handles))
         return next(i for i, h in enumerate(handles) if h in ready)
 
     def take(self, handle: int, resp_ptr: int, resp_cap: int) -> int:
@@ -174,28 +178,50 @@ class HostCalls:
             log.exception("forwarding guest output failed")
 
     def flush_output(self) -> None:
-        """At exit: forward any incomplete UTF-8 sequence the guest left (as U+FFFD)."""
-        for stream, decoder in self._decoders.items():
-            try:
+        """At exit: forward everything held, including an incomplete UTF-8 sequence the guest
+        left (as U+FFFD)."""
+        try:
+            for stream, decoder in self._decoders.items():
                 self._emit_text(stream, decoder.decode(b"", final=True))
-            except Stopped:
-                pass
+            self.flush_events()
+        except Stopped:
+            pass
 
     # -- helpers --------------------------------------------------------------------------
 
     def _emit_text(self, stream: str, text: str) -> None:
         for start in range(0, len(text), OUTPUT_CHUNK):
             chunk = text[start:start + OUTPUT_CHUNK]
-            self._emit({"event": stream, "data": chunk}, len(chunk))
+            self._emit({"event": stream, "data": chunk}, len(chunk) + EVENT_OVERHEAD)
 
     def _emit(self, event: dict[str, Any], nbytes: int) -> None:
-        """Hand an event to the trio thread, waiting first if the client lags too far behind."""
+        """Queue an event for the client, waiting first if the client lags too far behind.
+
+        Events ride along with the guest's next crossing to the trio thread (`flush_events`):
+        a generation step's `send` then costs no wake-up of its own. A guest that computes
+        without calling the host has its events flushed by the next epoch tick (10 ms).
+        """
         if self.guard.stopping:
             return
         if self.output_backlog() > self.limits.output_backlog_bytes:
-            self.bridge.block_until(self.output_drained)
+            self._block_until(self.output_drained)
         self.posted_bytes += nbytes
-        self.bridge.post(self.host.emit, event, nbytes)
+        self._outbox.append((event, nbytes))
+
+    def flush_events(self) -> None:
+        """Hand the events held since the last crossing to the trio thread."""
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            self.bridge.post(self.host.emit, events)
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.flush_events()
+        self.bridge.post(fn, *args)
+
+    def _block_until(self, condition: Callable[[], bool], first: Callable[..., Any] | None = None,
+                     *args: Any) -> None:
+        self.flush_events()
+        self.bridge.block_until(condition, first, *args)
 
     def output_backlog(self) -> int:
         """Bytes of output handed over that the client has not read yet (as last counted)."""
@@ -220,7 +246,7 @@ class HostCalls:
             message = request.get("message")
             if not isinstance(message, str):
                 return {"error": "send: 'message' must be a string"}
-            self._emit({"event": "message", "message": message}, len(message))
+            self._emit({"event": "message", "message": message}, len(message) + EVENT_OVERHEAD)
             return {"ok": None}
         value = request.get("value")  # set_return
         if not isinstance(value, str):
@@ -231,7 +257,7 @@ class HostCalls:
     def _await_handle(self, handle: int) -> None:
         ready = self.ready
         if handle not in ready:
-            self.bridge.block_until(lambda: handle in ready)
+            self._block_until(lambda: handle in ready)
 
     def _read_request(self, ptr: int, length: int) -> Any:
         length = _unsigned(length)

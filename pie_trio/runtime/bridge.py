@@ -40,13 +40,15 @@ class Bridge:
             self._guard.request_stop(Termination("evicted", "the runtime stopped"))
             self._guard.raise_if_stopping()
 
-    def block_until(self, condition: Condition) -> None:
+    def block_until(self, condition: Condition, first: Callable[..., Any] | None = None,
+                    *args: Any) -> None:
         """Park the guest thread until `condition()` (evaluated on the trio thread) holds.
 
-        Raises `Stopped` instead if the instance is being stopped.
+        `first(*args)`, if given, runs on the trio thread just before: a request and the wait
+        for its answer then cost one crossing. Raises `Stopped` if the instance is stopping.
         """
         self._guard.raise_if_stopping()
-        self.post(self._park, condition)
+        self.post(self._park, condition, first, args)
         self._wake.acquire()
         self._guard.raise_if_stopping()
 
@@ -63,7 +65,10 @@ class Bridge:
         if self._condition is not None:
             self._release()
 
-    def _park(self, condition: Condition) -> None:
+    def _park(self, condition: Condition, first: Callable[..., Any] | None,
+              args: tuple[Any, ...]) -> None:
+        if first is not None:
+            first(*args)
         if self._guard.stopping or condition():
             self._wake.release()
         else:

@@ -8,6 +8,7 @@ act, tells the trio thread it is done (through the bridge, behind every request 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 
@@ -37,10 +38,16 @@ class GuestThread:
         self.thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the thread (this waits until it runs: see `ThreadStarter`)."""
+        try:
+            self.thread.start()
+        except BaseException as exc:  # noqa: BLE001 - e.g. "can't start new thread"
+            termination = Termination("evicted", f"no thread could be started for it: {exc}")
+            self.bridge.post(self.on_exit, termination, None)
 
     def join(self) -> None:
-        self.thread.join()
+        if self.thread.ident is not None:  # it may never have started
+            self.thread.join()
 
     def _main(self) -> None:
         termination = Termination("trap", "the guest did not start")
@@ -110,3 +117,32 @@ class GuestThread:
                        f"{self.limits.memory_bytes / MiB:.0f} MiB limit: an allocation may "
                        "have failed)")
         return detail
+
+
+class ThreadStarter:
+    """Starts guest threads from a thread of its own.
+
+    `Thread.start()` waits until the new thread runs and hands the GIL back, which takes about a
+    millisecond (more under load): a burst of launches would stall the trio loop, and with it
+    every other instance's host calls, for that long each.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[GuestThread | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="inferlet-starter", daemon=True)
+
+    def __enter__(self) -> ThreadStarter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)
+        self._thread.join()  # it is idle or finishing its last start: this returns quickly
+
+    def start(self, guest: GuestThread) -> None:
+        """Have `guest`'s thread started soon; returns at once."""
+        self._queue.put(guest)
+
+    def _loop(self) -> None:
+        while (guest := self._queue.get()) is not None:
+            guest.start()

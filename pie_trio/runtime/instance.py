@@ -11,7 +11,8 @@ and joined (its store already deleted), the control layer frees everything the i
 (`ctl.close()`), the `return` event (if the guest finished with a value) and exactly one
 `terminated` event are sent, and the event channel is closed.
 
-Events and back-pressure. `events` is unbounded so the final events can always be sent, but the
+Events and back-pressure. The guest's events reach this side in batches, with its next crossing
+(see `HostCalls._emit`). `events` is unbounded so the final events can always be sent, but the
 guest cannot outrun its client: once more than `Limits.output_backlog_bytes` of its output is
 unread, its next `send` or print waits until the client has caught up by half. A client that
 closes its end of `events` ends the instance with `client_gone`.
@@ -30,7 +31,7 @@ import trio
 import pie_trio
 from pie_trio.runtime.abi import HostCalls
 from pie_trio.runtime.bridge import Bridge
-from pie_trio.runtime.guest import GuestThread
+from pie_trio.runtime.guest import GuestThread, ThreadStarter
 from pie_trio.runtime.programs import Program
 from pie_trio.runtime.sandbox import Guard, Limits, Termination, limit_hit
 
@@ -54,7 +55,7 @@ class Instance:
 
     def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
                  args: Sequence[str], limits: Limits, ctl: Any, models: list[str],
-                 on_end: Callable[[Instance], None]):
+                 on_end: Callable[[Instance], None], starter: ThreadStarter):
         self.id = instance_id
         self.owner = owner
         self.program = program.hash
@@ -67,6 +68,7 @@ class Instance:
         self._events_out, self.events = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._ctl = ctl
         self._on_end = on_end
+        self._starter = starter
         self._exited = trio.Event()
         self._started_at = trio.current_time()
         self._nursery: trio.Nursery | None = None
@@ -119,7 +121,7 @@ class Instance:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.guest.start()
+                self._starter.start(self.guest)  # it reports its end even if it cannot start
                 self._thread_started = True
                 task_status.started()
                 await self._wait_for_exit()
@@ -187,14 +189,15 @@ class Instance:
             log.exception("control layer refused a request")
             self._complete(handle, {"error": f"{request.get('op')}: {exc}"})
 
-    def emit(self, event: dict[str, Any], nbytes: int) -> None:
-        """An event from the guest (message, stdout, stderr) for the client."""
-        try:
-            self._events_out.send_nowait(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.kill("client_gone", "the client stopped reading the instance's events")
-            return
-        self._unread.append(nbytes)
+    def emit(self, events: list[tuple[dict[str, Any], int]]) -> None:
+        """Events from the guest (message, stdout, stderr) for the client, with their sizes."""
+        for event, nbytes in events:
+            try:
+                self._events_out.send_nowait(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.kill("client_gone", "the client stopped reading the instance's events")
+                return
+            self._unread.append(nbytes)
         self._count_consumed()
         # Watch from the point the guest would resume at, not the point it stops at: the guest
         # decides to wait on counts that may be older than this one, and only the watcher

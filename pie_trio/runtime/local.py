@@ -3,7 +3,8 @@
 Everything a server would run — model, executor, controller, runtime — starts in this trio run,
 the program runs once, and its events are printed as they come:
 
-- `message` events go to stdout exactly as sent (no newline added: a generation streams);
+- `message` events go to stdout exactly as sent (no newline added: a generation streams; one
+  newline ends the output if the text did not);
 - the guest's own stdout and stderr go to stderr, each line prefixed `[stdout] ` / `[stderr] `;
 - the return value goes to stderr as `[return] ...` when the program sent no messages (a
   program that streams its answer usually returns the same text again);

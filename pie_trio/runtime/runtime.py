@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from pie_trio.runtime.guest import ThreadStarter
 from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramStore
 from pie_trio.runtime.sandbox import Limits, tick_epochs
@@ -41,18 +42,22 @@ class Runtime:
         self.launched = 0
         self.ended: Counter[str] = Counter()  # terminations by reason
         self._nursery: trio.Nursery | None = None
+        self._starter: ThreadStarter | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick_epochs, self.programs.engine)
-            try:
-                async with trio.open_nursery() as instances:
-                    self._nursery = instances
-                    task_status.started()
-                    await trio.sleep_forever()
-            finally:
-                self._nursery = None
-                nursery.cancel_scope.cancel()
+        # The starter outlives every instance task: a guest queued for a thread still gets one
+        # (and is stopped at once) when the runtime shuts down.
+        with ThreadStarter() as starter:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick_epochs, self.programs.engine)
+                try:
+                    async with trio.open_nursery() as instances:
+                        self._nursery, self._starter = instances, starter
+                        task_status.started()
+                        await trio.sleep_forever()
+                finally:
+                    self._nursery = self._starter = None
+                    nursery.cancel_scope.cancel()
 
     async def launch(self, program: str, args: Sequence[str] = (), owner: str = "",
                      limits: Limits | None = None) -> Instance:
@@ -61,7 +66,7 @@ class Runtime:
         Raises UnknownProgram, ProgramError (a built-in that does not compile), CapacityError,
         or RuntimeError when the runtime is not running.
         """
-        if self._nursery is None:
+        if self._nursery is None or self._starter is None:
             raise RuntimeError("the runtime is not running: start Runtime.run first")
         if len(self.instances) >= self.max_instances:
             raise CapacityError(f"the runtime already runs {len(self.instances)} instances, "
@@ -71,11 +76,13 @@ class Runtime:
             compiled = self.programs.get(program)
         else:  # compiling (a built-in's first use) or reading the disk: off the trio thread
             compiled = await trio.to_thread.run_sync(self.programs.get, program)
+        if self._nursery is None or self._starter is None:  # stopped while compiling
+            raise RuntimeError("the runtime stopped")
         instance_id = uuid.uuid4().hex
         instance = Instance(
             instance_id=instance_id, owner=owner, program=compiled, program_name=program,
             args=args, limits=limits or self.limits, ctl=self.controller.attach(instance_id),
-            models=self.models, on_end=self._forget)
+            models=self.models, on_end=self._forget, starter=self._starter)
         self.instances[instance_id] = instance
         self.launched += 1
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -119,6 +120,7 @@ class Guard:
         self.engine = engine
         self.termination: Termination | None = None
         self.cpu_mark: float | None = None  # guest thread CPU time when the budget started
+        self.on_tick: Callable[[], None] | None = None  # guest-thread work due every tick
         self._lock = threading.Lock()
 
     def request_stop(self, termination: Termination) -> bool:
@@ -186,6 +188,11 @@ def _on_epoch_deadline(context, data, deadline_delta, update_kind):  # noqa: ARG
         message = b"pie-trio: the instance was stopped"
         error = ffi.wasmtime_error_new(ctypes.create_string_buffer(message))
         return ctypes.cast(error, ctypes.c_void_p).value
+    if guard.on_tick is not None:
+        try:
+            guard.on_tick()
+        except Exception:  # noqa: BLE001 - a stop it raised is seen at the next tick
+            pass
     deadline_delta[0] = 1
     update_kind[0] = _UPDATE_DEADLINE_CONTINUE
     return 0
