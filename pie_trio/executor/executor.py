@@ -26,6 +26,10 @@ Frees are answered at once and never wait for queued calls: a queued call that n
 owner no longer holds fails when it is planned (ownership is checked again then). A call already
 running in the worker thread finishes first, before any later allocation of its pages is used.
 
+Isolation: pages and embedding slots are reused across owners, so every id handed out is
+wiped (`runner.clear`) at the start of the next tick, before any call can read it; the tick
+that follows an allocation necessarily precedes the first use of the allocated ids.
+
 Shutdown: cancel the scope running `Executor.run`. The worker thread cannot be interrupted, so
 a forward in flight finishes first; then every call still waiting fails with `CallError`.
 """
@@ -60,9 +64,9 @@ log = logging.getLogger(__name__)
 STAGES = ("embed", "copy_kv", "mask_kv", "forward")
 STAGE_OF = {kind: i for i, kind in enumerate(STAGES)}
 
-RECENT_BATCHES = 256
+RECENT_BATCHES = 256  # forward batches kept in `stats.recent_forwards` for inspection
 # Scheduling passes a tick waits after answering its callers, for their next calls (see _settle).
-SETTLE_PASSES = 8  # forward batches kept in `stats.recent_forwards` for inspection
+SETTLE_PASSES = 8
 
 
 @dataclass(eq=False)
@@ -210,6 +214,9 @@ class Executor:
         self._send, self._receive = trio.open_memory_channel[Request](math.inf)
         self._pending: list[Request] = []  # admitted batched calls, in arrival order
         self._in_flight: list[Request] = []
+        # Ids allocated since the last tick began, wiped before that tick's calls run.
+        self._fresh_pages: set[int] = set()
+        self._fresh_slots: set[int] = set()
         self._seq = count()
         self._admitted = 0  # batched calls admitted so far (see _settle)
         self._arrived = trio.Event()
@@ -310,11 +317,15 @@ class Executor:
         """Allocations and frees: answered at once, no model work."""
         match call.kind:
             case "alloc_pages":
-                return self.pages.alloc(call.owner, call.count)
+                pages = self.pages.alloc(call.owner, call.count)
+                self._fresh_pages.update(pages)
+                return pages
             case "free_pages":
                 self.pages.free(call.owner, call.pages)
             case "alloc_slots":
-                return self.slots.alloc(call.owner, call.count)
+                slots = self.slots.alloc(call.owner, call.count)
+                self._fresh_slots.update(slots)
+                return slots
             case "free_slots":
                 self.slots.free(call.owner, call.slots)
             case other:
@@ -356,7 +367,11 @@ class Executor:
             self.stats.ticks += 1
             self._in_flight = [r for _, group in plan for r in group]
             work = [(kind, [r.call for r in group]) for kind, group in plan]
-            results = await trio.to_thread.run_sync(self._execute, work, limiter=self._limiter)
+            fresh = (sorted(self._fresh_pages), sorted(self._fresh_slots))
+            self._fresh_pages, self._fresh_slots = set(), set()
+            results = await trio.to_thread.run_sync(
+                self._execute, fresh, work, limiter=self._limiter
+            )
             resolved, self._in_flight = len(self._in_flight), []
             self._resolve(plan, results)
             await self._settle(resolved)
@@ -433,7 +448,11 @@ class Executor:
 
     # ---- running (worker thread) -------------------------------------------------------------
 
-    def _execute(self, work: list[tuple[str, list[Call]]]) -> list[list[outcome.Outcome]]:
+    def _execute(
+        self, fresh: tuple[list[int], list[int]], work: list[tuple[str, list[Call]]]
+    ) -> list[list[outcome.Outcome]]:
+        if fresh[0] or fresh[1]:
+            self.runner.clear(*fresh)
         return [self._run_group(kind, calls) for kind, calls in work]
 
     def _run_group(self, kind: str, calls: list[Call]) -> list[outcome.Outcome]:

@@ -75,6 +75,25 @@ class KvCache:
         self.masked[dst] = self.masked[src].clone()
         self.any_masked = self.any_masked or bool(self.masked[dst].any())
 
+    def clear(self, pages: list[int], slots: list[int]) -> None:
+        """Zero the K/V rows (and masked flags) of `pages` and the vectors of embedding `slots`.
+
+        Pages and slots pass from one owner to the next: clearing them on the way stops a new
+        owner from reading what the previous one left there.
+        """
+        if pages:
+            ids = torch.tensor(pages, dtype=torch.long, device=self.masked.device)
+            rows = (ids[:, None] * self.page_size + torch.arange(self.page_size, device=ids.device))
+            rows = rows.reshape(-1)
+            self.k.index_fill_(2, rows, 0)
+            self.v.index_fill_(2, rows, 0)
+            if self.any_masked:
+                self.masked[rows] = False
+                self.any_masked = bool(self.masked.any())
+        if slots:
+            ids = torch.tensor(slots, dtype=torch.long, device=self.embeddings.device)
+            self.embeddings.index_fill_(0, ids, 0)
+
     def set_masked(self, page: int, offsets: list[int], masked: bool) -> None:
         slots = torch.tensor(offsets, dtype=torch.long, device=self.masked.device)
         self.masked[page * self.page_size + slots] = masked

@@ -201,6 +201,11 @@ class ModelRunner:
             self.kv.embeddings[slots] = self.model.embed(tokens)
 
     @torch.inference_mode()
+    def clear(self, pages: list[int], slots: list[int]) -> None:
+        """Wipe pages and embedding slots that just changed hands (see `KvCache.clear`)."""
+        self.kv.clear(pages, slots)
+
+    @torch.inference_mode()
     def copy_kv(self, calls: list[CopyKv]) -> None:
         """Copy KV rows (all layers, and their masked flags), in call order."""
         for call in calls:

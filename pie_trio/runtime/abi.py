@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # op -> the runtime answers it itself (the rest goes to the control layer)
 LOCAL_OPS = frozenset({"version", "instance_id", "args", "models", "send", "set_return"})
 OUTPUT_CHUNK = 64 * 1024  # characters per stdout/stderr event, so no event is unbounded
+OUTBOX_LIMIT = 64  # items held for the trio thread before they are sent without a wait
 EVENT_OVERHEAD = 64  # bytes an event costs beyond its text: empty messages are not free
 WAIT_ANY, WAIT_ALL = 0, 1
 WASI_ERRNO_NOTSUP = 58
@@ -45,7 +46,7 @@ class Host(Protocol):
     consumed_bytes: int  # output the client has read so far (updated by the trio thread)
 
     def handle_request(self, handle: int, request: dict[str, Any]) -> None: ...
-    def emit(self, events: list[tuple[dict[str, Any], int]]) -> None: ...
+    def emit(self, event: dict[str, Any], nbytes: int) -> None: ...
 
 
 class Misuse(Exception):
@@ -68,7 +69,8 @@ class HostCalls:
         self.issued: set[int] = set()  # submit handles not yet taken
         self.return_value: str | None = None
         self.posted_bytes = 0  # output handed to the trio thread so far (or held for it)
-        self._outbox: list[tuple[dict[str, Any], int]] = []  # events held until the next post
+        # Work for the trio thread (requests, events) held until the guest's next crossing.
+        self._outbox: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._next_handle = 1
         self._next_call = -1  # `call` uses negative handles: they never collide with submit's
         self._encoded: dict[int, bytes] = {}  # responses that did not fit, kept for a retry
@@ -79,15 +81,22 @@ class HostCalls:
         self._memory: Any = None
         self._base = 0  # address of the guest's linear memory (it never moves, see sandbox.py)
         self._size = 0  # its size when last looked at; memory only grows
+        self._view = memoryview(b"")  # the guest's memory, as bytes we can slice
 
     def bind(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         """Point the host functions at the instantiated guest's memory."""
         self._context = store._context()
         self._memory = ctypes.byref(memory._memory)
         self._base = _memory_data(self._context, self._memory)
-        self._size = _memory_data_size(self._context, self._memory)
-        self.guard.on_tick = self.flush_events
+        self._map_memory()
+        self.guard.on_tick = self.flush
         _local.calls = self
+
+    def unbind(self) -> None:
+        """The store is going away: drop our view of its memory."""
+        self._view = memoryview(b"")
+        self._size = 0
+        self.guard.on_tick = None  # (it refers to this object, which refers to the guard)
 
     # -- the five imports -----------------------------------------------------------------
 
@@ -98,8 +107,8 @@ class HostCalls:
             handle = self._next_call
             self._next_call -= 1
             ready = self.ready
-            self._block_until(lambda: handle in ready, self.host.handle_request, handle,
-                              request)
+            self._post(self.host.handle_request, handle, request)
+            self._block_until(lambda: handle in ready)
             response = ready.pop(handle)
         encoded = _encode(response)
         if len(encoded) > _unsigned(resp_cap):
@@ -178,12 +187,13 @@ class HostCalls:
             log.exception("forwarding guest output failed")
 
     def flush_output(self) -> None:
-        """At exit: forward everything held, including an incomplete UTF-8 sequence the guest
-        left (as U+FFFD)."""
+        """At exit: forward the events held, including an incomplete UTF-8 sequence the guest
+        left (as U+FFFD). Requests still held are dropped: nobody will wait for them."""
         try:
             for stream, decoder in self._decoders.items():
                 self._emit_text(stream, decoder.decode(b"", final=True))
-            self.flush_events()
+            self._outbox = [(fn, args) for fn, args in self._outbox if fn == self.host.emit]
+            self.flush()
         except Stopped:
             pass
 
@@ -195,33 +205,35 @@ class HostCalls:
             self._emit({"event": stream, "data": chunk}, len(chunk) + EVENT_OVERHEAD)
 
     def _emit(self, event: dict[str, Any], nbytes: int) -> None:
-        """Queue an event for the client, waiting first if the client lags too far behind.
-
-        Events ride along with the guest's next crossing to the trio thread (`flush_events`):
-        a generation step's `send` then costs no wake-up of its own. A guest that computes
-        without calling the host has its events flushed by the next epoch tick (10 ms).
-        """
+        """Queue an event for the client, waiting first if the client lags too far behind."""
         if self.guard.stopping:
             return
         if self.output_backlog() > self.limits.output_backlog_bytes:
             self._block_until(self.output_drained)
         self.posted_bytes += nbytes
-        self._outbox.append((event, nbytes))
+        self._post(self.host.emit, event, nbytes)
 
-    def flush_events(self) -> None:
-        """Hand the events held since the last crossing to the trio thread."""
-        if self._outbox:
-            events, self._outbox = self._outbox, []
-            self.bridge.post(self.host.emit, events)
+    # Crossings. Every post to the trio thread writes to trio's wake-up socket, a system call
+    # that releases the GIL; with dozens of guests each release can cost a whole GIL switch
+    # interval. So work for the trio thread is held until the guest next waits (a generation
+    # step's forward and `send` travel with the wait for the forward: one crossing per token),
+    # until OUTBOX_LIMIT items pile up, or until the next epoch tick (10 ms) for a guest that
+    # keeps computing without a host call.
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.flush_events()
-        self.bridge.post(fn, *args)
+        self._outbox.append((fn, args))
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self.flush()
 
-    def _block_until(self, condition: Callable[[], bool], first: Callable[..., Any] | None = None,
-                     *args: Any) -> None:
-        self.flush_events()
-        self.bridge.block_until(condition, first, *args)
+    def flush(self) -> None:
+        """Hand everything held to the trio thread now."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.bridge.post(run_batch, batch)
+
+    def _block_until(self, condition: Callable[[], bool]) -> None:
+        batch, self._outbox = self._outbox, []
+        self.bridge.block_until(condition, batch)
 
     def output_backlog(self) -> int:
         """Bytes of output handed over that the client has not read yet (as last counted)."""
@@ -264,26 +276,35 @@ class HostCalls:
         if length > self.limits.max_message_bytes:
             raise Stopped(limit_hit(
                 "message_size", f"a {length}-byte request (limit {self.limits.max_message_bytes})"))
-        data = self._read(ptr, length)
+        data = self._span(ptr, length)
         try:
             return msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:
             return _Malformed(f"the request is not valid msgpack: {exc}")
 
-    def _address(self, ptr: int, length: int) -> int:
+    # Guest memory is read and written through a memoryview, not ctypes calls: every ctypes
+    # foreign call releases the GIL, and getting it back may take a GIL switch interval.
+
+    def _span(self, ptr: int, length: int) -> memoryview:
         ptr = _unsigned(ptr)
         if ptr + length > self._size:
-            self._size = _memory_data_size(self._context, self._memory)  # it may have grown
+            self._map_memory()  # it may have grown
             if ptr + length > self._size:
                 raise Misuse(f"out-of-bounds pointer: [{ptr}, {ptr + length}) in a memory of "
                              f"{self._size} bytes")
-        return self._base + ptr
+        return self._view[ptr:ptr + length]
+
+    def _map_memory(self) -> None:
+        size = _memory_data_size(self._context, self._memory)
+        if size != self._size:
+            self._size = size
+            self._view = memoryview((ctypes.c_ubyte * size).from_address(self._base)).cast("B")
 
     def _read(self, ptr: int, length: int) -> bytes:
-        return ctypes.string_at(self._address(ptr, length), length) if length else b""
+        return self._span(ptr, length).tobytes()
 
     def _write(self, ptr: int, data: bytes) -> None:
-        ctypes.memmove(self._address(ptr, len(data)), data, len(data))
+        self._span(ptr, len(data))[:] = data
 
     def trap(self, exc: BaseException) -> int:
         """Record why the guest must stop and return a wasm trap for wasmtime to raise."""
@@ -340,10 +361,16 @@ def _encode_shared(value: list) -> bytes:
     return encoded
 
 
+def run_batch(batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    """On the trio thread: what a guest held for it, in the order the guest did it."""
+    for fn, args in batch:
+        fn(*args)
+
+
 # -- raw memory access -------------------------------------------------------------------
 # A private handle on wasmtime's library lets us declare these results as plain integers
-# without touching wasmtime-py's own declarations.
-_lib = ctypes.CDLL(ffi.dll._name, handle=ffi.dll._handle)
+# without touching wasmtime-py's own declarations; PyDLL keeps the GIL across these tiny calls.
+_lib = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)
 _memory_data = _lib.wasmtime_memory_data
 _memory_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 _memory_data.restype = ctypes.c_size_t

@@ -11,7 +11,7 @@ forward is posted, then the guest waits for its result.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -19,6 +19,7 @@ import trio
 from pie_trio.runtime.sandbox import Guard, Termination
 
 Condition = Callable[[], bool]
+Batch = Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
 
 
 class Bridge:
@@ -40,15 +41,14 @@ class Bridge:
             self._guard.request_stop(Termination("evicted", "the runtime stopped"))
             self._guard.raise_if_stopping()
 
-    def block_until(self, condition: Condition, first: Callable[..., Any] | None = None,
-                    *args: Any) -> None:
+    def block_until(self, condition: Condition, before: Batch = ()) -> None:
         """Park the guest thread until `condition()` (evaluated on the trio thread) holds.
 
-        `first(*args)`, if given, runs on the trio thread just before: a request and the wait
-        for its answer then cost one crossing. Raises `Stopped` if the instance is stopping.
+        The calls in `before` run on the trio thread first, in order: requests and the wait
+        for their answers then cost one crossing. Raises `Stopped` if the instance is stopping.
         """
         self._guard.raise_if_stopping()
-        self.post(self._park, condition, first, args)
+        self.post(self._park, condition, before)
         self._wake.acquire()
         self._guard.raise_if_stopping()
 
@@ -65,10 +65,9 @@ class Bridge:
         if self._condition is not None:
             self._release()
 
-    def _park(self, condition: Condition, first: Callable[..., Any] | None,
-              args: tuple[Any, ...]) -> None:
-        if first is not None:
-            first(*args)
+    def _park(self, condition: Condition, before: Batch) -> None:
+        for fn, args in before:
+            fn(*args)
         if self._guard.stopping or condition():
             self._wake.release()
         else:

@@ -60,6 +60,7 @@ class GuestThread:
             termination = self.guard.termination or Termination("trap", f"host error: {exc!r}")
         finally:
             self.calls.flush_output()
+            self.calls.unbind()
             if store is not None:
                 store.close()
             self.bridge.post(self.on_exit, termination, self.calls.return_value)

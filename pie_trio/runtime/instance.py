@@ -11,17 +11,19 @@ and joined (its store already deleted), the control layer frees everything the i
 (`ctl.close()`), the `return` event (if the guest finished with a value) and exactly one
 `terminated` event are sent, and the event channel is closed.
 
-Events and back-pressure. The guest's events reach this side in batches, with its next crossing
-(see `HostCalls._emit`). `events` is unbounded so the final events can always be sent, but the
-guest cannot outrun its client: once more than `Limits.output_backlog_bytes` of its output is
-unread, its next `send` or print waits until the client has caught up by half. A client that
-closes its end of `events` ends the instance with `client_gone`.
+Events and back-pressure. The guest's requests and events reach this side in batches, with
+its next crossing (see "Crossings" in abi.py). `events` is unbounded so the final events can
+always be sent, but the guest cannot outrun its client: once more than
+`Limits.output_backlog_bytes` of its output is unread, its next `send` or print waits until the
+client has caught up by half. A client that closes its end of `events` ends the instance with
+`client_gone`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,9 +82,13 @@ class Instance:
         self.bridge = Bridge(trio.lowlevel.current_trio_token(), self.guard)
         answers = {"version": pie_trio.__version__, "instance_id": instance_id,
                    "args": list(args), "models": list(models)}
-        self.calls = HostCalls(self, self.bridge, self.guard, limits, answers)
+        # The guest side refers back to this object weakly: with no reference cycles an ended
+        # instance is freed at once, instead of feeding the cyclic GC, whose full passes over a
+        # process holding a model stall every instance for hundreds of milliseconds.
+        me = weakref.proxy(self)
+        self.calls = HostCalls(me, self.bridge, self.guard, limits, answers)
         self.guest = GuestThread(program, [program_name, *args], self.calls, self.guard,
-                                 self.bridge, limits, self._guest_exited,
+                                 self.bridge, limits, lambda *end: me._guest_exited(*end),
                                  name=f"inferlet-{instance_id[:12]}")
         self._thread_started = False
 
@@ -189,15 +195,14 @@ class Instance:
             log.exception("control layer refused a request")
             self._complete(handle, {"error": f"{request.get('op')}: {exc}"})
 
-    def emit(self, events: list[tuple[dict[str, Any], int]]) -> None:
-        """Events from the guest (message, stdout, stderr) for the client, with their sizes."""
-        for event, nbytes in events:
-            try:
-                self._events_out.send_nowait(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.kill("client_gone", "the client stopped reading the instance's events")
-                return
-            self._unread.append(nbytes)
+    def emit(self, event: dict[str, Any], nbytes: int) -> None:
+        """An event from the guest (message, stdout, stderr) for the client, and its size."""
+        try:
+            self._events_out.send_nowait(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.kill("client_gone", "the client stopped reading the instance's events")
+            return
+        self._unread.append(nbytes)
         self._count_consumed()
         # Watch from the point the guest would resume at, not the point it stops at: the guest
         # decides to wait on counts that may be older than this one, and only the watcher
