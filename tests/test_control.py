@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
+from control_support import error, ok, request
 
 from pie_trio.control.controller import Controller
 from pie_trio.control.instance import InstanceControl
@@ -49,32 +50,6 @@ async def stalled_stack(tiny_runner):
         executor = Executor(tiny_runner, policy="k", k=10**6)
         yield await start_stack(nursery, executor, tiny_runner)
         nursery.cancel_scope.cancel()
-
-
-async def request(ctl: InstanceControl, op: str, **fields) -> dict:
-    answers: list[dict] = []
-    done = trio.Event()
-
-    def on_done(response: dict) -> None:
-        answers.append(response)
-        done.set()
-
-    ctl.submit({"op": op, **fields}, on_done)
-    await done.wait()
-    assert len(answers) == 1
-    return answers[0]
-
-
-async def ok(ctl: InstanceControl, op: str, **fields):
-    response = await request(ctl, op, **fields)
-    assert "ok" in response, response
-    return response["ok"]
-
-
-async def error(ctl: InstanceControl, op: str, **fields) -> str:
-    response = await request(ctl, op, **fields)
-    assert "error" in response, response
-    return response["error"]
 
 
 class Context:

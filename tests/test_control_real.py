@@ -7,21 +7,13 @@ import math
 
 import pytest
 import trio
+from control_support import ok
 
 from pie_trio.control.controller import Controller
 from pie_trio.control.instance import InstanceControl
 from pie_trio.executor.executor import Executor
 
 pytestmark = pytest.mark.slow
-
-
-async def ok(ctl: InstanceControl, op: str, **fields):
-    answers: list[dict] = []
-    done = trio.Event()
-    ctl.submit({"op": op, **fields}, lambda r: (answers.append(r), done.set()))
-    await done.wait()
-    assert "ok" in answers[0], answers[0]
-    return answers[0]["ok"]
 
 
 async def greedy(ctl: InstanceControl, pages: list[int], length: int, tokens: list[int],

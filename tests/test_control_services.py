@@ -8,9 +8,9 @@ import random
 import pytest
 import trio
 import trio.testing
+from control_support import error, ok
 
 from pie_trio.control.controller import Controller, ControlLimits
-from pie_trio.control.instance import InstanceControl
 from pie_trio.executor.executor import Executor
 
 
@@ -25,26 +25,6 @@ async def stack(tiny_runner):
         await nursery.start(controller.run)
         yield executor, controller
         nursery.cancel_scope.cancel()
-
-
-async def request(ctl: InstanceControl, op: str, **fields) -> dict:
-    answers: list[dict] = []
-    done = trio.Event()
-    ctl.submit({"op": op, **fields}, lambda r: (answers.append(r), done.set()))
-    await done.wait()
-    return answers[0]
-
-
-async def ok(ctl: InstanceControl, op: str, **fields):
-    response = await request(ctl, op, **fields)
-    assert "ok" in response, response
-    return response["ok"]
-
-
-async def error(ctl: InstanceControl, op: str, **fields) -> str:
-    response = await request(ctl, op, **fields)
-    assert "error" in response, response
-    return response["error"]
 
 
 def prefill_request(pages: list[int], start: int, tokens: list[int], page_size: int,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # op -> the runtime answers it itself (the rest goes to the control layer)
 LOCAL_OPS = frozenset({"version", "instance_id", "args", "models", "send", "set_return"})
 OUTPUT_CHUNK = 64 * 1024  # characters per stdout/stderr event, so no event is unbounded
-OUTBOX_LIMIT = 64  # items held for the trio thread before they are sent without a wait
+HELD_EVENTS_LIMIT = 64  # events held for a crossing before they are sent on their own
 EVENT_OVERHEAD = 64  # bytes an event costs beyond its text: empty messages are not free
 WAIT_ANY, WAIT_ALL = 0, 1
 WASI_ERRNO_NOTSUP = 58
@@ -69,8 +69,7 @@ class HostCalls:
         self.issued: set[int] = set()  # submit handles not yet taken
         self.return_value: str | None = None
         self.posted_bytes = 0  # output handed to the trio thread so far (or held for it)
-        # Work for the trio thread (requests, events) held until the guest's next crossing.
-        self._outbox: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._held: list[tuple[dict[str, Any], int]] = []  # events waiting for a crossing
         self._next_handle = 1
         self._next_call = -1  # `call` uses negative handles: they never collide with submit's
         self._encoded: dict[int, bytes] = {}  # responses that did not fit, kept for a retry
@@ -108,7 +107,7 @@ class HostCalls:
             self._next_call -= 1
             ready = self.ready
             self._post(self.host.handle_request, handle, request)
-            self._block_until(lambda: handle in ready)
+            self._block_until(lambda: handle in ready)  # one crossing: both go in one batch
             response = ready.pop(handle)
         encoded = _encode(response)
         if len(encoded) > _unsigned(resp_cap):
@@ -188,11 +187,10 @@ class HostCalls:
 
     def flush_output(self) -> None:
         """At exit: forward the events held, including an incomplete UTF-8 sequence the guest
-        left (as U+FFFD). Requests still held are dropped: nobody will wait for them."""
+        left (as U+FFFD)."""
         try:
             for stream, decoder in self._decoders.items():
                 self._emit_text(stream, decoder.decode(b"", final=True))
-            self._outbox = [(fn, args) for fn, args in self._outbox if fn == self.host.emit]
             self.flush()
         except Stopped:
             pass
@@ -211,29 +209,28 @@ class HostCalls:
         if self.output_backlog() > self.limits.output_backlog_bytes:
             self._block_until(self.output_drained)
         self.posted_bytes += nbytes
-        self._post(self.host.emit, event, nbytes)
-
-    # Crossings. Every post to the trio thread writes to trio's wake-up socket, a system call
-    # that releases the GIL; with dozens of guests each release can cost a whole GIL switch
-    # interval. So work for the trio thread is held until the guest next waits (a generation
-    # step's forward and `send` travel with the wait for the forward: one crossing per token),
-    # until OUTBOX_LIMIT items pile up, or until the next epoch tick (10 ms) for a guest that
-    # keeps computing without a host call.
-
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._outbox.append((fn, args))
-        if len(self._outbox) >= OUTBOX_LIMIT:
+        self._held.append((event, nbytes))
+        if len(self._held) >= HELD_EVENTS_LIMIT:
             self.flush()
 
+    # Crossings. Requests go to the trio thread at once; events (`send`, prints) are held until
+    # the guest's next post or wait, so a generation step's text travels with its next forward
+    # and costs no wake-up of its own. A guest that keeps computing without a host call has its
+    # events flushed at the next epoch tick (10 ms), or once HELD_EVENTS_LIMIT pile up.
+
     def flush(self) -> None:
-        """Hand everything held to the trio thread now."""
-        if self._outbox:
-            batch, self._outbox = self._outbox, []
-            self.bridge.post(run_batch, batch)
+        """Hand the events held to the trio thread now."""
+        if self._held:
+            held, self._held = self._held, []
+            self.bridge.post(_emit_all, self.host, held)
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.flush()
+        self.bridge.post(fn, *args)
 
     def _block_until(self, condition: Callable[[], bool]) -> None:
-        batch, self._outbox = self._outbox, []
-        self.bridge.block_until(condition, batch)
+        self.flush()
+        self.bridge.block_until(condition)
 
     def output_backlog(self) -> int:
         """Bytes of output handed over that the client has not read yet (as last counted)."""
@@ -361,10 +358,9 @@ def _encode_shared(value: list) -> bytes:
     return encoded
 
 
-def run_batch(batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
-    """On the trio thread: what a guest held for it, in the order the guest did it."""
-    for fn, args in batch:
-        fn(*args)
+def _emit_all(host: Host, events: list[tuple[dict[str, Any], int]]) -> None:
+    for event, nbytes in events:
+        host.emit(event, nbytes)
 
 
 # -- raw memory access -------------------------------------------------------------------

@@ -1,30 +1,73 @@
-"""The crossing between one guest thread and the trio thread.
+"""The crossing between the guest threads and the trio thread.
 
-`trio.from_thread.run` costs 70–130 µs per blocking call; this lean bridge costs about half:
-the guest thread enqueues work with `TrioToken.run_sync_soon` (no waiting), and when it must
-wait it parks on a per-instance lock that the trio thread releases once a condition holds.
-Fire-and-forget posts keep their order (the token's queue is FIFO), so a `submit` posted before
-a `wait` is always seen first. Most generated tokens therefore cost one blocking crossing: the
-forward is posted, then the guest waits for its result.
+`trio.from_thread.run` costs 70–130 µs per blocking call. The lean way used here: a guest thread
+hands work to the trio thread through the runtime's `Mailbox` without waiting, and when it must
+wait it parks on a per-instance lock (its `Bridge`) that the trio thread releases once a
+condition holds. A generation step is thus one blocking crossing: post the forward, park until
+its result is in.
+
+Why a mailbox of our own instead of calling `TrioToken.run_sync_soon` for every post: that call
+holds a lock across a write to trio's wake-up socket, and the write releases the GIL. With
+dozens of guest threads posting at once they convoy on that lock, each waiting up to a GIL
+switch interval (5 ms) per post. The mailbox is a deque (appends are atomic) and wakes trio
+once per batch: only the first post after a drain calls `run_sync_soon`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from pie_trio.runtime.sandbox import Guard, Termination
 
+log = logging.getLogger(__name__)
+
 Condition = Callable[[], bool]
-Batch = Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+Job = tuple[Callable[..., Any], tuple[Any, ...]]
+DRAIN_BATCH = 1024  # jobs run per drain before trio gets a turn at its other tasks
+
+
+class Mailbox:
+    """Work from every guest thread of one runtime for the trio thread, run in posting order."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken):
+        self._token = token
+        self._jobs: deque[Job] = deque()
+        self._scheduled = False  # a drain is queued in trio and has not started yet
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Any thread: run `fn(*args)` on the trio thread soon. Raises trio.RunFinishedError
+        when the trio run is over."""
+        self._jobs.append((fn, args))
+        # A drain resets the flag before it takes jobs, so a job appended while the flag is
+        # still set is always taken by that drain; otherwise we schedule one.
+        if not self._scheduled:
+            self._scheduled = True
+            self._token.run_sync_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        for _ in range(min(len(self._jobs), DRAIN_BATCH)):
+            fn, args = self._jobs.popleft()
+            try:
+                fn(*args)
+            except Exception:  # one instance's bug must not take trio (and everyone) down
+                log.exception("runtime callback %r failed", fn)
+        if self._jobs and not self._scheduled:
+            self._scheduled = True
+            self._token.run_sync_soon(self._drain)
 
 
 class Bridge:
-    def __init__(self, token: trio.lowlevel.TrioToken, guard: Guard):
-        self._token = token
+    """One instance's way to wait for the trio thread."""
+
+    def __init__(self, mailbox: Mailbox, guard: Guard):
+        self._mailbox = mailbox
         self._guard = guard
         self._wake = threading.Lock()
         self._wake.acquire()  # held while nobody is released: acquiring again parks the guest
@@ -35,20 +78,19 @@ class Bridge:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the trio thread soon; returns at once."""
         try:
-            self._token.run_sync_soon(fn, *args)
+            self._mailbox.post(fn, *args)
         except trio.RunFinishedError:
             # The trio run ended under us: nothing will ever answer, so stop the guest.
             self._guard.request_stop(Termination("evicted", "the runtime stopped"))
             self._guard.raise_if_stopping()
 
-    def block_until(self, condition: Condition, before: Batch = ()) -> None:
+    def block_until(self, condition: Condition) -> None:
         """Park the guest thread until `condition()` (evaluated on the trio thread) holds.
 
-        The calls in `before` run on the trio thread first, in order: requests and the wait
-        for their answers then cost one crossing. Raises `Stopped` if the instance is stopping.
+        Work posted before runs first. Raises `Stopped` if the instance is being stopped.
         """
         self._guard.raise_if_stopping()
-        self.post(self._park, condition, before)
+        self.post(self._park, condition)
         self._wake.acquire()
         self._guard.raise_if_stopping()
 
@@ -65,9 +107,7 @@ class Bridge:
         if self._condition is not None:
             self._release()
 
-    def _park(self, condition: Condition, before: Batch) -> None:
-        for fn, args in before:
-            fn(*args)
+    def _park(self, condition: Condition) -> None:
         if self._guard.stopping or condition():
             self._wake.release()
         else:

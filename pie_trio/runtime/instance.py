@@ -32,7 +32,7 @@ import trio
 
 import pie_trio
 from pie_trio.runtime.abi import HostCalls
-from pie_trio.runtime.bridge import Bridge
+from pie_trio.runtime.bridge import Bridge, Mailbox
 from pie_trio.runtime.guest import GuestThread, ThreadStarter
 from pie_trio.runtime.programs import Program
 from pie_trio.runtime.sandbox import Guard, Limits, Termination, limit_hit
@@ -57,7 +57,7 @@ class Instance:
 
     def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
                  args: Sequence[str], limits: Limits, ctl: Any, models: list[str],
-                 on_end: Callable[[Instance], None], starter: ThreadStarter):
+                 on_end: Callable[[Instance], None], starter: ThreadStarter, mailbox: Mailbox):
         self.id = instance_id
         self.owner = owner
         self.program = program.hash
@@ -79,7 +79,7 @@ class Instance:
         self._unread: deque[int] = deque()  # sizes of emitted events the client has not read
         self._watching_backlog = False
         self.guard = Guard(limits, program.engine)
-        self.bridge = Bridge(trio.lowlevel.current_trio_token(), self.guard)
+        self.bridge = Bridge(mailbox, self.guard)
         answers = {"version": pie_trio.__version__, "instance_id": instance_id,
                    "args": list(args), "models": list(models)}
         # The guest side refers back to this object weakly: with no reference cycles an ended

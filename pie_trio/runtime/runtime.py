@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from pie_trio.runtime.bridge import Mailbox
 from pie_trio.runtime.guest import ThreadStarter
 from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramStore
@@ -43,6 +44,7 @@ class Runtime:
         self.ended: Counter[str] = Counter()  # terminations by reason
         self._nursery: trio.Nursery | None = None
         self._starter: ThreadStarter | None = None
+        self._mailbox: Mailbox | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The starter outlives every instance task: a guest queued for a thread still gets one
@@ -52,6 +54,7 @@ class Runtime:
                 nursery.start_soon(tick_epochs, self.programs.engine)
                 try:
                     async with trio.open_nursery() as instances:
+                        self._mailbox = Mailbox(trio.lowlevel.current_trio_token())
                         self._nursery, self._starter = instances, starter
                         task_status.started()
                         await trio.sleep_forever()
@@ -76,13 +79,14 @@ class Runtime:
             compiled = self.programs.get(program)
         else:  # compiling (a built-in's first use) or reading the disk: off the trio thread
             compiled = await trio.to_thread.run_sync(self.programs.get, program)
-        if self._nursery is None or self._starter is None:  # stopped while compiling
+        if self._nursery is None or self._starter is None or self._mailbox is None:
             raise RuntimeError("the runtime stopped")
         instance_id = uuid.uuid4().hex
         instance = Instance(
             instance_id=instance_id, owner=owner, program=compiled, program_name=program,
             args=args, limits=limits or self.limits, ctl=self.controller.attach(instance_id),
-            models=self.models, on_end=self._forget, starter=self._starter)
+            models=self.models, on_end=self._forget, starter=self._starter,
+            mailbox=self._mailbox)
         self.instances[instance_id] = instance
         self.launched += 1
         try:
