@@ -27,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -55,13 +56,13 @@ def load_runner(model: str, pages: int):
 
 
 @asynccontextmanager
-async def stack(runner, programs, limits):
+async def stack(runner, programs, limits, policy: str, k: int, t: float):
     from pie_trio.control.controller import Controller
     from pie_trio.executor.executor import Executor
     from pie_trio.runtime.runtime import Runtime
 
     async with trio.open_nursery() as lower:
-        executor = Executor(runner)
+        executor = Executor(runner, policy, k=k, t=t)
         await lower.start(executor.run)
         controller = Controller(executor, runner.info, runner.tokenizer)
         await lower.start(controller.run)
@@ -195,12 +196,17 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
     results = {}
     for count in sequences:
         runs: dict[str, list[tuple[float, float]]] = {"direct": [], "inferlet": []}
+        batches: dict[str, Counter[int]] = {"direct": Counter(), "inferlet": Counter()}
         for repeat in range(repeats):
+            before = Counter(executor.stats.forward_calls)
             direct = await concurrently(count, lambda i: direct_sequence(
                 executor, prompt_tokens, max_tokens, f"direct{i}"))
             runs["direct"].append(per_token(direct, max_tokens))
+            middle = Counter(executor.stats.forward_calls)
             inferlet = await concurrently(count, lambda i: inferlet_sequence(runtime, max_tokens))
             runs["inferlet"].append(per_token(inferlet, max_tokens))
+            batches["direct"] += middle - before
+            batches["inferlet"] += Counter(executor.stats.forward_calls) - middle
             log(f"  {count:2d} sequences, run {repeat + 1}/{repeats}: decode "
                 f"{runs['direct'][-1][0] * 1e3:.2f} ms/token direct, "
                 f"{runs['inferlet'][-1][0] * 1e3:.2f} ms/token inferlet")
@@ -215,11 +221,20 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             "direct_e2e_ms_per_token": round(direct_e2e * 1e3, 3),
             "inferlet_e2e_ms_per_token": round(inferlet_e2e * 1e3, 3),
             "e2e_ratio": round(inferlet_e2e / direct_e2e, 3),
+            # Forward calls per executor batch: how well the sequences stayed in lockstep.
+            "direct_mean_batch": round(_mean_batch(batches["direct"]), 2),
+            "inferlet_mean_batch": round(_mean_batch(batches["inferlet"]), 2),
         }
         r = results[str(count)]
         log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode, "
-            f"{r['e2e_ratio']:.3f}x end to end")
+            f"{r['e2e_ratio']:.3f}x end to end; mean forward batch {r['direct_mean_batch']} "
+            f"direct, {r['inferlet_mean_batch']} inferlet")
     return results
+
+
+def _mean_batch(sizes: Counter[int]) -> float:
+    batches = sum(sizes.values())
+    return sum(size * n for size, n in sizes.items()) / batches if batches else 0.0
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -246,7 +261,9 @@ async def main_async(args: argparse.Namespace) -> dict:
     repeats = 1 if args.quick else args.repeats
     record: dict = {"model": runner.info.name, "device": runner.info.device,
                     "dtype": runner.info.dtype, "quick": args.quick}
-    async with stack(runner, programs, Limits()) as (executor, controller, runtime):
+    record["policy"] = args.policy
+    async with stack(runner, programs, Limits(), args.policy, args.k, args.t) as (
+            executor, controller, runtime):
         log("per-call overhead:")
         record["calls"] = await bench_calls(runtime, guests, calls)
         log("spawn time (launch to terminated, all at once):")
@@ -273,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating runs per configuration; the median is kept (default 3)")
     parser.add_argument("--pages", type=int, default=1024, help="KV pages (default 1024)")
+    parser.add_argument("--policy", default="adaptive", choices=("adaptive", "k", "t", "kort"),
+                        help="the executor's batching policy (default adaptive, as served)")
+    parser.add_argument("--k", type=int, default=32, help="k of the k/kort policies")
+    parser.add_argument("--t", type=float, default=0.002, help="t (seconds) of the t/kort policies")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
     args = parser.parse_args(argv)
     record = trio.run(main_async, args)

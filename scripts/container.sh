@@ -29,4 +29,4 @@ PY=".venv/bin/python"; [ -x "$PY" ] || PY=python3
 
 echo "container: building $IMAGE"
 podman build -q -t "$IMAGE" -f Containerfile .
-echo "container: built $IMAGE. Run: podman run --rm -p 8080:8080 -p 9123:9123 $IMAGE"
+echo "container: built $IMAGE. Run: podman run --rm -p 8080:8080 -p 8081:8081 $IMAGE"
