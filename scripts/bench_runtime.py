@@ -7,7 +7,8 @@ Three measurements, each on the real stack (executor + controller + runtime) in 
 
 1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
    control layer answers: one guest→trio→guest round trip each. For comparison, N `call`s of
-   `version` (tests/guests/local.wat), which the runtime answers in the guest thread.
+   `version` (tests/guests/local.wat), which the runtime answers in the guest thread. Also how
+   much CPU a spinning guest (tests/guests/spin.wat) gets past a 0.5 s CPU budget.
 2. spawn time: launch K trivial guests at once (tests/guests/exit.wat) and wait until every one
    has terminated, for K = 1, 4, 16, 64, 256, 1024.
 3. the cost of programmability: the built-in text-completion inferlet against direct generation
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -97,6 +99,18 @@ async def bench_calls(runtime, guests: dict[str, str], calls: int) -> dict:
         results[name] = round(elapsed / calls * 1e6, 2)
         log(f"  {guest:5s}: {results[name]:8.2f} µs per call ({calls} calls)")
     return results
+
+
+async def bench_cpu_limit(runtime, guests: dict[str, str], budget: float) -> dict:
+    """How far past its CPU budget a spinning guest gets before it is stopped."""
+    from pie_trio.runtime.sandbox import Limits
+
+    end = await run_to_end(await runtime.launch(guests["spin"], [], "bench",
+                                                limits=Limits(cpu_time=budget)))
+    assert end.get("limit") == "cpu_time", end
+    used = float(re.search(r"ran ([0-9.]+) s of CPU", end["detail"]).group(1))
+    log(f"  spin with a {budget} s CPU budget: stopped after {used:.3f} s of CPU")
+    return {"budget_s": budget, "used_s": used, "overshoot_ms": round((used - budget) * 1e3, 1)}
 
 
 # -- 2. spawn time --------------------------------------------------------------------------
@@ -248,7 +262,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     runner = load_runner(model, pages=args.pages)
     programs = ProgramStore(memory_only=True)
     guests = {name: programs.add(wasmtime.wat2wasm((GUESTS / f"{name}.wat").read_text()))
-              for name in ("ping", "local", "exit")}
+              for name in ("ping", "local", "exit", "spin")}
     log("compiling text-completion ...")
     programs.get("text-completion")
     # As a server process should: what is alive now (model, tokenizer, modules) lives for
@@ -266,6 +280,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             executor, controller, runtime):
         log("per-call overhead:")
         record["calls"] = await bench_calls(runtime, guests, calls)
+        record["cpu_limit"] = await bench_cpu_limit(runtime, guests, 0.5)
         log("spawn time (launch to terminated, all at once):")
         record["spawn"] = await bench_spawn(runtime, guests, counts)
         log(f"cost of programmability ({max_tokens} tokens per sequence, greedy):")

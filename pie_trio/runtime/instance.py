@@ -98,6 +98,8 @@ class Instance:
         """Stop the instance (it ends with `reason`); returns at once. No-op once it has ended."""
         if reason not in KILL_REASONS:
             raise ValueError(f"kill reason must be one of {KILL_REASONS}, got {reason!r}")
+        if self._exited.is_set():
+            return
         default = {"killed": "killed by its owner", "evicted": "evicted by the server",
                    "client_gone": "the client went away"}[reason]
         if self.guard.request_stop(Termination(reason, detail or default)):

@@ -168,7 +168,7 @@ class Guard:
         if used <= self.limits.cpu_time:
             return False
         self.request_stop(limit_hit(
-            "cpu_time", f"the guest ran {used:.2f} s of CPU without returning to the host "
+            "cpu_time", f"the guest ran {used:.3f} s of CPU without returning to the host "
             f"(limit {self.limits.cpu_time:g} s)"))
         return True
 
