@@ -67,8 +67,6 @@ STAGE_OF = {kind: i for i, kind in enumerate(STAGES)}
 RECENT_BATCHES = 256  # forward batches kept in `stats.recent_forwards` for inspection
 # Scheduling passes a tick waits after answering its callers, for their next calls (see _settle).
 SETTLE_PASSES = 8
-# ... and then how long it waits at most for callers in other threads (see _settle).
-SETTLE_SECONDS = 0.002
 
 
 @dataclass(eq=False)
@@ -379,29 +377,18 @@ class Executor:
             await self._settle(resolved)
 
     async def _settle(self, resolved: int) -> None:
-        """Give the callers just answered a moment to submit their next calls.
+        """Give the callers just answered a few scheduling passes to submit their next calls.
 
-        A caller answered now typically submits its next forward within two or three scheduling
-        passes (a few more when it allocates a page first). Planning at once would split the
-        callers into two groups that then alternate forever, each forward half full. Callers in
-        other threads (inferlet guests) come back through the trio token, which takes longer
-        than a few passes, so after the passes the scheduler waits for arrivals, at most
-        SETTLE_SECONDS. Either wait stops as soon as every answered caller is back; callers
-        that are done never come back, which costs at most SETTLE_SECONDS on that tick.
+        A caller answered now typically submits its next forward within two or three passes (a
+        few more when it allocates a page first). Planning at once would split the callers into
+        two groups that then alternate forever, each forward half full. Waiting for passes, not
+        for time, costs microseconds, and stops as soon as every answered caller is back.
         """
         admitted_before = self._admitted
-
-        def all_back() -> bool:
-            return self._admitted - admitted_before >= resolved
-
         for _ in range(SETTLE_PASSES):
-            if all_back():
+            if self._admitted - admitted_before >= resolved:
                 return
             await trio.lowlevel.checkpoint()
-        with trio.move_on_after(SETTLE_SECONDS):
-            while not all_back():
-                self._arrived = trio.Event()
-                await self._arrived.wait()
 
     # ---- planning (trio thread) --------------------------------------------------------------
 
