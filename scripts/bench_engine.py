@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: transformers' GGUF bars
+# Both engines run under the OpenMP wait policy pie-trio serves with (see pie_trio/__init__.py);
+# it must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import trio  # noqa: E402
