@@ -5,7 +5,7 @@
 # Usage: scripts/demo.sh ["PROMPT"] [MAX_TOKENS]      (after scripts/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROMPT="${1:-What is the capital of France? Answer in one sentence, then tell me one fact about it.}"
+PROMPT="${1:-Write a short story about a robot who learns to paint.}"
 MAX_TOKENS="${2:-96}"
 PORT="${PIE_TRIO_DEMO_PORT:-8080}"
 BIN="${PIE_TRIO_BIN:-.venv/bin/pie-trio}"
