@@ -51,6 +51,9 @@ BUILTINS = ("text-completion", "parallel-generation", "beam-search")
 
 DEBIAN_RUSTC = Path("/usr/bin/rustc")
 DEBIAN_CARGO = Path("/usr/bin/cargo")
+# Debian's rustc ships `rust-lld` as a link into lld-14, which it only recommends: without that
+# package the link dangles and every wasm32 build fails at the link step.
+DEBIAN_LINKER = Path("/usr/bin/rust-lld")
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
 DEBIAN_CRATES = ("serde", "serde_derive", "rmp-serde", "rmp")
 
@@ -91,6 +94,8 @@ def debian_toolchain_missing() -> list[str]:
         missing.append("the wasm32-wasi standard library (apt: libstd-rust-dev-wasm32)")
     if not DEBIAN_CARGO.exists():
         missing.append(f"{DEBIAN_CARGO} (apt: cargo)")
+    if not DEBIAN_LINKER.exists():  # exists() follows the link: False when it dangles
+        missing.append(f"the wasm32 linker {DEBIAN_LINKER} (apt: lld-14)")
     for crate in DEBIAN_CRATES:
         if not any(DEBIAN_REGISTRY.glob(f"{crate}-[0-9]*")):
             missing.append(f"crate {crate} in {DEBIAN_REGISTRY} (apt: librust-{crate}-dev)")
@@ -115,9 +120,15 @@ def rustup_toolchain() -> Toolchain | None:
 def find_toolchain() -> Toolchain:
     toolchain = debian_toolchain() or rustup_toolchain()
     if toolchain is None:
+        missing = debian_toolchain_missing()
+        if DEBIAN_RUSTC.exists() and missing:  # a partial Debian install: name what it lacks
+            raise BuildError(
+                "Debian's Rust toolchain for wasm32-wasi is incomplete; missing: "
+                + "; ".join(missing) + " (scripts/setup.sh installs all of it)"
+            )
         raise BuildError(
             "no Rust toolchain for WebAssembly: install Debian's (apt-get install rustc cargo "
-            "libstd-rust-dev-wasm32 librust-serde-dev librust-serde-derive-dev "
+            "libstd-rust-dev-wasm32 lld-14 librust-serde-dev librust-serde-derive-dev "
             "librust-rmp-serde-dev) or run `rustup target add wasm32-wasip1`"
         )
     return toolchain

@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(rustc cargo libstd-rust-dev-wasm32 librust-serde-dev librust-serde-derive-dev
+# lld-14 provides the `rust-lld` linker of Debian's wasm32 target; libstd-rust-dev-wasm32 only
+# recommends it, so --no-install-recommends would leave it out.
+APT_PACKAGES=(rustc cargo libstd-rust-dev-wasm32 lld-14 librust-serde-dev librust-serde-derive-dev
               librust-rmp-serde-dev)
 
 install_rust_toolchain() {

@@ -5,3 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check pie_trio kernels tests scripts
 .venv/bin/python -m pytest -q -ra --durations=15 "$@"
+# The real-model correctness tests again with torch held to its AVX2 kernels, as on a CPU without
+# AVX-512: the default dtype and the kernels differ there, and a fault must not hide behind the
+# kind of CPU CI happened to get.
+if [ $# -eq 0 ]; then
+    echo "test.sh: real-model correctness under ATEN_CPU_CAPABILITY=avx2"
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q -ra \
+        tests/test_model_real.py tests/test_model_hardware.py \
+        "tests/test_runtime_inferlets.py::test_text_completion_equals_direct_generation_on_the_real_model"
+fi

@@ -60,6 +60,13 @@ def test_settings_precedence(tmp_path, monkeypatch):
     assert config.api_keys == {"bob": "k2"} and config.auth_enabled
 
 
+def test_port_is_an_alias_of_http_port():
+    """`--port`, as vLLM, SGLang and llama-server spell it."""
+    for flag in ("--port", "--http-port"):
+        config = config_from_args(build_parser().parse_args(["serve", flag, "9100"]))
+        assert config.http_port == 9100
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["serve", "--http-port", "99999"], "out of range"),
     (["serve", "--batch-policy", "sometimes"], "expected one of"),

@@ -165,28 +165,71 @@ def hf_greedy_outputs(fp32_runner, hf_model) -> dict[str, list[int]]:
     return outputs
 
 
-def test_chat_answer_matches_transformers(fp32_runner, hf_greedy_outputs):
-    """One sequence alone (the single-sequence decode path)."""
-    chat = fp32_runner.tokenizer.render_chat(CHAT)
-    (ours,) = generate(fp32_runner, [fp32_runner.tokenizer.encode(chat)], 12)
+def test_chat_answer_matches_transformers(dtype_runner, hf_greedy_outputs):
+    """One sequence alone (the single-sequence decode path), in every served dtype against the
+    fp32 reference: logits are computed in fp32 (the final norm and the LM head), so bf16's
+    coarse rounding cannot turn the near-tie of this answer's first token ("The" 25.33 vs "L"
+    25.24 in fp32) into an equality that argmax would break by index."""
+    tokenizer = dtype_runner.tokenizer
+    chat = tokenizer.render_chat(CHAT)
+    (ours,) = generate(dtype_runner, [tokenizer.encode(chat)], 12)
     assert ours == hf_greedy_outputs[chat]
     # The known answer, as a sanity check on the reference itself.
-    assert fp32_runner.tokenizer.decode(ours) == "The capital of France is Paris."
+    assert tokenizer.decode(ours) == "The capital of France is Paris."
 
 
-def test_batched_greedy_matches_transformers(fp32_runner, hf_greedy_outputs):
+# bf16 moves this model's logits by up to ~0.3 from fp32 (measured on the prompts below), so a
+# bf16 run may leave the fp32 path where fp32's two best candidates are closer than this.
+BF16_TIE = 0.5
+
+
+def agrees_until_a_near_tie(ours: list[int], reference: list[int], logits: torch.Tensor) -> bool:
+    """Whether `ours` equals `reference`, or leaves it only where the reference's two best
+    candidates were within BF16_TIE of each other (`logits`: fp32, one row per step)."""
+    for step, (mine, theirs) in enumerate(zip(ours, reference, strict=False)):
+        if mine != theirs:
+            best = torch.topk(logits[step], 2).values
+            return (best[0] - best[1]).item() < BF16_TIE and logits[step][mine] >= best[1]
+    return len(ours) == len(reference)
+
+
+def test_batched_greedy_matches_transformers(dtype_runner, hf_model, hf_greedy_outputs):
     """Several prompts together: one ragged prefill, then batched decode steps (padded to
-    the longest context), each sequence stopping on its own."""
-    texts = [*PROMPTS, fp32_runner.tokenizer.render_chat(CHAT)]
-    prompts = [fp32_runner.tokenizer.encode(t) for t in texts]
-    assert generate(fp32_runner, prompts, 12) == [hf_greedy_outputs[t] for t in texts]
+    the longest context), each sequence stopping on its own.
+
+    fp32 must equal transformers' fp32 greedy text exactly. bf16 must too, except where the
+    fp32 reference itself was nearly tied: a batch's shapes change bf16 rounding (on the AVX2
+    kernels "The three primary colors are" leaves the reference at its 9th token, where fp32's
+    top two are 0.02 apart), and that is rounding, not a fault."""
+    texts = [*PROMPTS, dtype_runner.tokenizer.render_chat(CHAT)]
+    prompts = [dtype_runner.tokenizer.encode(t) for t in texts]
+    outputs = generate(dtype_runner, prompts, 12)
+    for prompt, text, ours in zip(prompts, texts, outputs, strict=True):
+        reference = hf_greedy_outputs[text]
+        if dtype_runner.dtype == torch.float32:
+            assert ours == reference, text
+        else:
+            logits = hf_logits(hf_model, prompt + reference)[len(prompt) - 1 :]
+            assert agrees_until_a_near_tie(ours, reference, logits), (text, ours, reference)
 
 
-def test_bf16_default_runner_answers(real_runner):
-    """The served configuration (bf16) gives the known greedy answers."""
-    tokenizer = real_runner.tokenizer
+def test_served_dtype_answers(dtype_runner):
+    """The known greedy answers, in whatever dtype the runner computes."""
+    tokenizer = dtype_runner.tokenizer
     chat = tokenizer.encode(tokenizer.render_chat(CHAT))
     story = tokenizer.encode("Once upon a time")
-    answer, continuation = generate(real_runner, [chat, story], 12)
+    answer, continuation = generate(dtype_runner, [chat, story], 12)
     assert tokenizer.decode(answer) == "The capital of France is Paris."
     assert tokenizer.decode(continuation).startswith(", the city of Nova Haven")
+
+
+def test_logits_are_fp32_in_every_dtype(dtype_runner):
+    """Near-ties survive: the two best candidates of the Paris answer stay distinct."""
+    tokenizer = dtype_runner.tokenizer
+    ids = tokenizer.encode(tokenizer.render_chat(CHAT))
+    call = Forward(owner="t", kv_pages=[0, 1, 2], last_page_len=len(ids) - 32,
+                   positions=list(range(len(ids))), tokens=ids, output_indices=[len(ids) - 1])
+    (logits,) = dtype_runner.logits([call])
+    assert logits.dtype == torch.float32
+    the, l_token = tokenizer.encode("The")[0], tokenizer.encode("L")[0]
+    assert logits[the] > logits[l_token]

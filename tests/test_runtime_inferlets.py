@@ -28,10 +28,11 @@ def messages(outcome) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["Once upon a time", "The three primary colours are"])
-async def test_text_completion_equals_direct_generation_on_the_real_model(real_runner, prompt):
-    """What `pie-trio complete` prints (direct generation) is what the inferlet returns."""
-    tokenizer = real_runner.tokenizer
-    async with running_stack(real_runner) as stack:
+async def test_text_completion_equals_direct_generation_on_the_real_model(dtype_runner, prompt):
+    """What `pie-trio complete` prints (direct generation) is what the inferlet returns, in the
+    default dtype and in bf16 and fp32 explicitly."""
+    tokenizer = dtype_runner.tokenizer
+    async with running_stack(dtype_runner) as stack:
         reference = await complete(stack.executor, tokenizer.encode(prompt), max_tokens=32,
                                    owner="reference")
         outcome = await finish(await stack.launch(

@@ -1,12 +1,14 @@
 """End to end on the real model (SmolLM2-135M-Instruct): the official `openai` client streams a
 chat answer, and the built-in text-completion inferlet, uploaded as bytes over the WebSocket and
-over TCP, streams its tokens. One server for the module, on the session's shared model."""
+over TCP, streams its tokens. One server for the module, on the session's shared model in
+the dtype the server would choose for this CPU."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 import trio
+from conftest import load_real_runner
 from test_server_support import BUILTIN_TEXT_COMPLETION, background_server
 
 from pie_trio.client import connect
@@ -17,8 +19,9 @@ GREEDY_START = ", the city of Nova Haven"  # SmolLM2-135M-Instruct's greedy "Onc
 
 
 @pytest.fixture(scope="module")
-def server(real_runner):
-    with background_server(real_runner) as server:
+def server():
+    # The model in the dtype `pie-trio serve` picks on this CPU, as a user would get it.
+    with background_server(load_real_runner("default")) as server:
         yield server
 
 

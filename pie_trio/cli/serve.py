@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             parser.add_argument(flag, dest=field.name, action="append", metavar="TENANT:KEY",
                                 help=field.metadata["help"])
         else:
-            parser.add_argument(flag, dest=field.name, metavar=field.name.upper(),
+            aliases = field.metadata.get("aliases", ())
+            parser.add_argument(flag, *aliases, dest=field.name, metavar=field.name.upper(),
                                 help=_help(field))
     parser.set_defaults(func=main)
 

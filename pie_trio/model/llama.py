@@ -76,9 +76,13 @@ class LlamaModel:
             return tensors[name].to(device=device, dtype=dtype).contiguous()
 
         self.embed_tokens = take("model.embed_tokens.weight")
-        self.norm = take("model.norm.weight")
+        # The final norm and the LM head run in fp32 whatever `dtype` is: at a logit of ~25 bf16
+        # resolves only 0.125, so near-tied candidates (0.09 apart in the default model's answer
+        # to a reference question) would come out equal and greedy decoding would pick by index.
+        self.norm = tensors["model.norm.weight"].to(device=device, dtype=torch.float32)
         tied = config.tie_embeddings or "lm_head.weight" not in tensors
-        self.lm_head = ops.pack_linear(self.embed_tokens if tied else take("lm_head.weight"))
+        head = tensors["model.embed_tokens.weight" if tied else "lm_head.weight"]
+        self.lm_head = ops.pack_linear(head.to(device=device, dtype=torch.float32).contiguous())
         self.layers = [self._layer(tensors, i, take) for i in range(config.num_layers)]
         inv_freq = rope_inv_freq(config, tensors.get("rope_freqs"))
         self.rope_cos, self.rope_sin = ops.rotary_tables(
@@ -153,8 +157,9 @@ class LlamaModel:
         return self.logits(hidden.index_select(0, batch.output_rows))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return ops.linear(x, self.lm_head).float()
+        """fp32 logits `[rows, vocab]` of final hidden states (norm and head in fp32)."""
+        x = ops.rms_norm(hidden.float(), self.norm, self.config.rms_norm_eps)
+        return ops.linear(x, self.lm_head)
 
     # -- attention -----------------------------------------------------------------------------
 

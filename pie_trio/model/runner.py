@@ -16,6 +16,7 @@ from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskK
 from pie_trio.model.batch import build_batch
 from pie_trio.model.checks import Limits, check_call
 from pie_trio.model.config import ModelConfig
+from pie_trio.model.hardware import choose_dtype, log_choice, resolve_device
 from pie_trio.model.kv_cache import (
     DEFAULT_EMBED_SLOTS,
     KvCache,
@@ -26,15 +27,6 @@ from pie_trio.model.llama import LlamaModel
 from pie_trio.model.sampling import results_for
 from pie_trio.model.tokenizer import Tokenizer
 from pie_trio.model.weights import load_model_files
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
 
 
 @dataclass(frozen=True)
@@ -59,23 +51,6 @@ class ModelInfo:
     eos_token_id: int | None = None
     dtype: str = ""
     device: str = ""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 unless told otherwise: on CUDA, and on CPUs with AVX-512 BF16 it is also fastest."""
-    if dtype is None:
-        return torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 class ModelRunner:
@@ -154,7 +129,9 @@ class ModelRunner:
         (default: 512 MiB on CPU, half the free memory on CUDA).
         """
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        choice = choose_dtype(dtype, device)
+        log_choice(device, choice)
+        dtype = choice.dtype
         loaded = load_model_files(model, dtype)
         return cls(
             loaded.name,

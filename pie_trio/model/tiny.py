@@ -12,7 +12,8 @@ from functools import lru_cache
 import torch
 
 from pie_trio.model.config import ModelConfig
-from pie_trio.model.runner import ModelRunner, resolve_dtype
+from pie_trio.model.hardware import choose_dtype
+from pie_trio.model.runner import ModelRunner
 from pie_trio.model.tokenizer import Tokenizer
 from pie_trio.model.weights import DEFAULT_MODEL_NAME, default_model_path, read_gguf_metadata
 
@@ -109,7 +110,7 @@ def tiny_runner(
         tiny_tensors(config, seed),
         default_tokenizer(),
         device=device,
-        dtype=resolve_dtype(dtype, device),
+        dtype=choose_dtype(dtype, device).dtype,
         num_pages=num_pages,
         page_size=page_size,
         num_slots=num_slots,

@@ -47,6 +47,9 @@ _GGUF_LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
+# Loaded in fp32 whatever the model's dtype: RoPE factors scale angles, not activations, and the
+# embedding matrix doubles as the LM head (tied), which computes logits in fp32.
+_FP32_TENSORS = ("rope_freqs", "model.embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass
@@ -122,8 +125,7 @@ def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
             weights = _unpermute_rotary(weights, config.num_heads)
         elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             weights = _unpermute_rotary(weights, config.num_kv_heads)
-        # RoPE frequency factors stay fp32: they scale angles, not activations.
-        target = torch.float32 if name == "rope_freqs" else dtype
+        target = torch.float32 if name in _FP32_TENSORS else dtype
         tensors[name] = torch.from_numpy(weights).to(target)
     tokenizer = Tokenizer.from_gguf_metadata(meta, config.vocab_size)
     return LoadedModel(Path(path).stem, config, tensors, tokenizer)
@@ -191,7 +193,8 @@ def load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         with safe_open(str(file), framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.startswith(("model.", "lm_head.")) and "rotary_emb" not in name:
-                    tensors[name] = weights.get_tensor(name).to(dtype)
+                    target = torch.float32 if name in _FP32_TENSORS else dtype
+                    tensors[name] = weights.get_tensor(name).to(target)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {path}")
     tokenizer = Tokenizer.from_hf_dir(path, config.vocab_size, hf_config)
