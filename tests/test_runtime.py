@@ -262,4 +262,5 @@ async def test_randomised_lifecycles_leak_nothing(tiny_runner):
         with trio.move_on_after(15):  # trio's idle worker threads retire after 10 s
             while thread_count() > baseline_threads:
                 await trio.sleep(0.1)
-        assert thread_count() == baseline_threads
+        # Idle worker threads alive at the baseline may retire meanwhile: fewer is no leak.
+        assert thread_count() <= baseline_threads

@@ -8,17 +8,20 @@ state is only ever touched by one task at a time between checkpoints.
 Out of capacity is refused, never queued: an allocation (or a copy-on-write) that needs more
 pages than are free fails at once with ``out of KV pages: N requested, M free`` (and likewise
 ``out of embedding slots: ...``). The instance may free some and retry; nothing is evicted
-behind its back.
+behind its back. A `Tenancy` (set by the server) says which tenant owns each instance and caps
+what one tenant may hold: pages (``out of KV pages: ... its quota of Q``) and persistent
+exports, which only their tenant or an operator may remove.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from pie_trio.control.exports import ExportRegistry
+from pie_trio.control.exports import ExportPolicy, ExportRegistry
 from pie_trio.control.instance import InstanceControl
 from pie_trio.control.messaging import Topics
 from pie_trio.control.resources import PAGES, SLOTS, PhysicalPool, Releaser
@@ -29,24 +32,42 @@ from pie_trio.control.store import KeyValueStore
 class ControlLimits:
     max_queues: int = 256  # per instance, queue 0 included
     topic_buffer: int = 256  # messages buffered per subscription before broadcasts drop
+    topic_bytes: int = 16 << 20  # per instance: its subscriptions and the broadcasts buffered
     store_max_key_bytes: int = 1024
     store_max_value_bytes: int = 1 << 20
     store_max_total_bytes: int = 64 << 20
 
 
+def _no_tenant(instance_id: str) -> str:
+    return ""
+
+
+@dataclass
+class Tenancy:
+    """Who owns each instance, and what one tenant may hold. The default is one anonymous
+    tenant with no caps; the server sets `tenant_of` once its runtime exists (the runtime
+    launches every instance for an owner, the tenant)."""
+
+    tenant_of: Callable[[str], str] = _no_tenant  # instance id → tenant
+    page_quota: int | None = None  # physical KV pages charged to one tenant (None: no cap)
+    exports: ExportPolicy = field(default_factory=ExportPolicy)
+
+
 class Controller:
     def __init__(self, executor: Any, runner_info: Any, tokenizer: Any,
-                 limits: ControlLimits | None = None):
+                 limits: ControlLimits | None = None, tenancy: Tenancy | None = None):
         self.executor = executor
         self.info = runner_info
         self.tokenizer = tokenizer
         self.limits = limits or ControlLimits()
+        self.tenancy = tenancy or Tenancy()
         self.releaser = Releaser(executor)
-        self.pages = PhysicalPool(PAGES, "KV pages", executor, executor.pages, self.releaser)
+        self.pages = PhysicalPool(PAGES, "KV pages", executor, executor.pages, self.releaser,
+                                  tenant_quota=self.tenancy.page_quota)
         self.slots = PhysicalPool(SLOTS, "embedding slots", executor, executor.slots,
                                   self.releaser)
-        self.exports = ExportRegistry(self.pages)
-        self.topics = Topics(self.limits.topic_buffer)
+        self.exports = ExportRegistry(self.pages, self.tenancy.exports)
+        self.topics = Topics(self.limits.topic_buffer, self.limits.topic_bytes)
         self.store = KeyValueStore(self.limits.store_max_key_bytes,
                                    self.limits.store_max_value_bytes,
                                    self.limits.store_max_total_bytes)
@@ -81,6 +102,10 @@ class Controller:
         self._instances[instance_id] = instance
         self._nursery.start_soon(instance.serve)
         return instance
+
+    def tenant_of(self, instance_id: str) -> str:
+        """The tenant an instance runs for ("" when unknown)."""
+        return self.tenancy.tenant_of(instance_id) or ""
 
     def detach(self, instance_id: str) -> None:
         """Called by an instance once it has released everything."""

@@ -27,7 +27,7 @@ async def make_private(inst: InstanceControl, vid: int, keep_rows: int, priority
         old = inst.pages.physical(vid)  # raises if a concurrent request freed it
         if not pool.shared(old):
             return
-        [new] = await pool.allocate(1, priority)
+        [new] = await pool.allocate(1, priority, inst.controller.tenant_of(inst.id))
         try:
             if keep_rows:
                 call = CopyKv(OWNER, src_page=old, dst_page=new, src_offset=0, dst_offset=0,
@@ -50,7 +50,8 @@ def _add_pages(inst: InstanceControl, physical: list[int]) -> list[int]:
 
 async def alloc_pages(inst: InstanceControl, f: Fields, priority: int) -> list[int]:
     count = f.integer("count", low=0)
-    return _add_pages(inst, await inst.controller.pages.allocate(count, priority))
+    tenant = inst.controller.tenant_of(inst.id)
+    return _add_pages(inst, await inst.controller.pages.allocate(count, priority, tenant))
 
 
 async def free_pages(inst: InstanceControl, f: Fields, priority: int) -> None:
@@ -66,7 +67,8 @@ async def share_pages(inst: InstanceControl, f: Fields, priority: int) -> list[i
 
 async def alloc_slots(inst: InstanceControl, f: Fields, priority: int) -> list[int]:
     count = f.integer("count", low=0)
-    physical = await inst.controller.slots.allocate(count, priority)
+    physical = await inst.controller.slots.allocate(count, priority,
+                                                    inst.controller.tenant_of(inst.id))
     return [inst.slots.add(s) for s in physical]
 
 
@@ -81,11 +83,13 @@ async def export_pages(inst: InstanceControl, f: Fields, priority: int) -> None:
         raise f.error("field 'name' must not be empty")
     physical = inst.pages.resolve(f.int_list("pages"))
     persistent = f.flag("persistent", False)
-    inst.controller.exports.add(name, physical, None if persistent else inst.id)
+    inst.controller.exports.add(name, physical, None if persistent else inst.id,
+                                inst.controller.tenant_of(inst.id))
 
 
 async def unexport(inst: InstanceControl, f: Fields, priority: int) -> None:
-    inst.controller.exports.remove(f.text("name"))
+    # Only the export's tenant (or an operator) may remove it: see exports.py.
+    inst.controller.exports.remove(f.text("name"), inst.controller.tenant_of(inst.id))
 
 
 async def import_pages(inst: InstanceControl, f: Fields, priority: int) -> list[int]:

@@ -8,6 +8,11 @@ A physical id stays allocated while anything *refers* to it — a virtual id of 
 an export — or while an executor call that names it is *pinned* in flight. The second rule is
 what keeps a page from being handed to another instance while a call that writes it could still
 land in the same batch as the new owner's calls.
+
+Each physical id is *charged* to the tenant whose instance allocated it, for as long as it
+lives (whoever else shares, imports or exports it meanwhile), and a pool may cap what one tenant
+is charged (`tenant_quota`): so one tenant cannot take the whole pool, and pages that outlive
+their instance in a persistent export still count against the tenant that made them.
 """
 
 from __future__ import annotations
@@ -104,10 +109,13 @@ class PhysicalPool:
     """
 
     def __init__(self, kind: str, noun: str, executor: Any, executor_pool: Any,
-                 releaser: Releaser):
+                 releaser: Releaser, tenant_quota: int | None = None):
         self.kind = kind
         self.noun = noun  # "KV pages": the words of the out-of-capacity error
         self.capacity = executor_pool.capacity
+        self.tenant_quota = tenant_quota  # most ids charged to one tenant (None: no cap)
+        self.charged: Counter[str] = Counter()  # live ids by the tenant they are charged to
+        self._tenant_of: dict[int, str] = {}
         self._executor = executor
         self._executor_pool = executor_pool
         self._releaser = releaser
@@ -124,27 +132,46 @@ class PhysicalPool:
         """Ids the executor can hand out now, less those being allocated already."""
         return self._executor_pool.num_free - self._reserved
 
-    async def allocate(self, count: int, priority: int = 0) -> list[int]:
-        """`count` fresh ids with one reference each, or the documented out-of-capacity error."""
+    async def allocate(self, count: int, priority: int = 0, tenant: str = "") -> list[int]:
+        """`count` fresh ids with one reference each, charged to `tenant`, or the documented
+        out-of-capacity error (the tenant's quota counts as capacity)."""
         if count > self.free():
             await self._releaser.flushed()  # freed-but-not-yet-returned ids count as free
+        self._check_quota(count, tenant)
         free = self.free()
         if count > free:
             raise ControlError(f"out of {self.noun}: {count} requested, {free} free")
+        # Reserved and charged before the executor call, so concurrent allocations see them.
         self._reserved += count
+        self.charged[tenant] += count
         try:
             # Shielded: once the executor hands ids out we must record them, or they leak.
             with trio.CancelScope(shield=True):
                 ids = await self._executor.submit(
                     _ALLOC_CALLS[self.kind](OWNER, count), priority=priority
                 )
-        except CallError as exc:
-            raise ControlError(f"cannot allocate {count} {self.noun}: {exc}") from None
+        except BaseException as exc:
+            self._uncharge(tenant, count)
+            if isinstance(exc, CallError):
+                raise ControlError(f"cannot allocate {count} {self.noun}: {exc}") from None
+            raise
         finally:
             self._reserved -= count
         for i in ids:
             self._refs[i] = 1
+            self._tenant_of[i] = tenant
         return ids
+
+    def _check_quota(self, count: int, tenant: str) -> None:
+        quota = self.tenant_quota
+        if quota is not None and self.charged[tenant] + count > quota:
+            raise ControlError(f"out of {self.noun}: {count} requested, tenant {tenant!r} "
+                               f"holds {self.charged[tenant]} of its quota of {quota}")
+
+    def _uncharge(self, tenant: str, count: int) -> None:
+        self.charged[tenant] -= count
+        if self.charged[tenant] <= 0:
+            del self.charged[tenant]
 
     def shared(self, i: int) -> bool:
         return self._refs[i] > 1
@@ -160,7 +187,13 @@ class PhysicalPool:
             if self._refs[i] == 0 and not self._pins[i]:
                 del self._refs[i]
                 released.append(i)
-        self._releaser.release(self.kind, released)
+        self._release(released)
+
+    def _release(self, ids: list[int]) -> None:
+        """Hand ids nobody refers to back to the executor and uncharge their tenants."""
+        for i in ids:
+            self._uncharge(self._tenant_of.pop(i), 1)
+        self._releaser.release(self.kind, ids)
 
     @contextmanager
     def pinned(self, ids: list[int]) -> Iterator[None]:
@@ -178,7 +211,7 @@ class PhysicalPool:
                     if self._refs[i] == 0:
                         del self._refs[i]
                         released.append(i)
-            self._releaser.release(self.kind, released)
+            self._release(released)
 
 
 class VirtualIds:

@@ -5,7 +5,13 @@ See docs/runtime.md. The server builds on `Runtime` (runtime.py) and `ProgramSto
 """
 
 from pie_trio.runtime.instance import InboxFull, Instance, InstanceGone
-from pie_trio.runtime.programs import Program, ProgramError, ProgramStore, UnknownProgram
+from pie_trio.runtime.programs import (
+    Program,
+    ProgramError,
+    ProgramLimits,
+    ProgramStore,
+    UnknownProgram,
+)
 from pie_trio.runtime.runtime import CapacityError, Runtime
 from pie_trio.runtime.sandbox import Limits, Termination
 
@@ -17,6 +23,7 @@ __all__ = [
     "Limits",
     "Program",
     "ProgramError",
+    "ProgramLimits",
     "ProgramStore",
     "Runtime",
     "Termination",

@@ -10,20 +10,32 @@ must stop the guest records why on the instance's `Guard` and returns a trap).
 returns a handle at once; `wait`/`take` block (through the `Bridge`) until the trio thread has
 stored the response in `ready`. Requests the runtime can answer from what it already knows
 (`version`, `instance_id`, `args`, `models`, `set_return`, `send`) never leave the guest thread.
+
+Hostile guests. No exception may leave a trampoline (ctypes would print and drop it, and
+wasmtime then reads a result that was never written; the process may abort): every failure
+becomes a trap whose reason is recorded on the instance, including a host call made before the
+instance is bound (from a WebAssembly start function, which the program store also refuses).
+Every host call is paced (`Guard.pace`), so a guest calling in a loop cannot keep the GIL from
+everyone else. The memory a guest makes the host hold for its submitted requests and their
+responses is estimated and bounded (`Limits.max_outstanding_bytes`); decoding a request stops as
+soon as its estimate alone passes that bound.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import logging
 import struct
 import threading
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, Protocol
 
 import msgpack
 import wasmtime
+from msgpack import unpackb
 from wasmtime import _ffi as ffi
 
 from pie_trio.runtime.bridge import Bridge
@@ -38,6 +50,15 @@ HELD_EVENTS_LIMIT = 64  # events held for a crossing before they are sent on the
 EVENT_OVERHEAD = 64  # bytes an event costs beyond its text: empty messages are not free
 WAIT_ANY, WAIT_ALL = 0, 1
 WASI_ERRNO_NOTSUP = 58
+# Estimating what a request costs the host once decoded (Python objects are far larger than
+# msgpack: an empty list is 1 byte in msgpack and 64 in Python). Requests up to SMALL_REQUEST
+# bytes are charged the worst case per byte and decoded without the counting hooks. Lists and
+# maps also cost time: the cyclic GC tracks each one, and decoding a million of them held the
+# GIL for 2-4 s, so a request may hold at most one per CONTAINER_COST bytes of the message-size
+# limit (65,536 at 4 MiB).
+SMALL_REQUEST = 256
+WORST_EXPANSION = 96  # bytes per msgpack byte: an empty container and its slot in a list
+CONTAINER_COST, ITEM_COST = 64, 32  # a list or map, and each of its items, once decoded
 
 
 class Host(Protocol):
@@ -67,6 +88,16 @@ class HostCalls:
         # dict operation is atomic under the GIL and a key has one writer, so no lock is needed.
         self.ready: dict[int, dict[str, Any]] = {}
         self.issued: set[int] = set()  # submit handles not yet taken
+        # Estimated bytes the host holds for handles not yet taken. Each counter has one
+        # writer: requests and kept encodings the guest thread, responses the trio thread (and
+        # the guest thread counts what it took off them), so no lock is needed.
+        self.response_cost: dict[int, int] = {}  # handle -> estimate (trio writes, guest pops)
+        self.response_bytes_in = 0  # trio thread
+        self.response_bytes_out = 0  # guest thread
+        self._request_cost: dict[int, int] = {}
+        self._request_bytes = 0
+        self._encoded_bytes = 0
+        self.bound = False  # the guest's memory is known: host calls may touch it
         self.return_value: str | None = None
         self.posted_bytes = 0  # output handed to the trio thread so far (or held for it)
         self._held: list[tuple[dict[str, Any], int]] = []  # events waiting for a crossing
@@ -82,6 +113,11 @@ class HostCalls:
         self._size = 0  # its size when last looked at; memory only grows
         self._view = memoryview(b"")  # the guest's memory, as bytes we can slice
 
+    def attach(self) -> None:
+        """Make this the instance of the calling (guest) thread's host calls; until `bind`,
+        any host call traps."""
+        _local.calls = self
+
     def bind(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         """Point the host functions at the instantiated guest's memory."""
         self._context = store._context()
@@ -89,10 +125,11 @@ class HostCalls:
         self._base = _memory_data(self._context, self._memory)
         self._map_memory()
         self.guard.on_tick = self.flush
-        _local.calls = self
+        self.bound = True
 
     def unbind(self) -> None:
         """The store is going away: drop our view of its memory."""
+        self.bound = False
         self._view = memoryview(b"")
         self._size = 0
         self.guard.on_tick = None  # (it refers to this object, which refers to the guard)
@@ -100,7 +137,7 @@ class HostCalls:
     # -- the five imports -----------------------------------------------------------------
 
     def call(self, req_ptr: int, req_len: int, resp_ptr: int, resp_cap: int) -> int:
-        request = self._read_request(req_ptr, req_len)
+        request, _ = self._read_request(req_ptr, req_len)  # one at a time: not charged
         response = self._answer_locally(request)
         if response is None:
             handle = self._next_call
@@ -117,14 +154,18 @@ class HostCalls:
         return len(encoded)
 
     def submit(self, req_ptr: int, req_len: int) -> int:
-        request = self._read_request(req_ptr, req_len)
+        request, cost = self._read_request(req_ptr, req_len)
         if len(self.issued) >= self.limits.max_outstanding:
             raise Stopped(limit_hit(
                 "outstanding", f"more than {self.limits.max_outstanding} submitted requests "
                 "not yet taken"))
+        if self.outstanding_bytes() + cost > self.limits.max_outstanding_bytes:
+            raise Stopped(self._over_outstanding_bytes(self.outstanding_bytes() + cost))
         handle = self._next_handle
         self._next_handle += 1  # 2**31 submits would outlast any wall-time limit
         self.issued.add(handle)
+        self._request_cost[handle] = cost
+        self._request_bytes += cost
         response = self._answer_locally(request)
         if response is None:
             self._post(self.host.handle_request, handle, request)
@@ -156,14 +197,25 @@ class HostCalls:
         if handle not in self.issued:
             raise Misuse(f"take: unknown handle {handle}")
         self._await_handle(handle)
-        encoded = self._encoded.pop(handle, None) or _encode(self.ready[handle])
+        encoded = self._encoded.get(handle) or _encode(self.ready[handle])
         if len(encoded) > _unsigned(resp_cap):
-            self._encoded[handle] = encoded
+            if handle not in self._encoded:  # kept for the retry with a larger buffer
+                self._encoded[handle] = encoded
+                self._encoded_bytes += len(encoded)
             return len(encoded)
         self._write(resp_ptr, encoded)
+        self._release(handle)
+        return len(encoded)
+
+    def _release(self, handle: int) -> None:
+        """The guest has taken `handle`'s response: forget it and what it cost."""
         del self.ready[handle]
         self.issued.discard(handle)
-        return len(encoded)
+        kept = self._encoded.pop(handle, None)
+        if kept is not None:
+            self._encoded_bytes -= len(kept)
+        self._request_bytes -= self._request_cost.pop(handle, 0)
+        self.response_bytes_out += self.response_cost.pop(handle, 0)
 
     def fetch(self, resp_ptr: int, resp_cap: int) -> int:
         if self._kept is None:
@@ -177,12 +229,15 @@ class HostCalls:
     # -- WASI stdout/stderr ---------------------------------------------------------------
 
     def output(self, stream: str, data: bytes) -> None:
-        """A WASI write to stdout/stderr: forwarded as events in bounded chunks."""
+        """A WASI write to stdout/stderr: forwarded as events in bounded chunks (and paced like
+        a host call: it holds the GIL too)."""
+        started, parked = perf_counter(), self.guard.parked
         try:
             self._emit_text(stream, self._decoders[stream].decode(data))
+            self.guard.pace(started, parked)
         except Stopped:
             pass  # the guest traps at its next epoch check; its output no longer matters
-        except Exception:
+        except BaseException:  # noqa: BLE001 - called from a wasmtime callback: nothing escapes
             log.exception("forwarding guest output failed")
 
     def flush_output(self) -> None:
@@ -268,16 +323,48 @@ class HostCalls:
         if handle not in ready:
             self._block_until(lambda: handle in ready)
 
-    def _read_request(self, ptr: int, length: int) -> Any:
+    # -- the host memory a guest makes us hold ---------------------------------------------
+
+    def outstanding_bytes(self) -> int:
+        """Estimated bytes held for submitted handles not yet taken (requests and responses)."""
+        return (self._request_bytes + self._encoded_bytes + self.response_bytes_in
+                - self.response_bytes_out)
+
+    def file_response(self, handle: int, response: dict[str, Any]) -> Termination | None:
+        """Trio thread: store the response for `handle`; the Termination to apply if holding
+        it puts the instance past its outstanding bytes."""
+        if handle > 0:  # a submit's (a `call` is waited for at once, one at a time)
+            cost = _approx_size(response)
+            self.response_cost[handle] = cost  # before `ready`: the guest pops both together
+            self.response_bytes_in += cost
+        self.ready[handle] = response
+        total = self.outstanding_bytes()
+        if total > self.limits.max_outstanding_bytes:
+            return self._over_outstanding_bytes(total)
+        return None
+
+    def _over_outstanding_bytes(self, total: int) -> Termination:
+        return limit_hit("outstanding", f"about {total} bytes of submitted requests and "
+                         f"responses not yet taken (limit {self.limits.max_outstanding_bytes})")
+
+    def _read_request(self, ptr: int, length: int) -> tuple[Any, int]:
+        """The decoded request and an estimate of the bytes it takes decoded."""
         length = _unsigned(length)
         if length > self.limits.max_message_bytes:
             raise Stopped(limit_hit(
                 "message_size", f"a {length}-byte request (limit {self.limits.max_message_bytes})"))
         data = self._span(ptr, length)
+        if length <= SMALL_REQUEST:  # cannot decode to much: no counting
+            try:
+                return unpackb(data, raw=False, strict_map_key=False), length * WORST_EXPANSION
+            except Exception as exc:
+                return _Malformed(f"the request is not valid msgpack: {exc}"), 0
+        cap = self.limits.max_outstanding_bytes
+        cost = _DecodeCost(length, cap, self.limits.max_message_bytes // CONTAINER_COST)
         try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except Exception as exc:
-            return _Malformed(f"the request is not valid msgpack: {exc}")
+            return _decode(data, cost), cost.bytes
+        except _TooBig as exc:
+            raise Stopped(limit_hit("message_size", f"a {length}-byte request {exc}")) from None
 
     # Guest memory is read and written through a memoryview, not ctypes calls: every ctypes
     # foreign call releases the GIL, and getting it back may take a GIL switch interval.
@@ -313,9 +400,8 @@ class HostCalls:
             log.error("host function failed", exc_info=exc)
             self.guard.request_stop(Termination("trap", f"host error: {exc!r}"))
         termination = self.guard.termination
-        message = (termination.detail or termination.reason).encode()
-        trap = ffi.wasmtime_trap_new(ctypes.create_string_buffer(message), len(message))
-        return ctypes.cast(trap, ctypes.c_void_p).value or 0
+        assert termination is not None
+        return _new_trap((termination.detail or termination.reason).encode())
 
 
 class _Malformed:
@@ -323,6 +409,66 @@ class _Malformed:
 
     def __init__(self, message: str):
         self.message = message
+
+
+class _TooBig(Exception):
+    """Decoding a request was abandoned: it would take more host memory than allowed."""
+
+
+class _DecodeCost:
+    """msgpack decoding hooks that estimate the size of what is decoded, and stop it early."""
+
+    __slots__ = ("bytes", "cap", "containers")
+
+    def __init__(self, raw_length: int, cap: int, max_containers: int):
+        self.bytes = 2 * raw_length  # strings and numbers: their payload, and some
+        self.cap = cap
+        self.containers = max_containers  # how many more lists and maps may come
+
+    def array(self, items: list) -> list:
+        self._charge(CONTAINER_COST + ITEM_COST * len(items))
+        return items
+
+    def map(self, entries: dict) -> dict:
+        self._charge(CONTAINER_COST + 2 * ITEM_COST * len(entries))
+        return entries
+
+    def _charge(self, size: int) -> None:
+        self.bytes += size
+        self.containers -= 1
+        if self.containers < 0:
+            raise _TooBig("that holds too many lists and maps (one per "
+                          f"{CONTAINER_COST} bytes of the message-size limit)")
+        if self.bytes > self.cap:
+            raise _TooBig(f"that decodes to more than {self.cap} bytes (limit "
+                          "max_outstanding_bytes)")
+
+
+def _decode(data: memoryview, cost: _DecodeCost) -> Any:
+    try:
+        return unpackb(data, raw=False, strict_map_key=False, list_hook=cost.array,
+                       object_hook=cost.map)
+    except _TooBig:
+        raise
+    except Exception as exc:
+        return _Malformed(f"the request is not valid msgpack: {exc}")
+
+
+def _approx_size(value: Any, depth: int = 0) -> int:
+    """A quick estimate of the bytes a decoded value takes: containers are sampled, not walked
+    (the control layer builds responses from bounded requests; this only needs the scale)."""
+    kind = type(value)
+    if kind is str or kind is bytes:
+        return CONTAINER_COST + len(value)
+    if kind is list or kind is tuple or kind is dict:
+        count = len(value)
+        if count == 0 or depth >= 4:
+            return CONTAINER_COST + ITEM_COST * count
+        items = value.items() if kind is dict else value
+        sample = list(itertools.islice(items, 8))
+        each = sum(_approx_size(item, depth + 1) for item in sample) // len(sample)
+        return CONTAINER_COST + count * (ITEM_COST + each)
+    return ITEM_COST
 
 
 def _unsigned(value: int) -> int:
@@ -380,26 +526,52 @@ _memory_data_size.restype = ctypes.c_size_t
 _local = threading.local()
 
 
-def _trampoline(method: Callable[..., int], arity: int) -> Any:
+def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
+    # Nothing may raise out of a ctypes callback: ctypes would print the exception and return
+    # garbage to wasmtime (the process aborted with `free(): invalid pointer`).
     @ffi.wasmtime_func_unchecked_callback_t
     def trampoline(env, caller, values, count):  # noqa: ARG001
-        calls: HostCalls = _local.calls
+        calls: HostCalls | None = None
         try:
+            calls = _local.calls
+            guard = calls.guard
+            started, parked = perf_counter(), guard.parked
+            if not calls.bound:
+                raise Misuse(f"pie.{name} was called before the instance started (from a "
+                             "WebAssembly start function?)")
             values[0].i32 = method(calls, *[values[i].i32 for i in range(arity)])
+            guard.resume_guest()
+            guard.pace(started, parked)  # may sleep; raises Stopped if stopped meanwhile
+            return 0
         except BaseException as exc:  # noqa: BLE001 - every failure must become a trap
-            return calls.trap(exc)
-        finally:
-            calls.guard.resume_guest()
-        return 0
+            return _trap(calls, exc)
 
     return trampoline
+
+
+def _trap(calls: HostCalls | None, exc: BaseException) -> int:
+    """A trap for `exc`, its reason recorded on the instance when there is one."""
+    try:
+        if calls is not None:
+            return calls.trap(exc)
+    except BaseException:  # noqa: BLE001 - a trap must come out of here whatever happens
+        log.exception("recording a trap failed")
+    return _new_trap(f"pie-trio: host error: {exc!r}".encode())
+
+
+def _new_trap(message: bytes) -> int:
+    trap = ffi.wasmtime_trap_new(ctypes.create_string_buffer(message), len(message))
+    return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
 
 @ffi.wasmtime_func_unchecked_callback_t
 def _poll_oneoff(env, caller, values, count):  # noqa: ARG001
     # A blocking WASI sleep could not be interrupted by a kill: guests sleep with the `sleep` op.
-    values[0].i32 = WASI_ERRNO_NOTSUP
-    return 0
+    try:
+        values[0].i32 = WASI_ERRNO_NOTSUP
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - as in the trampolines
+        return _trap(getattr(_local, "calls", None), exc)
 
 
 IMPORTS: dict[str, tuple[Callable[..., int], int]] = {
@@ -410,7 +582,8 @@ IMPORTS: dict[str, tuple[Callable[..., int], int]] = {
     "fetch": (HostCalls.fetch, 2),
 }
 # ctypes callbacks must outlive every linker that uses them: keep them at module level.
-_TRAMPOLINES = {name: _trampoline(method, arity) for name, (method, arity) in IMPORTS.items()}
+_TRAMPOLINES = {name: _trampoline(name, method, arity)
+                for name, (method, arity) in IMPORTS.items()}
 _NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 
 

@@ -11,6 +11,11 @@ holds a lock across a write to trio's wake-up socket, and the write releases the
 dozens of guest threads posting at once they convoy on that lock, each waiting up to a GIL
 switch interval (5 ms) per post. The mailbox is a deque (appends are atomic) and wakes trio
 once per batch: only the first post after a drain calls `run_sync_soon`.
+
+CPU accounting. The trio thread's time running an instance's posts is charged to that instance
+(`Guard.host_cpu`), so its total CPU budget covers the runtime's work for it, not only its own
+thread's; and the time a guest spends parked is recorded (`Guard.parked`) so that pacing
+charges a host call only for the time it held the GIL.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import trio
@@ -28,7 +34,7 @@ from pie_trio.runtime.sandbox import Guard, Termination
 log = logging.getLogger(__name__)
 
 Condition = Callable[[], bool]
-Job = tuple[Callable[..., Any], tuple[Any, ...]]
+Job = tuple[Callable[..., Any], tuple[Any, ...], "Guard | None"]
 DRAIN_BATCH = 1024  # jobs run per drain before trio gets a turn at its other tasks
 
 
@@ -40,10 +46,10 @@ class Mailbox:
         self._jobs: deque[Job] = deque()
         self._scheduled = False  # a drain is queued in trio and has not started yet
 
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Any thread: run `fn(*args)` on the trio thread soon. Raises trio.RunFinishedError
-        when the trio run is over."""
-        self._jobs.append((fn, args))
+    def post(self, fn: Callable[..., Any], *args: Any, charge: Guard | None = None) -> None:
+        """Any thread: run `fn(*args)` on the trio thread soon, its time charged to the
+        instance of `charge`. Raises trio.RunFinishedError when the trio run is over."""
+        self._jobs.append((fn, args, charge))
         # A drain resets the flag before it takes jobs, so a job appended while the flag is
         # still set is always taken by that drain; otherwise we schedule one.
         if not self._scheduled:
@@ -53,11 +59,14 @@ class Mailbox:
     def _drain(self) -> None:
         self._scheduled = False
         for _ in range(min(len(self._jobs), DRAIN_BATCH)):
-            fn, args = self._jobs.popleft()
+            fn, args, guard = self._jobs.popleft()
+            started = perf_counter()
             try:
                 fn(*args)
             except Exception:  # one instance's bug must not take trio (and everyone) down
                 log.exception("runtime callback %r failed", fn)
+            if guard is not None:
+                guard.host_cpu += perf_counter() - started
         if self._jobs and not self._scheduled:
             self._scheduled = True
             self._token.run_sync_soon(self._drain)
@@ -78,7 +87,7 @@ class Bridge:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the trio thread soon; returns at once."""
         try:
-            self._mailbox.post(fn, *args)
+            self._mailbox.post(fn, *args, charge=self._guard)
         except trio.RunFinishedError:
             # The trio run ended under us: nothing will ever answer, so stop the guest.
             self._guard.request_stop(Termination("evicted", "the runtime stopped"))
@@ -91,7 +100,9 @@ class Bridge:
         """
         self._guard.raise_if_stopping()
         self.post(self._park, condition)
+        started = perf_counter()
         self._wake.acquire()
+        self._guard.parked += perf_counter() - started
         self._guard.raise_if_stopping()
 
     # -- trio thread ----------------------------------------------------------------------

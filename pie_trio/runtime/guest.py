@@ -53,6 +53,7 @@ class GuestThread:
         termination = Termination("trap", "the guest did not start")
         store: wasmtime.Store | None = None
         try:
+            self.calls.attach()  # before instantiation: a start function's host call must trap
             store = self._new_store()
             termination = self._run(store)
         except BaseException as exc:  # noqa: BLE001 - the thread must always report its end

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 import pie_trio
-from pie_trio.runtime.abi import HostCalls
+from pie_trio.runtime.abi import EVENT_OVERHEAD, HostCalls
 from pie_trio.runtime.bridge import Bridge, Mailbox
 from pie_trio.runtime.guest import GuestThread, ThreadStarter
 from pie_trio.runtime.programs import Program
@@ -75,6 +75,7 @@ class Instance:
         self._started_at = trio.current_time()
         self._nursery: trio.Nursery | None = None
         self._inbox: deque[str] = deque()
+        self._inbox_bytes = 0  # their size (EVENT_OVERHEAD each, so empty ones count)
         self._receivers: deque[int] = deque()  # handles of `receive` requests waiting
         self._unread: deque[int] = deque()  # sizes of emitted events the client has not read
         self._watching_backlog = False
@@ -106,18 +107,26 @@ class Instance:
             self.bridge.interrupt()
 
     def deliver(self, message: str) -> None:
-        """Hand a client message to the guest's next (or pending) `receive`."""
+        """Hand a client message to the guest's next (or pending) `receive`.
+
+        Raises InboxFull past `max_inbox` messages or `max_inbox_bytes` not yet received: the
+        client is told to slow down, and the host never holds more for the guest."""
         if not isinstance(message, str):
             raise TypeError("a message to an instance must be a string")
         if self._exited.is_set() or self.guard.stopping:
             raise InstanceGone(f"instance {self.id} has ended")
         if self._receivers:
             self._complete(self._receivers.popleft(), {"ok": message})
-        elif len(self._inbox) >= self.limits.max_inbox:
+            return
+        size = len(message) + EVENT_OVERHEAD
+        if len(self._inbox) >= self.limits.max_inbox:
             raise InboxFull(f"instance {self.id} has {len(self._inbox)} messages it has not "
                             "received yet")
-        else:
-            self._inbox.append(message)
+        if self._inbox_bytes + size > self.limits.max_inbox_bytes:
+            raise InboxFull(f"instance {self.id} has {self._inbox_bytes} bytes of messages it "
+                            f"has not received yet (limit {self.limits.max_inbox_bytes})")
+        self._inbox.append(message)
+        self._inbox_bytes += size
 
     @property
     def running(self) -> bool:
@@ -187,7 +196,9 @@ class Instance:
         """A request the control layer (or `receive`) answers; the answer lands in `ready`."""
         if request.get("op") == "receive":
             if self._inbox:
-                self._complete(handle, {"ok": self._inbox.popleft()})
+                message = self._inbox.popleft()
+                self._inbox_bytes -= len(message) + EVENT_OVERHEAD
+                self._complete(handle, {"ok": message})
             else:
                 self._receivers.append(handle)
             return
@@ -223,7 +234,10 @@ class Instance:
     def _complete(self, handle: int, response: dict[str, Any]) -> None:
         if self._exited.is_set():
             return  # e.g. the control layer answering "instance closed" during close()
-        self.calls.ready[handle] = response
+        over = self.calls.file_response(handle, response)
+        if over is not None and self.guard.request_stop(over):
+            self.bridge.interrupt()
+            return
         self.bridge.notify()
 
     def _count_consumed(self) -> None:

@@ -1,12 +1,27 @@
-"""Programs: uploaded inferlets, named by the BLAKE3 hash of their bytes, compiled once.
+"""Programs: uploaded inferlets, named by the BLAKE3 hash of their bytes, compiled once, and
+kept within bounds.
 
-`add` checks a module before anything runs it — WebAssembly magic and version, wasmtime's own
-validation, the required exports (`_start`, `memory`) and imports (only `pie` and
-`wasi_snapshot_preview1`) — then compiles it and links it against the host (`InstancePre`), so a
-launch only instantiates. The compiled code is serialised to a cache directory keyed by the hash
-and the wasmtime version, so after a restart a program is loaded in well under a millisecond
-instead of being compiled again; the original bytes are kept next to it for a recompile when
-wasmtime changes.
+`add` checks a module before anything runs it — WebAssembly magic and version, its section
+headers against the limits (function count, code size, no start function: compiler.py), then
+wasmtime's validator and compiler in a child process bounded in time and memory, the required
+exports (`_start`, `memory`) and imports (only `pie` and `wasi_snapshot_preview1`) — and links
+it against the host (`InstancePre`), so a launch only instantiates. The compiled code is
+serialised to a cache directory keyed by the hash and the wasmtime version, so after a restart a
+program is loaded in well under a millisecond instead of being compiled again; the original
+bytes are kept next to it for a recompile when wasmtime changes. A memory-only store keeps the
+serialised code in memory instead.
+
+Bounds. The store holds at most `max_programs` programs and `max_stored_bytes` (module and
+compiled code), and each owner (tenant) at most its quota; an upload past a bound evicts the
+least recently used programs that no instance is running, and is refused only when nothing can
+be evicted — the failure is that upload's, never another's launch. At most `max_loaded`
+programs are kept compiled in memory (each holds its code and, once launched, a memfd of its
+initial memory); the least recently used one not in use is dropped and loaded again from the
+stored code on its next launch. `Runtime` marks programs in use with `hold`/`release`.
+
+Locking. One lock guards the bookkeeping and is never held while compiling, loading or writing
+files, so a compile in one worker thread never stalls a launch on the trio thread. Two adds of
+the same bytes compile once (the second waits for the first).
 
 Built-in programs (`pie_trio/builtin/*.wasm`, shipped with the package) resolve by their file
 stem, e.g. `text-completion`, and are compiled on first use like any upload.
@@ -25,30 +40,59 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 import wasmtime
 
 from pie_trio.runtime.abi import IMPORTS, make_linker
-from pie_trio.runtime.sandbox import MiB, make_engine
+from pie_trio.runtime.compiler import (
+    ProgramError,
+    Sections,
+    compile_in_child,
+    make_engine,
+    scan,
+    short_message,
+)
+from pie_trio.runtime.sandbox import MiB
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
-WASM_MAGIC = b"\0asm"
-CORE_VERSION = b"\x01\0\0\0"
 ALLOWED_IMPORT_MODULES = ("pie", "wasi_snapshot_preview1")
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
-
-class ProgramError(ValueError):
-    """The bytes are not a program pie-trio can run; the message says why."""
+__all__ = ["Program", "ProgramError", "ProgramLimits", "ProgramStore", "UnknownProgram"]
 
 
 class UnknownProgram(LookupError):
     """No program by that hash or built-in name."""
+
+
+@dataclass(frozen=True)
+class ProgramLimits:
+    """What uploaded programs may cost the server (docs/runtime.md, "Hostile input: limits")."""
+
+    max_functions: int = 20_000  # functions one module defines (the builtins have ~500)
+    max_code_bytes: int = 8 * MiB  # its code section (the builtins have ~260 KB)
+    compile_timeout: float = 30.0  # seconds one compile may take
+    compile_memory: int = 1024 * MiB  # memory one compile may use
+    compile_workers: int = 2  # compiles at once; more uploads wait their turn
+    max_programs: int = 1024  # programs stored
+    max_stored_bytes: int = 1024 * MiB  # bytes stored: modules and compiled code
+    max_loaded: int = 64  # programs kept compiled in memory, in use ones aside
+    owner_max_programs: int = 128  # programs one owner (tenant) may have stored
+    owner_max_bytes: int = 256 * MiB  # bytes one owner may have stored
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"ProgramLimits.{name} must be positive")
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,68 +104,86 @@ class Program:
     size: int
 
 
+@dataclass(eq=False)
+class _Stored:
+    """One program the store keeps (whether or not it is compiled in memory right now)."""
+
+    hash: str
+    size: int  # bytes of the WebAssembly module
+    cost: int  # bytes it takes in the store: the module on disk, and its compiled code
+    owners: set[str] = field(default_factory=set)
+    code: bytes | None = None  # memory-only stores: the serialised code, to load it again
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "pie-trio" / "programs"
 
 
 class ProgramStore:
-    """Programs by hash, compiled once and cached on disk (unless `memory_only`)."""
+    """Programs by hash, compiled once and cached on disk (unless `memory_only`), bounded."""
 
     def __init__(self, cache_dir: str | Path | None = None, *, memory_only: bool = False,
-                 builtin_dir: str | Path = BUILTIN_DIR, max_bytes: int = 64 * MiB):
+                 builtin_dir: str | Path = BUILTIN_DIR, max_bytes: int = 64 * MiB,
+                 limits: ProgramLimits | None = None):
         self.engine = make_engine()
         self.linker = make_linker(self.engine)
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # largest module accepted
+        self.limits = limits or ProgramLimits()
         self.cache_dir = None if memory_only else Path(cache_dir or default_cache_dir())
+        self.builtins = {path.stem: path for path in sorted(Path(builtin_dir).glob("*.wasm"))}
+        self.compiles = 0  # modules this store compiled (loading a cached one is not counted)
+        self._stored: OrderedDict[str, _Stored] = OrderedDict()  # least recently used first
+        self._stored_bytes = 0
+        self._loaded: OrderedDict[str, Program] = OrderedDict()  # least recently used first
+        self._held: Counter[str] = Counter()  # programs running instances use
+        self._builtin_hashes: dict[str, str] = {}
+        self._pending: dict[tuple[str, str], Future] = {}  # work under way, shared by callers
+        self._lock = threading.Lock()  # the dicts above; never held while compiling or in I/O
+        self._compile_slots = threading.BoundedSemaphore(self.limits.compile_workers)
         if self.cache_dir is not None:
             for directory in (self._wasm_dir, self._compiled_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.builtins = {path.stem: path for path in sorted(Path(builtin_dir).glob("*.wasm"))}
-        self.compiles = 0  # modules this store compiled (loading a cached one is not counted)
-        self._loaded: dict[str, Program] = {}
-        self._builtin_hashes: dict[str, str] = {}
-        self._lock = threading.RLock()
+            self._index_disk()
 
     # -- the public interface -------------------------------------------------------------
 
-    def add(self, wasm: bytes) -> str:
-        """Check, compile and store a program; its BLAKE3 hex hash. Raises ProgramError."""
+    def add(self, wasm: bytes, owner: str | None = None) -> str:
+        """Check, compile and store a program for `owner` (a tenant, counted against its
+        quota); its BLAKE3 hex hash. Raises ProgramError."""
         wasm = bytes(wasm)
         if len(wasm) > self.max_bytes:
             raise ProgramError(f"the program is {len(wasm)} bytes; the limit is {self.max_bytes}")
         program_hash = blake3.blake3(wasm).hexdigest()
         with self._lock:
-            if program_hash in self._loaded or self._load_cached(program_hash) is not None:
+            if program_hash in self._stored:
+                self._delete_files(self._claim(program_hash, owner))
                 return program_hash
-            module = self._compile(wasm)
-            self._loaded[program_hash] = self._program(program_hash, module, len(wasm))
-            self._save(program_hash, wasm, module)
+        program, code = self._once("build", program_hash, lambda: self._build(program_hash, wasm))
+        self._keep(program, wasm, code, owner)
         return program_hash
 
     def has(self, name_or_hash: str) -> bool:
-        """Whether `resolve` would find it (a built-in name, or a hash in memory or on disk)."""
-        if name_or_hash in self.builtins or name_or_hash in self._loaded:
-            return True
-        return self.cache_dir is not None and _is_hash(name_or_hash) and (
-            self._wasm_path(name_or_hash).exists())
+        """Whether `resolve` would find it (a built-in name, or a stored program's hash)."""
+        return name_or_hash in self.builtins or name_or_hash in self._stored
 
     def resolve(self, name_or_hash: str) -> str:
         """The hash of a built-in name or a known hash; raises UnknownProgram."""
         return self.get(name_or_hash).hash
 
     def get(self, name_or_hash: str) -> Program:
-        """The compiled program (loading it from the cache or compiling a built-in as needed)."""
+        """The compiled program (loading it from the store or compiling a built-in as needed)."""
+        program = self.loaded(name_or_hash)
+        if program is not None:
+            return program
         with self._lock:
-            program = self._loaded.get(self._builtin_hashes.get(name_or_hash, name_or_hash))
+            stored = self._stored.get(self._builtin_hashes.get(name_or_hash, name_or_hash))
+        if stored is not None:
+            program = self._once("load", stored.hash, lambda: self._load(stored))
             if program is not None:
                 return program
-            if name_or_hash in self.builtins:
-                return self._loaded[self._add_builtin(name_or_hash)]
-            if _is_hash(name_or_hash):
-                program = self._load_cached(name_or_hash)
-                if program is not None:
-                    return program
+        elif name_or_hash in self.builtins:
+            return self.get(self._add_builtin(name_or_hash))
         raise UnknownProgram(f"no program {name_or_hash!r}: upload it first or name a built-in "
                              f"({', '.join(self.builtins) or 'none installed'})")
 
@@ -129,43 +191,234 @@ class ProgramStore:
         """Whether `get` would return without compiling or reading the disk."""
         return self._builtin_hashes.get(name_or_hash, name_or_hash) in self._loaded
 
+    def loaded(self, name_or_hash: str) -> Program | None:
+        """The program if it is compiled in memory now, else None; never compiles or loads,
+        so the trio thread may call it."""
+        with self._lock:
+            program_hash = self._builtin_hashes.get(name_or_hash, name_or_hash)
+            program = self._loaded.get(program_hash)
+            if program is not None:
+                self._touch(program_hash)
+            return program
+
+    def hold(self, program_hash: str) -> None:
+        """An instance runs the program: it is not evicted until `release`."""
+        with self._lock:
+            self._held[program_hash] += 1
+
+    def release(self, program_hash: str) -> None:
+        with self._lock:
+            self._held[program_hash] -= 1
+            if self._held[program_hash] <= 0:
+                del self._held[program_hash]
+            self._trim_loaded()
+
     def programs(self) -> list[dict]:
-        """The programs in memory and on disk: hash, size, and built-in name where there is one."""
+        """The stored programs: hash, size, and built-in name where there is one."""
         names = {h: name for name, h in self._builtin_hashes.items()}
-        hashes = set(self._loaded)
-        if self.cache_dir is not None:
-            hashes |= {path.stem for path in self._wasm_dir.glob("*.wasm")}
-        return [{"hash": h, "name": names.get(h), "size": self._size(h)} for h in sorted(hashes)]
+        with self._lock:
+            stored = list(self._stored.values())
+        return [{"hash": s.hash, "name": names.get(s.hash), "size": s.size}
+                for s in sorted(stored, key=lambda s: s.hash)]
 
-    # -- compiling ------------------------------------------------------------------------
+    def usage(self, owner: str | None = None) -> dict[str, int]:
+        """Programs and bytes stored (of `owner` only, if given), and programs loaded."""
+        with self._lock:
+            stored = [s for s in self._stored.values() if owner is None or owner in s.owners]
+            return {"programs": len(stored), "bytes": sum(s.cost for s in stored),
+                    "loaded": len(self._loaded), "held": len(self._held)}
 
-    def _compile(self, wasm: bytes) -> wasmtime.Module:
-        if wasm[:4] != WASM_MAGIC:
-            raise ProgramError("not a WebAssembly module (bad magic)")
-        if wasm[4:8] != CORE_VERSION:
-            raise ProgramError("not a core WebAssembly module (a component, or an unknown "
-                               "version): build the inferlet for wasm32-wasip1")
-        try:
-            wasmtime.Module.validate(self.engine, wasm)
-            module = wasmtime.Module(self.engine, wasm)
-        except wasmtime.WasmtimeError as exc:
-            raise ProgramError(f"invalid WebAssembly module: {_short(exc)}") from None
-        self.compiles += 1
+    # -- compiling and loading (no lock held) ---------------------------------------------
+
+    def _build(self, program_hash: str, wasm: bytes) -> tuple[Program, bytes]:
+        """Check, compile (in a bounded child process) and link; the program and its code."""
+        self._check_sections(scan(wasm))
+        with self._compile_slots:
+            code = compile_in_child(wasm, timeout=self.limits.compile_timeout,
+                                    memory_bytes=self.limits.compile_memory)
+        with self._lock:
+            self.compiles += 1
+        module = self._deserialize(lambda: wasmtime.Module.deserialize(self.engine, code))
         _check_shape(module)
-        return module
+        return self._program(program_hash, module, len(wasm)), code
+
+    def _check_sections(self, sections: Sections) -> None:
+        limits = self.limits
+        if sections.has_start:
+            raise ProgramError(
+                "the program has a WebAssembly start function: pie-trio refuses those (it would "
+                "run while the instance is being created, before it can answer host calls); "
+                "do start-up work in `_start`")
+        if sections.functions > limits.max_functions:
+            raise ProgramError(f"the program defines {sections.functions} functions; the limit "
+                               f"is {limits.max_functions} (limit program_max_functions)")
+        if sections.code_bytes > limits.max_code_bytes:
+            raise ProgramError(f"the program's code section is {sections.code_bytes} bytes; the "
+                               f"limit is {limits.max_code_bytes} (limit program_max_code_size)")
+
+    def _load(self, stored: _Stored) -> Program | None:
+        """Compile-free load of a stored program (a recompile if its cached code is unusable);
+        None if it is gone."""
+        if stored.code is not None:
+            module = self._deserialize(
+                lambda: wasmtime.Module.deserialize(self.engine, stored.code))
+        else:
+            module = self._load_from_disk(stored.hash)
+            if module is None:
+                with self._lock:
+                    self._forget(stored.hash)
+                return None
+        program = self._program(stored.hash, module, stored.size)
+        with self._lock:
+            if stored.hash in self._stored:
+                self._loaded[stored.hash] = program
+                self._touch(stored.hash)
+                self._trim_loaded()
+        return program
+
+    def _deserialize(self, load: Callable[[], wasmtime.Module]) -> wasmtime.Module:
+        try:
+            return load()
+        except wasmtime.WasmtimeError as exc:
+            raise ProgramError(f"the compiled program could not be loaded: "
+                               f"{short_message(exc)}") from None
 
     def _program(self, program_hash: str, module: wasmtime.Module, size: int) -> Program:
         try:
             pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ProgramError(f"the program does not link against pie-trio: "
-                               f"{_short(exc)}") from None
+                               f"{short_message(exc)}") from None
         return Program(program_hash, self.engine, module, pre, size)
 
     def _add_builtin(self, name: str) -> str:
         program_hash = self.add(self.builtins[name].read_bytes())
-        self._builtin_hashes[name] = program_hash
+        with self._lock:
+            self._builtin_hashes[name] = program_hash
         return program_hash
+
+    def _once(self, kind: str, program_hash: str, work: Callable[[], Any]) -> Any:
+        """Run `work` once for concurrent callers asking for the same thing; its result."""
+        key = (kind, program_hash)
+        with self._lock:
+            future = self._pending.get(key)
+            mine = future is None
+            if mine:
+                future = self._pending[key] = Future()
+        if not mine:
+            return future.result()
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+        finally:
+            with self._lock:
+                del self._pending[key]
+        return future.result()
+
+    # -- bookkeeping (the lock held) ------------------------------------------------------
+
+    def _keep(self, program: Program, wasm: bytes, code: bytes, owner: str | None) -> None:
+        """Store a freshly built program, making room for it; ProgramError if there is none."""
+        memory_only = self.cache_dir is None
+        stored = _Stored(program.hash, len(wasm), len(code) + (0 if memory_only else len(wasm)),
+                         code=code if memory_only else None)
+        with self._lock:
+            if program.hash in self._stored:  # another upload of the same bytes won the race
+                evicted = self._claim(program.hash, owner)
+            else:
+                evicted = self._make_room(stored, owner)
+                self._stored[program.hash] = stored
+                self._stored_bytes += stored.cost
+                if owner:
+                    stored.owners.add(owner)
+                self._loaded[program.hash] = program
+                self._trim_loaded()
+        self._delete_files(evicted)
+        if not memory_only:
+            self._save(program.hash, wasm, code)
+            with self._lock:
+                evicted_meanwhile = program.hash not in self._stored
+            if evicted_meanwhile:  # by another upload while we wrote: leave no orphan files
+                self._delete_files([program.hash])
+
+    def _claim(self, program_hash: str, owner: str | None) -> list[str]:
+        """`owner` uploads a program already stored: count it against its quota too."""
+        stored = self._stored[program_hash]
+        self._touch(program_hash)
+        if not owner or owner in stored.owners:
+            return []
+        evicted = self._make_room_for_owner(stored, owner)
+        stored.owners.add(owner)
+        return evicted
+
+    def _make_room(self, new: _Stored, owner: str | None) -> list[str]:
+        """Evict least recently used programs nobody runs until `new` fits; their hashes."""
+        limits = self.limits
+        if new.cost > limits.max_stored_bytes:
+            raise ProgramError(f"the program takes {new.cost} bytes compiled; the store holds "
+                               f"at most {limits.max_stored_bytes} (limit program_store_bytes)")
+        evicted = self._make_room_for_owner(new, owner) if owner else []
+        while (len(self._stored) + 1 > limits.max_programs
+               or self._stored_bytes + new.cost > limits.max_stored_bytes):
+            victim = self._least_recent(self._stored.values())
+            if victim is None:
+                raise ProgramError(
+                    f"the program store is full ({len(self._stored)} programs, "
+                    f"{self._stored_bytes} bytes; limits program_store_programs "
+                    f"{limits.max_programs}, program_store_bytes {limits.max_stored_bytes}) "
+                    "and every program in it is running")
+            evicted.append(self._forget(victim.hash))
+        return evicted
+
+    def _make_room_for_owner(self, new: _Stored, owner: str) -> list[str]:
+        limits = self.limits
+        if new.cost > limits.owner_max_bytes:
+            raise ProgramError(f"the program takes {new.cost} bytes compiled; a tenant may store "
+                               f"{limits.owner_max_bytes} (limit tenant_program_bytes)")
+        evicted = []
+        while True:
+            mine = [s for s in self._stored.values() if owner in s.owners]
+            if (len(mine) + 1 <= limits.owner_max_programs
+                    and sum(s.cost for s in mine) + new.cost <= limits.owner_max_bytes):
+                return evicted
+            victim = self._least_recent(mine)
+            if victim is None:
+                raise ProgramError(
+                    f"tenant {owner!r} has {len(mine)} programs stored, all running; its quota "
+                    f"is {limits.owner_max_programs} programs (limit tenant_programs) and "
+                    f"{limits.owner_max_bytes} bytes (limit tenant_program_bytes)")
+            victim.owners.discard(owner)
+            if not victim.owners:  # nobody else uploaded it: free the space now
+                evicted.append(self._forget(victim.hash))
+
+    def _least_recent(self, candidates: Iterable[_Stored]) -> _Stored | None:
+        """The least recently used stored program no instance runs (LRU order is kept)."""
+        return next((s for s in candidates if s.hash not in self._held), None)
+
+    def _forget(self, program_hash: str) -> str:
+        stored = self._stored.pop(program_hash, None)
+        if stored is not None:
+            self._stored_bytes -= stored.cost
+        self._loaded.pop(program_hash, None)
+        for name, builtin_hash in list(self._builtin_hashes.items()):
+            if builtin_hash == program_hash:
+                del self._builtin_hashes[name]
+        log.info("evicted program=%s", program_hash)
+        return program_hash
+
+    def _trim_loaded(self) -> None:
+        """Drop compiled programs nobody runs, least recently used first, down to max_loaded."""
+        while len(self._loaded) > self.limits.max_loaded:
+            victim = next((h for h in self._loaded if h not in self._held), None)
+            if victim is None:
+                return  # all in use: bounded by the instances running them
+            del self._loaded[victim]
+
+    def _touch(self, program_hash: str) -> None:
+        for ordered in (self._stored, self._loaded):
+            if program_hash in ordered:
+                ordered.move_to_end(program_hash)
 
     # -- the disk cache -------------------------------------------------------------------
 
@@ -186,46 +439,60 @@ class ProgramStore:
     def _compiled_path(self, program_hash: str) -> Path:
         return self._compiled_dir / f"{program_hash}.cwasm"
 
-    def _save(self, program_hash: str, wasm: bytes, module: wasmtime.Module) -> None:
-        if self.cache_dir is None:
-            return
+    def _index_disk(self) -> None:
+        """Know the programs a previous run left, oldest first; evict past the bounds."""
+        found = []
+        for path in self._wasm_dir.glob("*.wasm"):
+            if _is_hash(path.stem):
+                compiled = self._compiled_path(path.stem)
+                code = compiled.stat().st_size if compiled.exists() else 0
+                stat = path.stat()
+                found.append((stat.st_mtime, _Stored(path.stem, stat.st_size,
+                                                     stat.st_size + code)))
+        evicted = []
+        for _, stored in sorted(found, key=lambda item: item[0]):
+            if (len(self._stored) >= self.limits.max_programs
+                    or self._stored_bytes + stored.cost > self.limits.max_stored_bytes):
+                evicted.append(stored.hash)
+                continue
+            self._stored[stored.hash] = stored
+            self._stored_bytes += stored.cost
+        self._delete_files(evicted)
+
+    def _save(self, program_hash: str, wasm: bytes, code: bytes) -> None:
         try:
             _write_atomically(self._wasm_path(program_hash), wasm)
-            _write_atomically(self._compiled_path(program_hash), bytes(module.serialize()))
+            _write_atomically(self._compiled_path(program_hash), code)
         except OSError as exc:  # a full disk costs a recompile later, nothing more
             log.warning("could not cache program %s: %s", program_hash, exc)
 
-    def _load_cached(self, program_hash: str) -> Program | None:
-        """Load a program from disk: the compiled module if usable, else recompile its bytes."""
-        if self.cache_dir is None or not _is_hash(program_hash):
-            return None
+    def _delete_files(self, hashes: list[str]) -> None:
+        if self.cache_dir is None:
+            return
+        for program_hash in hashes:
+            for path in (self._wasm_path(program_hash), self._compiled_path(program_hash)):
+                path.unlink(missing_ok=True)
+
+    def _load_from_disk(self, program_hash: str) -> wasmtime.Module | None:
+        """The compiled module from disk if usable, else recompiled from its bytes; None if
+        the files are gone."""
         wasm_path, compiled_path = self._wasm_path(program_hash), self._compiled_path(program_hash)
         if not wasm_path.exists():
             return None
-        size = wasm_path.stat().st_size
-        module = None
+        os.utime(wasm_path)  # its age orders evictions after a restart
         if compiled_path.exists():
             try:
-                module = wasmtime.Module.deserialize_file(self.engine, str(compiled_path))
+                return wasmtime.Module.deserialize_file(self.engine, str(compiled_path))
             except wasmtime.WasmtimeError as exc:
                 log.warning("recompiling %s: its cached code is unusable (%s)", program_hash,
-                            _short(exc))
-        if module is None:
-            wasm = wasm_path.read_bytes()
-            if blake3.blake3(wasm).hexdigest() != program_hash:
-                log.warning("ignoring %s: its bytes do not match its hash", wasm_path)
-                return None
-            module = self._compile(wasm)
-            self._save(program_hash, wasm, module)
-        program = self._program(program_hash, module, size)
-        self._loaded[program_hash] = program
-        return program
-
-    def _size(self, program_hash: str) -> int:
-        program = self._loaded.get(program_hash)
-        if program is not None:
-            return program.size
-        return self._wasm_path(program_hash).stat().st_size
+                            short_message(exc))
+        wasm = wasm_path.read_bytes()
+        if blake3.blake3(wasm).hexdigest() != program_hash:
+            log.warning("ignoring %s: its bytes do not match its hash", wasm_path)
+            return None
+        program, code = self._build(program_hash, wasm)
+        self._save(program_hash, wasm, code)
+        return program.module
 
 
 def _check_shape(module: wasmtime.Module) -> None:
@@ -249,13 +516,6 @@ def _check_shape(module: wasmtime.Module) -> None:
 
 def _is_hash(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
-def _short(exc: Exception) -> str:
-    """A wasmtime message on one line: its context, then its cause."""
-    text = str(exc).strip()
-    head, _, cause = text.partition("Caused by:")
-    return " ".join(part.strip() for part in (head, cause) if part.strip()).replace("\n", " ")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -25,6 +25,8 @@ from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramStore
 from pie_trio.runtime.sandbox import Limits, tick_epochs
 
+LOADING_THREADS = 8  # programs loaded (or built-ins compiled) for launches at once
+
 
 class CapacityError(RuntimeError):
     """The runtime already runs its maximum number of instances."""
@@ -45,6 +47,7 @@ class Runtime:
         self._nursery: trio.Nursery | None = None
         self._starter: ThreadStarter | None = None
         self._mailbox: Mailbox | None = None
+        self._loading = trio.CapacityLimiter(LOADING_THREADS)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The starter outlives every instance task: a guest queued for a thread still gets one
@@ -75,10 +78,11 @@ class Runtime:
             raise CapacityError(f"the runtime already runs {len(self.instances)} instances, "
                                 "its maximum")
         args = [str(arg) for arg in args]
-        if self.programs.is_loaded(program):
-            compiled = self.programs.get(program)
-        else:  # compiling (a built-in's first use) or reading the disk: off the trio thread
-            compiled = await trio.to_thread.run_sync(self.programs.get, program)
+        compiled = self.programs.loaded(program)
+        if compiled is None:  # compiling (a built-in's first use) or loading: off the trio thread
+            # (its own limiter: uploads compiling in trio's default one never delay launches)
+            compiled = await trio.to_thread.run_sync(self.programs.get, program,
+                                                     limiter=self._loading)
         if self._nursery is None or self._starter is None or self._mailbox is None:
             raise RuntimeError("the runtime stopped")
         instance_id = uuid.uuid4().hex
@@ -88,11 +92,13 @@ class Runtime:
             models=self.models, on_end=self._forget, starter=self._starter,
             mailbox=self._mailbox)
         self.instances[instance_id] = instance
+        self.programs.hold(compiled.hash)  # not evicted while it runs; released by _forget
         self.launched += 1
         try:
             await self._nursery.start(instance.run)
         except BaseException:
-            self.instances.pop(instance_id, None)
+            if self.instances.pop(instance_id, None) is not None:
+                self.programs.release(compiled.hash)
             raise
         return instance
 
@@ -109,7 +115,8 @@ class Runtime:
         }
 
     def _forget(self, instance: Instance) -> None:
-        self.instances.pop(instance.id, None)
+        if self.instances.pop(instance.id, None) is not None:
+            self.programs.release(instance.program)
         assert instance.termination is not None
         self.ended[instance.termination.reason] += 1
 

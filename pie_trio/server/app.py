@@ -2,6 +2,10 @@
 
 Plain ASGI with a small route table: six routes do not need a framework. The app holds no state
 of its own; everything lives in the ServerState that `serve` builds and passes in.
+
+With auth on, /health and /metrics answer without a key only if `public_health` /
+`public_metrics` say so (defaults: health public, for load balancers; metrics private). A
+WebSocket over the connection caps is refused with HTTP 503 before the upgrade.
 """
 
 from __future__ import annotations
@@ -11,12 +15,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pie_trio.server import openai_api, protocol
+import trio
+
+from pie_trio.server import openai_api
 from pie_trio.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pie_trio.server.sessions import CLOSE_UNSUPPORTED, Session, Violation
+from pie_trio.server.protocol import ProtocolError
+from pie_trio.server.sessions import Session
 from pie_trio.server.state import ServerState
+from pie_trio.server.websocket import WebSocketTransport
 
 log = logging.getLogger("pie_trio.server.http")
+
+RETRY_AFTER = 1  # seconds, in the Retry-After header of every 503
+BIG_BODY = 256 * 1024  # bytes: larger JSON bodies are parsed in a worker thread
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -32,11 +43,16 @@ class HttpError(Exception):
         self.message = message
         self.kind = kind
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        # A 503 is always temporary here (busy, out of KV pages, draining): say when to retry.
+        return [(b"retry-after", str(RETRY_AFTER).encode())] if self.status == 503 else []
+
 
 class HttpExchange:
     """One HTTP request and its response, over raw ASGI."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, max_body: int):
+    def __init__(self, scope: Scope, receive: Receive, send: Send, max_body: int,
+                 limiter: trio.CapacityLimiter | None = None):
         self.scope = scope
         self.method: str = scope["method"]
         self.path: str = scope["path"]
@@ -45,9 +61,22 @@ class HttpExchange:
         self._receive = receive
         self._send = send
         self._max_body = max_body
+        self._limiter = limiter
         self.status: int | None = None
 
     async def json_body(self) -> Any:
+        body = await self._body()
+        try:
+            if len(body) < BIG_BODY:
+                return json.loads(body)
+            return await trio.to_thread.run_sync(json.loads, body, limiter=self._limiter)
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(400, "the request body is not valid JSON") from None
+
+    async def _body(self) -> bytearray:
+        announced = self.headers.get("content-length", "")
+        if announced.isdigit() and int(announced) > self._max_body:  # refuse before reading
+            raise HttpError(413, f"request body exceeds {self._max_body} bytes")
         body = bytearray()
         while True:
             message = await self._receive()
@@ -57,11 +86,7 @@ class HttpExchange:
             if len(body) > self._max_body:
                 raise HttpError(413, f"request body exceeds {self._max_body} bytes")
             if not message.get("more_body"):
-                break
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise HttpError(400, "the request body is not valid JSON") from None
+                return body
 
     async def wait_disconnect(self) -> None:
         """Return once the client has gone (only meaningful after the body was read)."""
@@ -88,8 +113,9 @@ class HttpExchange:
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def respond_error(self, error: HttpError) -> None:
-        await self.respond_json(error.status, {"error": {
-            "message": error.message, "type": error.kind, "code": error.status}})
+        body = {"error": {"message": error.message, "type": error.kind, "code": error.status}}
+        await self.respond(error.status, json.dumps(body).encode(), "application/json",
+                           error.headers())
 
 
 class App:
@@ -112,7 +138,8 @@ class App:
         elif scope["type"] == "websocket":
             await self.websocket(scope, receive, send)
         elif scope["type"] == "http":
-            await self.http(HttpExchange(scope, receive, send, self.state.config.max_frame_size))
+            await self.http(HttpExchange(scope, receive, send, self.state.config.max_frame_size,
+                                         self.state.cpu_limiter))
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         # The components are started by `serve` around hypercorn; the app only acknowledges.
@@ -147,6 +174,8 @@ class App:
                                                str(exchange.status or 499)).inc()
 
     async def health(self, exchange: HttpExchange) -> None:
+        if not self.state.config.public_health:
+            openai_api.tenant(self.state, exchange)
         if self.state.draining.is_set():
             await exchange.respond_json(503, {"status": "draining"})
         else:
@@ -154,6 +183,8 @@ class App:
                                               "instances": len(self.state.running)})
 
     async def metrics(self, exchange: HttpExchange) -> None:
+        if not self.state.config.public_metrics:
+            openai_api.tenant(self.state, exchange)
         await exchange.respond(200, self.state.metrics.render(), METRICS_CONTENT_TYPE)
 
     # -- WebSocket ----------------------------------------------------------------------------
@@ -165,40 +196,44 @@ class App:
             await send({"type": "websocket.close", "code": 1008 if scope["path"] != "/ws"
                         else 1001})
             return
-        await send({"type": "websocket.accept"})
         client = scope.get("client") or ("?", 0)
+        try:
+            self.state.connections.admit(client[0])
+        except ProtocolError as exc:
+            await self._turn_away(scope, send, exc)
+            return
+        try:
+            await self._serve_websocket(scope, receive, send, client)
+        finally:
+            self.state.connections.release(client[0])
+
+    async def _serve_websocket(self, scope: Scope, receive: Receive, send: Send,
+                               client: tuple[str, int]) -> None:
+        await send({"type": "websocket.accept"})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         # Optional: an Authorization header authenticates at connect time; without a valid
         # one the client must send `authenticate` (when the server requires keys).
         tenant = self.state.auth.tenant_for_header(headers.get("authorization"))
-        session = Session(self.state, WebSocketTransport(receive, send), "ws",
+        session = Session(self.state, WebSocketTransport(scope, receive, send), "ws",
                           f"{client[0]}:{client[1]}", tenant=tenant)
         await session.run()
 
-
-class WebSocketTransport:
-    def __init__(self, receive: Receive, send: Send):
-        self._receive = receive
-        self._send = send
-
-    async def receive(self) -> bytes | None:
-        message = await self._receive()
-        if message["type"] == "websocket.disconnect":
-            return None
-        if message.get("bytes") is None:
-            raise Violation(protocol.MALFORMED, "text frames are not supported: send msgpack "
-                            "in binary frames", CLOSE_UNSUPPORTED)
-        return message["bytes"]
-
-    async def send(self, frames: list[bytes]) -> None:
-        for frame in frames:
-            await self._send({"type": "websocket.send", "bytes": frame})
-
-    async def close(self, code: int, reason: str) -> None:
-        # A close reason may hold at most 123 bytes.
-        short = reason.encode()[:120].decode(errors="ignore")
-        await self._send({"type": "websocket.close", "code": code, "reason": short})
+    async def _turn_away(self, scope: Scope, send: Send, exc: ProtocolError) -> None:
+        """Refuse the upgrade with an HTTP 503 that says why (a plain close if the server
+        cannot send HTTP responses to WebSocket requests)."""
+        log.info("websocket refused error=%s", exc.message)
+        self.state.metrics.protocol_errors.labels(exc.code).inc()
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1013})
+            return
+        error = HttpError(503, exc.message, "overloaded_error")
+        body = json.dumps({"error": {"message": error.message, "type": error.kind,
+                                     "code": error.status}}).encode()
+        await send({"type": "websocket.http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *error.headers()]})
+        await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _endpoint(path: str) -> str:

@@ -6,6 +6,11 @@ program. Chat requests are rendered with the model's own chat template here and 
 inferlet as a raw prompt; the inferlet streams text with `send` and stops at the model's stop
 tokens or after `max_tokens`. Stop strings are applied here, on the streamed text, and end the
 instance early.
+
+Clients do not get to stall the event loop: a chat holds at most `max_chat_messages` messages,
+and templates, long prompts and large bodies are processed in worker threads (a few at a time,
+`state.cpu_limiter`). Running out of KV pages is the server being busy, not failing: 503 with
+Retry-After, like the instance limits.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ DEFAULT_MAX_TOKENS = {False: 16, True: 512}  # OpenAI's completions default; cha
 MAX_STOP_STRINGS = 4
 END_TIMEOUT = 5.0  # seconds to wait for an abandoned instance to report its end
 LONG_TEXT = 8192  # characters: longer prompts are tokenized off the trio thread
+# What an instance's end says when the KV pool (or the tenant's share of it) was exhausted:
+# the control layer's documented refusal, passed through the inferlet's error (docs/control.md).
+OUT_OF_CAPACITY = ("out of KV pages", "out of embedding slots")
+STDERR_TAIL = 1024  # characters of an instance's stderr kept to explain its failure
+BUSY_REASONS = ("evicted",)  # ended by the server (shutting down): retry elsewhere or later
 
 
 def _http_error(status: int, message: str, kind: str = "invalid_request_error") -> Exception:
@@ -49,7 +59,7 @@ def _http_error(status: int, message: str, kind: str = "invalid_request_error") 
 
 @dataclass
 class Params:
-    prompt: str
+    prompt: str  # for chat: rendered from `messages` by render_chat
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -58,6 +68,7 @@ class Params:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    messages: list[dict[str, str]] | None = None  # chat only, validated, not yet rendered
 
     def args(self) -> list[str]:
         args = ["--prompt", self.prompt, "--max-tokens", str(self.max_tokens),
@@ -76,10 +87,11 @@ def parse_params(body: Any, state: ServerState, chat: bool) -> Params:
     if model is not None and model != state.model_info.name:
         raise _http_error(404, f"model {model!r} does not exist; this server serves "
                                f"{state.model_info.name!r}", "not_found_error")
-    prompt = _chat_prompt(body, state) if chat else _completion_prompt(body)
+    messages = _chat_messages(body, state.config.max_chat_messages) if chat else None
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     params = Params(
-        prompt=prompt,
+        prompt="" if chat else _completion_prompt(body),
+        messages=messages,
         max_tokens=_number(body, key, int, DEFAULT_MAX_TOKENS[chat], low=1,
                            high=state.model_info.max_position),
         temperature=_number(body, "temperature", float, 1.0, low=0.0, high=2.0),
@@ -107,17 +119,32 @@ def _completion_prompt(body: dict) -> str:
     return prompt
 
 
-def _chat_prompt(body: dict, state: ServerState) -> str:
+def _chat_messages(body: dict, limit: int) -> list[dict[str, str]]:
+    """The chat's messages as {role, content} strings, checked but not rendered."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _http_error(400, "'messages' must be a non-empty list")
+    if len(messages) > limit:
+        raise _http_error(400, f"'messages' holds {len(messages)} messages; this server "
+                               f"accepts at most {limit} (max_chat_messages)")
     plain = []
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _http_error(400, "each message needs a string 'role'")
         plain.append({"role": message["role"], "content": _content_text(message.get("content"))})
+    return plain
+
+
+async def render_chat(state: ServerState, params: Params) -> None:
+    """Render the chat's messages into `params.prompt` with the model's template, in a worker
+    thread: a template over many or long messages takes long enough to stall everyone."""
+    assert params.messages is not None
+
+    def render() -> str:
+        return state.tokenizer.render_chat(params.messages, add_generation_prompt=True)
+
     try:
-        return state.tokenizer.render_chat(plain, add_generation_prompt=True)
+        params.prompt = await trio.to_thread.run_sync(render, limiter=state.cpu_limiter)
     except Exception as exc:
         raise _http_error(400, f"the chat template rejected these messages: {exc}") from None
 
@@ -174,6 +201,7 @@ class Generation:
         self.finish_reason = "stop"
         self.text = ""  # everything released to the client
         self.completion_tokens = 0
+        self.stderr = ""  # the tail of the instance's stderr: the SDK prints its error there
         self._running: Running | None = None
 
     def _count_tokens(self) -> None:
@@ -199,6 +227,8 @@ class Generation:
                     if stopped:
                         self.finish_reason = "stop"
                         return  # the finally below ends the instance
+                elif kind == "stderr":
+                    self.stderr = (self.stderr + str(payload.get("data", "")))[-STDERR_TAIL:]
                 elif kind == "terminated":
                     self._ended(payload)
                     break
@@ -219,8 +249,7 @@ class Generation:
         self.state.ended(self._running.id, str(reason))
         self._running = None
         if reason != "finished":
-            raise _http_error(500, f"generation failed: {reason}: {payload.get('detail', '')}",
-                              "server_error")
+            raise _failure(str(reason), str(payload.get("detail", "")), self.stderr)
         self._count_tokens()
         at_limit = self.completion_tokens >= self.params.max_tokens
         self.finish_reason = "length" if at_limit else "stop"
@@ -238,6 +267,17 @@ class Generation:
                     reason = str(payload.get("reason"))
                     break
         self.state.ended(running.id, reason)
+
+
+def _failure(reason: str, detail: str, stderr: str) -> Exception:
+    """The HTTP error for an instance that did not finish: 503 (retry later) when the server
+    was out of capacity or ended it, 500 otherwise. The inferlet reports a failed call on its
+    stderr (the SDK prints `error: ...` and exits 1), so that is where out-of-pages shows."""
+    said = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    what = f"{reason}: {detail}" + (f" ({said})" if said else "")
+    if reason in BUSY_REASONS or any(words in detail + said for words in OUT_OF_CAPACITY):
+        return _http_error(503, f"the server is busy: {what}; retry later", "overloaded_error")
+    return _http_error(500, f"generation failed: {what}", "server_error")
 
 
 def _apply_stops(text: str, stops: list[str]) -> tuple[str, str, bool]:
@@ -264,7 +304,7 @@ def _apply_stops(text: str, stops: list[str]) -> tuple[str, str, bool]:
 
 
 async def models(state: ServerState, exchange: HttpExchange) -> None:
-    _tenant(state, exchange)
+    tenant(state, exchange)
     created = int(time.time())
     await exchange.respond_json(200, {"object": "list", "data": [
         {"id": m["name"], "object": "model", "created": created, "owned_by": "pie-trio",
@@ -272,15 +312,17 @@ async def models(state: ServerState, exchange: HttpExchange) -> None:
 
 
 async def completions(state: ServerState, exchange: HttpExchange, chat: bool) -> None:
-    tenant = _tenant(state, exchange)
+    owner = tenant(state, exchange)
     started = time.perf_counter()
     params = parse_params(await exchange.json_body(), state, chat)
+    if chat:
+        await render_chat(state, params)
     prompt_tokens = await count_tokens(state, params.prompt)
     context = state.model_info.max_position
     if prompt_tokens + params.max_tokens > context:
         raise _http_error(400, f"this model's context is {context} tokens: the prompt has "
                                f"{prompt_tokens} and max_tokens asks for {params.max_tokens}")
-    generation = Generation(state, params, tenant, prompt_tokens)
+    generation = Generation(state, params, owner, prompt_tokens)
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     timer = _TokenTimer(state, endpoint, started)
     response = _Response(state, chat)
@@ -303,7 +345,8 @@ async def count_tokens(state: ServerState, text: str) -> int:
     """Tokens in `text`; long texts are encoded in a worker thread to keep the loop responsive."""
     if len(text) < LONG_TEXT:
         return len(state.tokenizer.encode(text))
-    return len(await trio.to_thread.run_sync(state.tokenizer.encode, text))
+    return len(await trio.to_thread.run_sync(state.tokenizer.encode, text,
+                                             limiter=state.cpu_limiter))
 
 
 async def _stream(exchange: HttpExchange, generation: Generation, response: _Response,
@@ -368,12 +411,13 @@ async def _cancel_on_disconnect(exchange: HttpExchange) -> AsyncIterator[None]:
         raise _http_error(499, "client went away")
 
 
-def _tenant(state: ServerState, exchange: HttpExchange) -> str:
-    tenant = state.auth.tenant_for_header(exchange.headers.get("authorization"))
-    if tenant is None:
+def tenant(state: ServerState, exchange: HttpExchange) -> str:
+    """The tenant of the request's API key; 401 without a valid one."""
+    found = state.auth.tenant_for_header(exchange.headers.get("authorization"))
+    if found is None:
         raise _http_error(401, "a valid API key is required (Authorization: Bearer KEY)",
                           "authentication_error")
-    return tenant
+    return found
 
 
 class _Response:

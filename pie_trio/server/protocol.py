@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import reprlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,8 @@ UNKNOWN_PROGRAM = "unknown_program"
 INVALID_PROGRAM = "invalid_program"  # the uploaded bytes are not a usable module
 TOO_LARGE = "too_large"
 HASH_MISMATCH = "hash_mismatch"
-LIMIT = "limit"  # a server-wide or per-session limit was reached
+LIMIT = "limit"  # a server-wide, per-tenant or per-session limit was reached
+TIMEOUT = "timeout"  # the client was too slow: a message did not complete, or no authenticate
 DRAINING = "draining"  # the server is shutting down
 INTERNAL = "internal"
 
@@ -110,27 +112,45 @@ Request = Authenticate | Query | UploadBegin | UploadChunk | UploadEnd | Launch 
 
 QUERIES = ("program_exists", "models", "instances")
 
-# type name → (record, {field: (accepted python types, required)})
-_STR, _INT, _BIN = (str,), (int,), (bytes,)
-REQUESTS: dict[str, tuple[type, dict[str, tuple[tuple[type, ...], bool]]]] = {
-    "authenticate": (Authenticate, {"token": (_STR, True)}),
-    "query": (Query, {"what": (_STR, True), "program": (_STR, False)}),
-    "upload_begin": (UploadBegin, {"hash": (_STR, True), "size": (_INT, True)}),
-    "upload_chunk": (UploadChunk, {"hash": (_STR, True), "data": (_BIN, True)}),
-    "upload_end": (UploadEnd, {"hash": (_STR, True)}),
-    "launch_instance": (Launch, {"program": (_STR, True), "args": ((list,), False)}),
-    "signal_instance": (Signal, {"instance": (_STR, True), "message": (_STR, True)}),
-    "terminate_instance": (Terminate, {"instance": (_STR, True)}),
+
+@dataclass(frozen=True)
+class Kind:
+    """A field's wire type: its name in error messages and the check a value must pass."""
+
+    name: str
+    accepts: Callable[[Any], bool]
+
+
+STR = Kind("str", lambda v: isinstance(v, str))
+INT = Kind("int", lambda v: isinstance(v, int) and not isinstance(v, bool))
+BIN = Kind("bin", lambda v: isinstance(v, bytes))
+STR_LIST = Kind("a list of str", lambda v: isinstance(v, list)
+                and all(isinstance(item, str) for item in v))
+
+# type name → (record, {field: (kind, required)}). `type` and `id` are checked the same way
+# (both str/int and required) before the table is consulted.
+REQUESTS: dict[str, tuple[type, dict[str, tuple[Kind, bool]]]] = {
+    "authenticate": (Authenticate, {"token": (STR, True)}),
+    "query": (Query, {"what": (STR, True), "program": (STR, False)}),
+    "upload_begin": (UploadBegin, {"hash": (STR, True), "size": (INT, True)}),
+    "upload_chunk": (UploadChunk, {"hash": (STR, True), "data": (BIN, True)}),
+    "upload_end": (UploadEnd, {"hash": (STR, True)}),
+    "launch_instance": (Launch, {"program": (STR, True), "args": (STR_LIST, False)}),
+    "signal_instance": (Signal, {"instance": (STR, True), "message": (STR, True)}),
+    "terminate_instance": (Terminate, {"instance": (STR, True)}),
 }
 
 
 def decode_request(frame: bytes) -> Request:
-    """Parse and validate one client message, or raise ProtocolError saying what is wrong."""
+    """Parse and validate one client message, or raise ProtocolError saying what is wrong.
+
+    Every field, `type` and `id` included, is type-checked here, so nothing past the decoder
+    ever sees a value of the wrong type (a list where a name was expected, say)."""
     message = _unpack(frame)
     if not isinstance(message, dict):
         raise ProtocolError(MALFORMED, f"a message must be a msgpack map, got {_kind(message)}")
     request_id = _request_id(message)
-    kind = message.get("type")
+    kind = _field(message, "type", STR, request_id)
     if kind not in REQUESTS:
         raise ProtocolError(
             UNKNOWN_TYPE,
@@ -139,20 +159,27 @@ def decode_request(frame: bytes) -> Request:
         )
     record, spec = REQUESTS[kind]
     values: dict[str, Any] = {"id": request_id}
-    for name, (types, required) in spec.items():
-        value = message.get(name)
-        if value is None:
-            if required:
-                raise ProtocolError(BAD_REQUEST, f"{kind}: missing field {name!r}", request_id)
-            continue
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(
-                BAD_REQUEST,
-                f"{kind}: field {name!r} must be {types[0].__name__}, got {_kind(value)}",
-                request_id,
-            )
-        values[name] = value
+    for name, (field_kind, required) in spec.items():
+        value = _field(message, name, field_kind, request_id, kind, required)
+        if value is not None:
+            values[name] = value
     return _check(record(**values), kind)
+
+
+def _field(message: dict, name: str, kind: Kind, request_id: int | None, context: str = "",
+           required: bool = True) -> Any:
+    """`message[name]` if it has the right kind; None when absent and optional."""
+    where = f"{context}: " if context else ""
+    value = message.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(BAD_REQUEST, f"{where}missing field {name!r}", request_id)
+        return None
+    if not kind.accepts(value):
+        raise ProtocolError(BAD_REQUEST,
+                            f"{where}field {name!r} must be {kind.name}, got {_kind(value)}",
+                            request_id)
+    return value
 
 
 def _unpack(frame: bytes) -> Any:
@@ -164,9 +191,7 @@ def _unpack(frame: bytes) -> Any:
 
 
 def _request_id(message: dict) -> int:
-    request_id = message.get("id")
-    if not isinstance(request_id, int) or isinstance(request_id, bool):
-        raise ProtocolError(BAD_REQUEST, f"field 'id' must be an integer, got {_kind(request_id)}")
+    request_id = _field(message, "id", INT, None)
     if not 0 <= request_id <= MAX_ID:
         raise ProtocolError(BAD_REQUEST, f"field 'id' must be in 0..{MAX_ID}")
     return request_id
@@ -187,8 +212,6 @@ def _check(request: Request, kind: str) -> Request:
                                 rid)
         if request.what == "program_exists" and request.program is None:
             raise ProtocolError(BAD_REQUEST, "query program_exists: missing field 'program'", rid)
-    if isinstance(request, Launch) and not all(isinstance(a, str) for a in request.args):
-        raise ProtocolError(BAD_REQUEST, "launch_instance: 'args' must be a list of strings", rid)
     return request
 
 

@@ -1,10 +1,16 @@
 """One client session: the protocol logic shared by the WebSocket and TCP front-ends.
 
 A session reads frames from its transport one at a time, answers each request in order, and
-streams the events of the instances it launched. All outgoing messages go through one bounded
-outbox drained by a single writer task, so responses and events never interleave mid-frame, a
-slow client pushes back on its own instances only, and the writer can coalesce whatever is ready
-into one write.
+streams the events of the instances it launched. All outgoing messages go through one outbox,
+bounded in bytes (`outbox_size`), drained by a single writer task, so responses and events never
+interleave mid-frame, a slow client pushes back on its own instances only, and the writer can
+coalesce whatever is ready into one write.
+
+Slow and silent clients. A client that accepts no bytes of one write for `send_timeout` seconds
+is disconnected (its transport is aborted): back-pressure bounds what it costs in memory, this
+bounds how long. With auth on, a connection that has not authenticated after `auth_timeout`
+seconds is closed with a `timeout` error. (Messages that take too long to arrive are the
+transports' to catch: tcp.py and websocket.py.)
 
 When the client goes away, the session's instances are ended with reason `client_gone`. When the
 server drains, the server ends every instance, each session forwards the `terminated` events, and
@@ -15,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import blake3
@@ -24,20 +29,23 @@ import trio
 from pie_trio.runtime.instance import InboxFull, InstanceGone
 from pie_trio.runtime.programs import ProgramError
 from pie_trio.server import protocol
+from pie_trio.server.outbox import Outbox
 from pie_trio.server.protocol import ProtocolError
 from pie_trio.server.state import Running, ServerState
+from pie_trio.server.uploads import Uploads
 
 log = logging.getLogger("pie_trio.server.session")
 
-OUTBOX_SIZE = 256  # messages queued for one client before its instances feel backpressure
-MAX_UPLOADS = 4  # unfinished uploads one session may hold at once
 DRAIN_TIMEOUT = 5.0  # seconds to wait for instances to report their end while draining
+WRITE_BATCH = 256 * 1024  # bytes per transport write: the unit `send_timeout` applies to
 
 # Close codes (WebSocket numbers; a TCP client gets them in a final `close` message).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008  # too slow: no authenticate in time, a message that does not complete
 CLOSE_TOO_LARGE = 1009
+CLOSE_TRY_LATER = 1013  # a connection limit was reached
 
 
 class Violation(Exception):
@@ -64,11 +72,10 @@ class Transport(Protocol):
 
     async def close(self, code: int, reason: str) -> None: ...
 
-
-@dataclass
-class Upload:
-    size: int
-    data: bytearray = field(default_factory=bytearray)
+    async def abort(self) -> None:
+        """Drop the connection at once, without a goodbye: a `send` stuck on a client that does
+        not read returns (or raises), and `receive` may never return again."""
+        ...
 
 
 class Session:
@@ -78,14 +85,18 @@ class Session:
         self.transport = transport
         self.origin = origin
         self.peer = peer
+        config = state.config
         # Who the client is: known from the start without auth (or from a valid header).
         self.tenant = tenant if state.auth.enabled else state.auth.tenant_for(None)
-        self.uploads: dict[str, Upload] = {}
+        self.uploads = Uploads(state.upload_budget, config.upload_buffer_per_session)
         self.launched: set[str] = set()
-        self._outbox, self._outbox_reader = trio.open_memory_channel[bytes](OUTBOX_SIZE)
+        self._outbox = Outbox(config.outbox_size)
         self._close_code = CLOSE_NORMAL
         self._close_reason = "bye"
         self._writer_done = trio.Event()
+        self._broken = False  # the transport failed or was aborted: drop what is left
+        self._write_started: float | None = None  # when the write in progress began
+        self._reading = trio.CancelScope()  # cancelled to stop reading (timeouts, aborts)
         self._idle = trio.Event()  # set while no launched instance is running
         self._idle.set()
         self._nursery: trio.Nursery | None = None
@@ -110,35 +121,58 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._watch_writes)
                 nursery.start_soon(self._close_when_draining)
+                if self.tenant is None:
+                    nursery.start_soon(self._require_authentication)
                 await self._read_loop()
-                # The client is gone (or we are closing it): end its instances and let the
-                # pumps consume their final events, so the runtime is never left blocked on them.
-                self._end_instances("client_gone")
-                with trio.move_on_after(DRAIN_TIMEOUT):
-                    await self._idle.wait()
-                await self.close(self._close_code)
-                with trio.move_on_after(DRAIN_TIMEOUT):
-                    await self._writer_done.wait()
+                await self._finish()
                 nursery.cancel_scope.cancel()
         finally:
             self.state.session_closed(self)
             self._end_instances("client_gone")
+            self.uploads.drop_all()
             log.info("session closed origin=%s peer=%s tenant=%s", self.origin, self.peer,
                      self.tenant)
 
+    async def _finish(self) -> None:
+        """The client is gone (or we are closing it): end its instances and let the pumps
+        consume their final events, so the runtime is never left blocked on them; flush, close,
+        and abort a transport whose client does not take the last bytes."""
+        self._end_instances("client_gone")
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            await self._idle.wait()
+        await self.close(self._close_code)
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            await self._writer_done.wait()
+        if not self._writer_done.is_set():
+            await self._abort("the client did not take the last messages")
+
     async def _read_loop(self) -> None:
-        try:
-            while (frame := await self.transport.receive()) is not None:
-                await self.handle(frame)
-        except Violation as exc:
-            # The stream cannot be trusted any more: say why, then close with the code.
-            log.info("protocol violation peer=%s code=%d error=%s", self.peer, exc.close_code,
-                     exc.message)
-            self.state.metrics.protocol_errors.labels(exc.code).inc()
-            await self.send(protocol.error(exc.code, exc.message))
-            self._close_code = exc.close_code
-            self._close_reason = exc.message
+        with self._reading:
+            try:
+                while (frame := await self.transport.receive()) is not None:
+                    await self.handle(frame)
+            except Violation as exc:
+                self._refuse(exc)
+
+    def _refuse(self, exc: Violation) -> None:
+        """The stream cannot be trusted any more (or the client was too slow): say why, then
+        close with the violation's code. Never waits: the error may go over the outbox bound."""
+        log.info("protocol violation peer=%s code=%d error=%s", self.peer, exc.close_code,
+                 exc.message)
+        self.state.metrics.protocol_errors.labels(exc.code).inc()
+        self._send_now(protocol.error(exc.code, exc.message))
+        self._close_code = exc.close_code
+        self._close_reason = exc.message
+        self._reading.cancel()
+
+    async def _require_authentication(self) -> None:
+        timeout = self.state.config.auth_timeout
+        await trio.sleep(timeout)
+        if self.tenant is None:
+            self._refuse(Violation(protocol.TIMEOUT, f"not authenticated within {timeout:g} s; "
+                                   "closing the connection", CLOSE_POLICY))
 
     async def handle(self, frame: bytes) -> None:
         """Answer one client message; any refusal goes back to this client only."""
@@ -163,57 +197,82 @@ class Session:
         if isinstance(result, Running):
             # A launch. The session owns the instance from here on (a disconnect ends it), and
             # the response is queued before the pump starts, so the client always learns the
-            # instance id before the instance's first event.
+            # instance id before the instance's first event. Adopting, answering and starting
+            # the pump happen without a checkpoint, so no cancellation can orphan the instance.
             self._adopt(result)
-            await self.send(protocol.ok(request_id, {"instance": result.id}))
+            self._send_now(protocol.ok(request_id, {"instance": result.id}))
             assert self._nursery is not None
             self._nursery.start_soon(self._pump, result)
         else:
             await self.send(protocol.ok(request_id, result))
 
     async def send(self, message: dict[str, Any]) -> None:
+        """Queue a message for the client, waiting while its outbox is full."""
         try:
-            await self._outbox.send(protocol.pack(message))
+            await self._outbox.put(protocol.pack(message))
         except trio.ClosedResourceError:
             pass  # the session is closing; the client will not read this anyway
 
+    def _send_now(self, message: dict[str, Any]) -> None:
+        """Queue a message without waiting, over the outbox bound if need be (one small
+        message: a launch response, a last error)."""
+        try:
+            self._outbox.put_nowait(protocol.pack(message))
+        except trio.ClosedResourceError:
+            pass
+
     async def _write_loop(self) -> None:
-        """Drain the outbox, batching everything already queued into one transport write.
+        """Drain the outbox, batching what is already queued into few transport writes.
 
         After the connection breaks it keeps draining (and dropping), so that instance pumps
         never block on a client that is gone."""
         try:
-            await self._drain_outbox()
+            while frames := await self._outbox.take(WRITE_BATCH):
+                if not self._broken:
+                    self._broken = not await self._write(self.transport.send(frames))
+                self._outbox.written(sum(len(frame) for frame in frames))
+            if not self._broken:
+                await self._write(self.transport.close(self._close_code, self._close_reason))
         finally:
             self._writer_done.set()
 
-    async def _drain_outbox(self) -> None:
-        broken = False
-        async for first in self._outbox_reader:
-            frames = [first]
-            while True:
-                try:
-                    frames.append(self._outbox_reader.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            if not broken:
-                broken = not await self._transport_call(self.transport.send(frames))
-        if not broken:
-            await self._transport_call(self.transport.close(self._close_code, self._close_reason))
-
-    async def _transport_call(self, call: Awaitable[None]) -> bool:
+    async def _write(self, call: Awaitable[None]) -> bool:
+        """Run one transport write under the `send_timeout` watch; False if it failed."""
+        self._write_started = trio.current_time()
         try:
             await call
-            return True
+            return not self._broken
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return False
+        finally:
+            self._write_started = None
+
+    async def _watch_writes(self) -> None:
+        """Abort the transport when one write has not finished within `send_timeout`."""
+        timeout = self.state.config.send_timeout
+        while not self._writer_done.is_set():
+            await trio.sleep(timeout / 4)
+            started = self._write_started
+            if started is not None and trio.current_time() - started > timeout:
+                await self._abort(f"the client accepted no write for {timeout:g} s")
+
+    async def _abort(self, why: str) -> None:
+        """Drop the connection without a goodbye: the client is not reading."""
+        if self._broken:
+            return
+        log.info("session aborted peer=%s reason=%s", self.peer, why)
+        self.state.metrics.protocol_errors.labels(protocol.TIMEOUT).inc()
+        self._broken = True
+        self._reading.cancel()
+        await self.transport.abort()
 
     async def close(self, code: int = CLOSE_GOING_AWAY, reason: str | None = None) -> None:
         """Flush what is queued, then close the transport with `code` (idempotent)."""
         self._close_code = code
         if reason is not None:
             self._close_reason = reason
-        await self._outbox.aclose()
+        self._outbox.close()
+        await trio.lowlevel.checkpoint()
 
     async def _close_when_draining(self) -> None:
         await self.state.draining.wait()
@@ -255,23 +314,20 @@ class Session:
                                 f"the upload limit of {limit}", request.id)
         if self.state.runtime.programs.has(request.hash):
             return {"exists": True}
-        if request.hash not in self.uploads and len(self.uploads) >= MAX_UPLOADS:
-            raise ProtocolError(protocol.LIMIT, f"at most {MAX_UPLOADS} unfinished uploads "
-                                "per session", request.id)
-        self.uploads[request.hash] = Upload(request.size)
+        self.uploads.begin(request.hash, request.size, request.id)
         return {"exists": False}
 
     async def _upload_chunk(self, request: protocol.UploadChunk) -> None:
-        upload = self._upload(request.hash, request.id)
+        upload = self.uploads.get(request.hash, request.id)
         if len(upload.data) + len(request.data) > upload.size:
-            del self.uploads[request.hash]
+            self.uploads.drop(request.hash)
             raise ProtocolError(protocol.TOO_LARGE, f"chunks exceed the announced size of "
                                 f"{upload.size} bytes; upload abandoned", request.id)
         upload.data += request.data
 
     async def _upload_end(self, request: protocol.UploadEnd) -> dict[str, Any]:
-        upload = self._upload(request.hash, request.id)
-        del self.uploads[request.hash]
+        upload = self.uploads.get(request.hash, request.id)
+        self.uploads.drop(request.hash)
         if len(upload.data) != upload.size:
             raise ProtocolError(protocol.BAD_REQUEST, f"received {len(upload.data)} of "
                                 f"{upload.size} announced bytes", request.id)
@@ -282,18 +338,15 @@ class Session:
                                 request.id)
         try:
             # Compiling takes from milliseconds to seconds: keep it off the trio thread.
-            program = await trio.to_thread.run_sync(self.state.runtime.programs.add, data)
+            # Uploads have their own limiter: a compile waiting its turn must not hold one of
+            # trio's default worker threads that other work needs.
+            program = await trio.to_thread.run_sync(
+                self.state.runtime.programs.add, data, self._tenant(),
+                limiter=self.state.upload_limiter)
         except ProgramError as exc:
             raise ProtocolError(protocol.INVALID_PROGRAM, str(exc), request.id) from None
         log.info("upload program=%s size=%d tenant=%s", program, len(data), self.tenant)
         return {"hash": program}
-
-    def _upload(self, program_hash: str, request_id: int) -> Upload:
-        upload = self.uploads.get(program_hash)
-        if upload is None:
-            raise ProtocolError(protocol.BAD_REQUEST, f"no upload of {program_hash} in progress: "
-                                "send upload_begin first", request_id)
-        return upload
 
     async def _launch(self, request: protocol.Launch) -> Running:
         running = await self.state.launch(request.program, request.args, self._tenant(),

@@ -2,12 +2,15 @@
 
 The registry here is the server's view of running instances: which tenant launched each one, so
 that only that tenant can see, signal or terminate it, whatever connection it comes back on.
+It also keeps the server-wide counts that bound what clients may hold: instances per tenant,
+client connections (in total and per peer address) and bytes of unfinished uploads.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +23,7 @@ from pie_trio.server import protocol
 from pie_trio.server.auth import Authenticator
 from pie_trio.server.metrics import Metrics
 from pie_trio.server.protocol import ProtocolError
+from pie_trio.server.uploads import UploadBudget
 
 log = logging.getLogger("pie_trio.server")
 
@@ -63,6 +67,14 @@ class ServerState:
         self.metrics = Metrics()
         self.running: dict[str, Running] = {}
         self.sessions: set[Closable] = set()
+        self.connections = Connections(config.max_connections, config.max_connections_per_peer)
+        self.upload_budget = UploadBudget(config.upload_buffer_total)
+        # CPU-bound request work (chat templates, long prompts, big JSON bodies) runs in worker
+        # threads, a few at a time, so the event loop stays responsive whatever clients send.
+        self.cpu_limiter = trio.CapacityLimiter(2)
+        # Uploads wait here for a compile worker (compiles run in child processes, a few at once).
+        self.upload_limiter = trio.CapacityLimiter(config.program_compile_workers)
+        self._launching: Counter[str] = Counter()  # launches in progress, by tenant
         self.draining = trio.Event()
         self._no_sessions = trio.Event()  # set while no session is connected
         self._no_sessions.set()
@@ -76,11 +88,9 @@ class ServerState:
     async def launch(self, program: str, args: list[str], tenant: str, origin: str,
                      request_id: int | None = None) -> Running:
         """Start `program` (hash or built-in name) for `tenant`; ProtocolError when refused."""
-        if self.draining.is_set():
-            raise ProtocolError(protocol.DRAINING, "the server is shutting down", request_id)
-        if len(self.running) >= self.config.max_instances:
-            raise ProtocolError(protocol.LIMIT, f"the server runs its maximum of "
-                                f"{self.config.max_instances} instances; retry later", request_id)
+        self._check_capacity(tenant, request_id)
+        # Launches in progress count against the caps, so concurrent ones cannot overshoot.
+        self._launching[tenant] += 1
         try:
             instance = await self.runtime.launch(program, list(args), tenant)
         except UnknownProgram as exc:
@@ -89,6 +99,10 @@ class ServerState:
             raise ProtocolError(protocol.INVALID_PROGRAM, str(exc), request_id) from None
         except CapacityError as exc:
             raise ProtocolError(protocol.LIMIT, str(exc), request_id) from None
+        finally:
+            self._launching[tenant] -= 1
+            if not self._launching[tenant]:
+                del self._launching[tenant]
         running = Running(instance, tenant, program, list(args), origin)
         self.running[instance.id] = running
         if self._idle.is_set():
@@ -97,6 +111,19 @@ class ServerState:
         log.info("launch instance=%s tenant=%s program=%s origin=%s", instance.id, tenant,
                  program, origin)
         return running
+
+    def _check_capacity(self, tenant: str, request_id: int | None) -> None:
+        config = self.config
+        if self.draining.is_set():
+            raise ProtocolError(protocol.DRAINING, "the server is shutting down", request_id)
+        if len(self.running) + self._launching.total() >= config.max_instances:
+            raise ProtocolError(protocol.LIMIT, f"the server runs its maximum of "
+                                f"{config.max_instances} instances; retry later", request_id)
+        mine = sum(r.tenant == tenant for r in self.running.values()) + self._launching[tenant]
+        if mine >= config.max_instances_per_tenant:
+            raise ProtocolError(protocol.LIMIT, f"tenant {tenant!r} runs its maximum of "
+                                f"{config.max_instances_per_tenant} instances; end one or "
+                                "retry later", request_id)
 
     def owned(self, instance_id: str, tenant: str, request_id: int | None = None) -> Running:
         """The instance if `tenant` owns it. Someone else's instance is reported exactly like a
@@ -159,3 +186,31 @@ class ServerState:
             except Exception:  # a scrape must never fail because one component is busy
                 log.exception("reading component stats failed")
         return state
+
+
+class Connections:
+    """Client connections (WebSocket and TCP) open now, in total and per peer address."""
+
+    def __init__(self, limit: int, per_peer: int):
+        self.limit = limit
+        self.per_peer = per_peer
+        self._by_peer: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return self._by_peer.total()
+
+    def admit(self, peer: str) -> None:
+        """Count a new connection from `peer` (its IP address); ProtocolError(LIMIT) when it
+        would pass either cap, and then it is not counted."""
+        if len(self) >= self.limit:
+            raise ProtocolError(protocol.LIMIT, f"the server holds its maximum of {self.limit} "
+                                "connections; retry later")
+        if self._by_peer[peer] >= self.per_peer:
+            raise ProtocolError(protocol.LIMIT, f"{peer} already holds its maximum of "
+                                f"{self.per_peer} connections")
+        self._by_peer[peer] += 1
+
+    def release(self, peer: str) -> None:
+        self._by_peer[peer] -= 1
+        if self._by_peer[peer] <= 0:
+            del self._by_peer[peer]
