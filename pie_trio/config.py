@@ -79,6 +79,12 @@ def parse_api_keys(value: Any) -> dict[str, str]:
     return keys
 
 
+def parse_names(value: Any) -> list[str]:
+    """A list of names, from a TOML list or "alice,bob"."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
 def _split_key(item: str) -> tuple[str, str]:
     tenant, sep, key = item.strip().partition(":")
     if not sep:
@@ -93,6 +99,24 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return parse(value)
 
     return parse_or_none
+
+
+def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`kind` (int, float or parse_size), refusing zero and negative values."""
+    def parse_positive(value: Any) -> Any:
+        number = kind(value)
+        if not number > 0:
+            raise ConfigError(f"expected a positive value, got {value!r}")
+        return number
+
+    return parse_positive
+
+
+def _fraction(value: Any) -> float:
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ConfigError(f"expected a fraction in (0, 1], got {value!r}")
+    return number
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -121,7 +145,8 @@ class Config:
     """Everything `pie-trio serve` needs to know; see docs/server.md for the full story."""
 
     host: str = setting("127.0.0.1", "address to listen on (HTTP, WebSocket and TCP)")
-    http_port: int = setting(8080, "HTTP + WebSocket port (0 picks a free port)", parse_port)
+    http_port: int = setting(8080, "HTTP + WebSocket port (0 picks a free port)", parse_port,
+                             aliases=("--port",))  # as vLLM, SGLang and llama-server spell it
     tcp_port: int | None = setting(
         8081, "msgpack-over-TCP port (0 picks a free port, 'off' disables)", parse_port
     )
@@ -132,6 +157,10 @@ class Config:
                                  _optional(str))
     dtype: str | None = setting(None, "weight dtype: bfloat16, float16, float32 (default: auto)",
                                 _optional(str))
+    weights: str = setting(
+        "auto", "projection weights: int4 (a GGUF's Q4_0/Q4_1 blocks, CPU), bf16, fp32 or auto "
+        "(int4 on CPU for such files unless a dtype is given)",
+        _choice("auto", "int4", "bf16", "fp32"))
     kv_memory: int | None = setting(
         None, "bytes for the paged KV cache, e.g. 512MiB (default: auto)", _optional(parse_size))
     page_size: int = setting(16, "tokens per KV page", int)
@@ -144,12 +173,81 @@ class Config:
         float)
     instance_wall_time: float = setting(
         600.0, "seconds an inferlet may run from launch to end", float)
+    # -- hostile input: the runtime's limits (docs/runtime.md, "Hostile input: limits") -----
+    instance_cpu_total: float | None = setting(
+        60.0, "seconds of CPU an inferlet may use in all, host work for it included "
+        "('none': no limit)", _optional(float))
+    instance_host_call_share: float = setting(
+        0.1, "fraction of wall time an inferlet may spend in host calls that do not wait "
+        "(past it, it sleeps: the GIL is shared)", float)
+    instance_host_call_total_share: float = setting(
+        0.25, "the same fraction for all inferlets past their own share together", float)
+    instance_outstanding_bytes: int = setting(
+        "64MiB", "host memory an inferlet's submitted requests and responses not yet taken may "
+        "hold (estimated)", parse_size)
+    instance_inbox_bytes: int = setting(
+        "16MiB", "client messages delivered to an inferlet and not yet received", parse_size)
+    instance_topic_bytes: int = setting(
+        "16MiB", "an inferlet's pub/sub subscriptions and the broadcasts buffered for it",
+        parse_size)
+    program_max_functions: int = setting(
+        20_000, "most functions an uploaded module may define", int)
+    program_max_code_size: int = setting(
+        "8MiB", "largest code section an uploaded module may have", parse_size)
+    program_compile_timeout: float = setting(
+        30.0, "seconds compiling one module may take", float)
+    program_compile_memory: int = setting(
+        "1GiB", "memory compiling one module may use (its compiler process)", parse_size)
+    program_compile_workers: int = setting(2, "modules compiled at once", int)
+    program_store_programs: int = setting(1024, "most programs stored", int)
+    program_store_bytes: int = setting(
+        "1GiB", "most bytes of programs stored (modules and compiled code)", parse_size)
+    program_max_loaded: int = setting(
+        64, "programs kept compiled in memory besides those running", int)
+    tenant_programs: int = setting(128, "most programs one tenant may have stored", int)
+    tenant_program_bytes: int = setting(
+        "256MiB", "most bytes of programs one tenant may have stored", parse_size)
     auth: bool | None = setting(
         None, "require an API key (default: on exactly when api_keys are configured)",
         _optional(parse_bool))
     api_keys: dict[str, str] = setting(
         {}, "API keys as TENANT:KEY (repeat the flag, or comma-separate in the environment)",
         parse_api_keys, repeat=True, flag="--api-key")
+    # -- hostile input: what one client or tenant may hold (docs/server.md, "Hostile input") --
+    public_health: bool = setting(
+        True, "answer GET /health without an API key when auth is on", parse_bool)
+    public_metrics: bool = setting(
+        False, "answer GET /metrics without an API key when auth is on", parse_bool)
+    operators: list[str] = setting(
+        [], "tenants that may remove any tenant's KV exports, comma-separated", parse_names)
+    max_connections: int = setting(
+        1024, "most WebSocket + TCP client connections at once", _positive(int))
+    max_connections_per_peer: int = setting(
+        64, "most WebSocket + TCP client connections from one IP address", _positive(int))
+    auth_timeout: float = setting(
+        10.0, "seconds a connection may stay unauthenticated when auth is on", _positive(float))
+    frame_timeout: float = setting(
+        30.0, "seconds one client message may take to arrive once it has begun", _positive(float))
+    send_timeout: float = setting(
+        60.0, "seconds a client may take to accept one write before it is disconnected",
+        _positive(float))
+    outbox_size: int = setting(
+        "8MiB", "bytes of responses and events queued for one connection before its "
+        "instances wait", _positive(parse_size))
+    upload_buffer_per_session: int = setting(
+        "128MiB", "bytes of unfinished uploads one connection may hold", _positive(parse_size))
+    upload_buffer_total: int = setting(
+        "256MiB", "bytes of unfinished uploads all connections together may hold",
+        _positive(parse_size))
+    max_instances_per_tenant: int = setting(
+        64, "most instances one tenant may run at once (every front-end together)", _positive(int))
+    tenant_kv_share: float | None = setting(
+        None, "fraction of the KV pages one tenant may hold (default: 0.5 when several "
+        "tenants have API keys, else 1)", _optional(_fraction))
+    max_persistent_exports: int = setting(
+        64, "most persistent KV exports one tenant may own", _positive(int))
+    max_chat_messages: int = setting(
+        1024, "most messages in one chat completion request", _positive(int))
     program_cache_dir: str | None = setting(
         None, "directory for uploaded programs and compiled modules (default: memory only)",
         _optional(str))

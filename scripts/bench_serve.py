@@ -202,7 +202,9 @@ async def served_model(http: httpx.AsyncClient) -> str:
 
 async def benchmark(args: argparse.Namespace, url: str) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
+    # Drop idle connections after 1 s: reusing one the server is closing for idleness (5 s in
+    # llama-server's cpp-httplib, httpx's own default too) fails with "Server disconnected".
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4, keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(600.0)) as http:
         model = await served_model(http)
@@ -222,6 +224,20 @@ async def benchmark(args: argparse.Namespace, url: str) -> dict:
             "quick": args.quick, "machine": {"platform": platform.platform(),
                                              "cpus": os.cpu_count()},
             "levels": levels}
+
+
+def measure(url: str, *, concurrency: list[int], input_len: int = 128, output_len: int = 128,
+            num_prompts: int | None = None, min_prompts: int = 16, seed: int = 0,
+            api_key: str | None = None, quick: bool = False) -> dict:
+    """The benchmark's JSON record for the running OpenAI-compatible server at `url`.
+
+    For other scripts (e.g. bench_vs_llamacpp.py): the same measurement as this script's CLI,
+    with its options as keywords.
+    """
+    args = argparse.Namespace(concurrency=concurrency, input_len=input_len,
+                              output_len=output_len, num_prompts=num_prompts,
+                              min_prompts=min_prompts, seed=seed, api_key=api_key, quick=quick)
+    return trio.run(benchmark, args, url)
 
 
 def parse_args() -> argparse.Namespace:

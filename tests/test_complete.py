@@ -65,7 +65,8 @@ def test_help_explains_every_option():
         capture_output=True, text=True, check=True,
     )
     for option in ("PROMPT", "--chat", "--max-tokens", "--temperature", "--top-p", "--seed",
-                   "--device", "--dtype", "--model", "greedy", "chat template", "stderr"):
+                   "--device", "--dtype", "--weights", "--model", "greedy", "chat template",
+                   "stderr"):
         assert option in result.stdout, option
 
 
@@ -74,8 +75,8 @@ def cli_model(real_runner, monkeypatch):
     """`load_model` yields the session's real runner, once it checked the arguments."""
     asked = []
 
-    def load_model(model, device, dtype):
-        asked.append((model, device, dtype))
+    def load_model(model, device, dtype, weights):
+        asked.append((model, device, dtype, weights))
         return real_runner
 
     monkeypatch.setattr(complete_cli, "load_model", load_model)
@@ -114,7 +115,7 @@ def test_complete_chat_answers_the_capital_of_france(cli_model, real_runner, cap
                      "24", "--device", "cpu", "--dtype", "bf16"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert cli_model == [("default", "cpu", "bfloat16")]
+    assert cli_model == [("default", "cpu", "bfloat16", "auto")]
     assert out == "The capital of France is Paris.\n"
     assert "tokens in" in err and "tok/s" in err
 

@@ -69,6 +69,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=sorted(DTYPES), default=None,
         help="weight and activation dtype (default: the model layer's choice for the device)",
     )
+    parser.add_argument(
+        "--weights", choices=["auto", "int4", "bf16", "fp32"], default="auto",
+        help="projection weights: int4 runs a GGUF's Q4_0/Q4_1 blocks as they are (CPU only), "
+        "bf16/fp32 dequantises them; auto: int4 on CPU for such files unless --dtype is given, "
+        "else dense (default: auto)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -81,7 +87,7 @@ def run(
         print("pie-trio complete: --max-tokens must be >= 0", file=stderr)
         return 2
     try:
-        runner = load_model(args.model, args.device, DTYPES.get(args.dtype))
+        runner = load_model(args.model, args.device, DTYPES.get(args.dtype), args.weights)
     except (OSError, ValueError) as exc:
         print(f"pie-trio complete: cannot load model {args.model!r}: {exc}", file=stderr)
         return 1
@@ -96,11 +102,11 @@ def run(
     return 0
 
 
-def load_model(model: str, device: str | None, dtype: str | None):
+def load_model(model: str, device: str | None, dtype: str | None, weights: str = "auto"):
     """The `ModelRunner` for `model` (imported here: loading torch is only for this verb)."""
     from pie_trio.model.runner import ModelRunner
 
-    return ModelRunner.load(model, device=device, dtype=dtype)
+    return ModelRunner.load(model, device=device, dtype=dtype, weights=weights)
 
 
 async def complete_to(

@@ -1,9 +1,13 @@
-"""What the machine can do, and the device and dtype the model runs in because of it.
+"""What the machine can do, and the device, dtype and weight format the model runs in because
+of it.
 
 x86 machines of one kind differ: some CPUs compute bf16 natively (AVX-512 BF16, AMX), others
 only have AVX2, where torch emulates bf16 matmuls and they lose to fp32 as soon as a batch has a
 few rows. The choice is made from the features torch actually dispatches to, so forcing torch
 down (`ATEN_CPU_CAPABILITY=avx2`) also changes the choice, and is said in one log line.
+
+Weights: on the CPU a GGUF file's Q4_0/Q4_1 projections run as int4 (torch's weight-only
+kernel reads a quarter of the bytes of bf16); elsewhere, and for other files, they are dense.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+
+# `--weights`: int4 keeps Q4_0/Q4_1 projections packed; bf16/fp32 are dense weights (and the
+# compute dtype) of that type; auto picks.
+WEIGHTS = ("auto", "int4", "bf16", "fp32")
+_INT4_TYPES = frozenset({"Q4_0", "Q4_1"})  # GGUF types that map exactly onto the int4 kernel
 
 # CPU flags (as /proc/cpuinfo spells them) that make bf16 matmuls native.
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -106,6 +115,63 @@ def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> Dtype
     return DtypeChoice(torch.float32, f"CPU without native bf16 ({cpu.describe()})")
 
 
-def log_choice(device: torch.device, choice: DtypeChoice) -> None:
+@dataclass(frozen=True)
+class WeightsChoice:
+    int4: bool  # keep Q4_0/Q4_1 projections packed for the int4 kernel; else dense
+    reason: str
+
+
+def dtype_for_weights(dtype: str | torch.dtype | None, weights: str) -> str | torch.dtype | None:
+    """The dtype to ask `choose_dtype` for: `--weights bf16/fp32` names dense weights of that
+    type, which are stored in the compute dtype, so it sets the dtype (and must agree with an
+    explicit one)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; use one of {list(WEIGHTS)}")
+    if weights in ("auto", "int4"):
+        return dtype
+    if dtype is None:
+        return weights
+    asked = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
+    if asked != DTYPES[weights]:
+        raise ValueError(f"weights {weights} are dense {weights}: they need dtype {weights}, "
+                         f"not {dtype}")
+    return dtype
+
+
+def choose_weights(
+    weights: str, dtype_asked: bool, device: torch.device, projection_types: set[str]
+) -> WeightsChoice:
+    """int4 or dense projections. `projection_types`: the GGUF types of the model's projection
+    weights (empty for safetensors). `auto` picks int4 on the CPU for Q4_0/Q4_1 files, unless a
+    dtype was asked for: `--dtype X` alone keeps meaning "the model in X" (dense)."""
+    int4_ready = bool(projection_types & _INT4_TYPES)
+    found = ", ".join(sorted(projection_types)) or "dense safetensors"
+    if weights == "int4":
+        if device.type != "cpu":
+            raise ValueError(f"int4 weights run on the CPU only, not on {device.type}")
+        if not int4_ready:
+            raise ValueError(f"int4 weights need Q4_0/Q4_1 projections; this model has {found}")
+        return WeightsChoice(True, "asked for")
+    if weights != "auto":
+        return WeightsChoice(False, "asked for")
+    if device.type != "cpu":
+        return WeightsChoice(False, f"{device.type} device")
+    if dtype_asked:
+        return WeightsChoice(False, "a dtype was asked for")
+    if not int4_ready:
+        return WeightsChoice(False, f"projections are {found}, not Q4_0/Q4_1")
+    # Measured (docs/model.md): 2.8x fp32's matmul speed at 1 row, 1.4x at 8; larger batches
+    # run on a dense copy.
+    return WeightsChoice(True, f"CPU and {found} projections")
+
+
+def log_choice(
+    device: torch.device, choice: DtypeChoice, weights: WeightsChoice | None = None
+) -> None:
     dtype = str(choice.dtype).removeprefix("torch.")
-    log.info("model device=%s dtype=%s because=%r", device, dtype, choice.reason)
+    if weights is None:
+        log.info("model device=%s dtype=%s because=%r", device, dtype, choice.reason)
+        return
+    kind = "int4" if weights.int4 else dtype
+    log.info("model device=%s dtype=%s because=%r weights=%s because=%r",
+             device, dtype, choice.reason, kind, weights.reason)

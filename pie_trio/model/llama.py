@@ -3,6 +3,10 @@
 One forward runs every token of a ragged batch through each layer together: the projections and
 the MLP see a single `[tokens, hidden]` matrix, and only attention splits by sequence, along the
 groups planned in `pie_trio.model.batch`.
+
+Projection weights that arrive as `Q4Weight`s (int4 weights, CPU only) run through torch's int4
+weight-only kernel (`ops.QuantLinear`), with a dense copy for batches too large for it to win;
+everything else, and the fp32 LM head, is dense.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ from kernels import ops
 from pie_trio.model.batch import AttentionGroup, ForwardBatch
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.kv_cache import KvCache
+from pie_trio.model.quant import Q4Weight, pack_q4
+
+Weight = torch.Tensor | Q4Weight
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: ops.Linear  # q, k and v projections fused: one matmul for all three
-    out: ops.Linear
+    qkv: ops.Linear | ops.QuantLinear  # q, k and v projections fused: one matmul for all three
+    out: ops.Linear | ops.QuantLinear
     post_norm: torch.Tensor
-    gate_up: ops.Linear  # gate and up fused: [2 * ffn, hidden]
-    down: ops.Linear
+    gate_up: ops.Linear | ops.QuantLinear  # gate and up fused: [2 * ffn, hidden]
+    down: ops.Linear | ops.QuantLinear
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> torch.Tensor:
@@ -64,7 +71,7 @@ class LlamaModel:
     def __init__(
         self,
         config: ModelConfig,
-        tensors: dict[str, torch.Tensor],
+        tensors: dict[str, Weight],
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -93,24 +100,50 @@ class LlamaModel:
         self._gather_k = torch.empty(0, dtype=dtype, device=device)
         self._gather_v = torch.empty(0, dtype=dtype, device=device)
 
-    def _layer(self, tensors: dict[str, torch.Tensor], i: int, take) -> LayerWeights:
+    def _layer(self, tensors: dict[str, Weight], i: int, take) -> LayerWeights:
         prefix = f"model.layers.{i}."
         attn = prefix + "self_attn."
-        qkv = torch.cat([take(attn + f"{p}_proj.weight") for p in ("q", "k", "v")])
         bias = None
         if self.config.qkv_bias:
             bias = torch.cat([take(attn + f"{p}_proj.bias") for p in ("q", "k", "v")])
-        gate_up = torch.cat(
-            [take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")]
-        )
         return LayerWeights(
             input_norm=take(prefix + "input_layernorm.weight"),
-            qkv=ops.pack_linear(qkv, bias),
-            out=ops.pack_linear(take(attn + "o_proj.weight")),
+            qkv=self._linear([tensors[attn + f"{p}_proj.weight"] for p in ("q", "k", "v")], bias),
+            out=self._linear([tensors[attn + "o_proj.weight"]]),
             post_norm=take(prefix + "post_attention_layernorm.weight"),
-            gate_up=ops.pack_linear(gate_up),
-            down=ops.pack_linear(take(prefix + "mlp.down_proj.weight")),
+            gate_up=self._linear(
+                [tensors[prefix + "mlp.gate_proj.weight"], tensors[prefix + "mlp.up_proj.weight"]]
+            ),
+            down=self._linear([tensors[prefix + "mlp.down_proj.weight"]]),
         )
+
+    def _linear(
+        self, parts: list[Weight], bias: torch.Tensor | None = None
+    ) -> ops.Linear | ops.QuantLinear:
+        """One projection from its parts, fused along the output dimension.
+
+        Int4 when every part is a `Q4Weight` and the device is the CPU (the only kernel packed
+        here), with a dense copy in the compute dtype for large batches; dense otherwise.
+        """
+        if self.device.type == "cpu" and all(isinstance(p, Q4Weight) for p in parts):
+            weight = Q4Weight.cat(parts)
+            dense = ops.pack_linear(self._dense(weight), bias)
+            return pack_q4(weight, bias, dense)
+        return ops.pack_linear(torch.cat([self._dense(p) for p in parts]), bias)
+
+    def _dense(self, weight: Weight) -> torch.Tensor:
+        if isinstance(weight, Q4Weight):
+            weight = weight.dequantize()
+        return weight.to(device=self.device, dtype=self.dtype).contiguous()
+
+    @property
+    def weights(self) -> str:
+        """How the projections are stored: "int4", or the compute dtype's name when dense."""
+        for layer in self.layers:
+            linears = (layer.qkv, layer.out, layer.gate_up, layer.down)
+            if any(isinstance(linear, ops.QuantLinear) for linear in linears):
+                return "int4"
+        return str(self.dtype).removeprefix("torch.")
 
     # -- forward -------------------------------------------------------------------------------
 

@@ -16,7 +16,13 @@ from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskK
 from pie_trio.model.batch import build_batch
 from pie_trio.model.checks import Limits, check_call
 from pie_trio.model.config import ModelConfig
-from pie_trio.model.hardware import choose_dtype, log_choice, resolve_device
+from pie_trio.model.hardware import (
+    choose_dtype,
+    choose_weights,
+    dtype_for_weights,
+    log_choice,
+    resolve_device,
+)
 from pie_trio.model.kv_cache import (
     DEFAULT_EMBED_SLOTS,
     KvCache,
@@ -24,9 +30,10 @@ from pie_trio.model.kv_cache import (
     pages_for_budget,
 )
 from pie_trio.model.llama import LlamaModel
+from pie_trio.model.quant import Q4Weight
 from pie_trio.model.sampling import results_for
 from pie_trio.model.tokenizer import Tokenizer
-from pie_trio.model.weights import load_model_files
+from pie_trio.model.weights import load_model_files, projection_types
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ModelInfo:
     eos_token_id: int | None = None
     dtype: str = ""
     device: str = ""
+    weights: str = ""  # "int4", or the dtype of dense projection weights
 
 
 class ModelRunner:
@@ -60,7 +68,7 @@ class ModelRunner:
         self,
         name: str,
         config: ModelConfig,
-        tensors: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor | Q4Weight],
         tokenizer: Tokenizer,
         *,
         device: torch.device,
@@ -109,6 +117,7 @@ class ModelRunner:
             eos_token_id=tokenizer.eos_token_id,
             dtype=str(dtype).removeprefix("torch."),
             device=str(device),
+            weights=self.model.weights,
         )
 
     @classmethod
@@ -122,17 +131,22 @@ class ModelRunner:
         num_slots: int = DEFAULT_EMBED_SLOTS,
         num_pages: int | None = None,
         seed: int | None = None,
+        weights: str = "auto",
     ) -> ModelRunner:
         """Load "default" (SmolLM2-135M-Instruct), a `.gguf` file or a Hugging Face directory.
 
         The KV pool holds `num_pages` pages if given, else as many as fit in `kv_memory` bytes
-        (default: 512 MiB on CPU, half the free memory on CUDA).
+        (default: 512 MiB on CPU, half the free memory on CUDA). `weights`: "int4" keeps a GGUF
+        file's Q4_0/Q4_1 projections packed (CPU only), "bf16"/"fp32" dequantises them to that
+        dtype, "auto" picks (see `hardware.choose_weights`).
         """
         device = resolve_device(device)
-        choice = choose_dtype(dtype, device)
-        log_choice(device, choice)
+        choice = choose_dtype(dtype_for_weights(dtype, weights), device)
+        weights_choice = choose_weights(weights, dtype is not None, device,
+                                        projection_types(model))
+        log_choice(device, choice, weights_choice)
         dtype = choice.dtype
-        loaded = load_model_files(model, dtype)
+        loaded = load_model_files(model, dtype, int4=weights_choice.int4)
         return cls(
             loaded.name,
             loaded.config,

@@ -3,6 +3,10 @@
 Both paths produce the same thing: a `ModelConfig`, a dict of tensors named as in Hugging Face's
 `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`, ...) in the requested dtype, and a
 `Tokenizer`. The model code never sees where they came from.
+
+With `int4=True`, a GGUF file's Q4_0/Q4_1 projection weights stay 4-bit: they come as
+`Q4Weight`s (pie_trio/model/quant.py) instead of dense tensors. Every other tensor, and every
+tensor of other quantisation types, is dequantised as always.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import importlib.util
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from pie_trio.model.config import ModelConfig
+from pie_trio.model.quant import INT4_TYPES, Q4Weight, from_gguf_blocks
 from pie_trio.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -56,7 +61,7 @@ _FP32_TENSORS = ("rope_freqs", "model.embed_tokens.weight", "lm_head.weight")
 class LoadedModel:
     name: str
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | Q4Weight]
     tokenizer: Tokenizer
 
 
@@ -75,21 +80,42 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
 
 
-def load_model_files(model: str | Path, dtype: torch.dtype) -> LoadedModel:
-    """Load "default", a `.gguf` file, or a Hugging Face model directory."""
-    if str(model) == "default":
-        loaded = load_gguf(default_model_path(), dtype)
-        loaded.name = DEFAULT_MODEL_NAME
+def load_model_files(model: str | Path, dtype: torch.dtype, int4: bool = False) -> LoadedModel:
+    """Load "default", a `.gguf` file, or a Hugging Face model directory.
+
+    `int4`: keep a GGUF file's Q4_0/Q4_1 projections as `Q4Weight`s (no effect on other files).
+    """
+    path = _model_path(model)
+    if path.suffix == ".gguf":
+        loaded = load_gguf(path, dtype, int4)
+        if str(model) == "default":
+            loaded.name = DEFAULT_MODEL_NAME
         return loaded
+    return load_hf_dir(path, dtype)
+
+
+def _model_path(model: str | Path) -> Path:
+    if str(model) == "default":
+        return default_model_path()
     path = Path(model)
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype)
-    if path.is_dir() and (path / "config.json").exists():
-        return load_hf_dir(path, dtype)
+    if (path.is_file() and path.suffix == ".gguf") or (
+        path.is_dir() and (path / "config.json").exists()
+    ):
+        return path
     raise FileNotFoundError(
         f"no model at {str(model)!r}: expected 'default', a .gguf file, "
         "or a directory with config.json, *.safetensors and tokenizer.json"
     )
+
+
+def projection_types(model: str | Path) -> set[str]:
+    """The GGUF types ("Q4_1", "F16", ...) of a model's projection weights; empty for a Hugging
+    Face directory. Reads only the file's header (the reader is cached for the load after)."""
+    path = _model_path(model)
+    if path.suffix != ".gguf":
+        return set()
+    tensors = _gguf_reader(path).tensors
+    return {t.tensor_type.name for t in tensors if _hf_name(t.name).endswith("_proj.weight")}
 
 
 # -- GGUF ----------------------------------------------------------------------------------------
@@ -109,26 +135,42 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+def load_gguf(path: Path, dtype: torch.dtype, int4: bool = False) -> LoadedModel:
     from gguf.quants import dequantize
 
     reader = _gguf_reader(Path(path))
     meta = read_gguf_metadata(path)
     names = {t.name for t in reader.tensors}
     config = _config_from_gguf(meta, names, reader)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | Q4Weight] = {}
     for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        heads = _rotary_heads(config, name)
+        if int4 and name.endswith("_proj.weight") and tensor.tensor_type.name in INT4_TYPES:
+            weight = from_gguf_blocks(tensor.data, tensor.tensor_type.name)
+            if heads:  # whole rows move, with their blocks' scales: exact
+                weight = weight.map_rows(partial(_unpermute_rows, num_heads=heads))
+            tensors[name] = weight
+            continue
         # np.array copies: unquantised tensors come back as read-only views of the mapped file.
         weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        name = _hf_name(tensor.name)
-        if config.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            weights = _unpermute_rotary(weights, config.num_heads)
-        elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            weights = _unpermute_rotary(weights, config.num_kv_heads)
+        if heads:
+            weights = _unpermute_rotary(weights, heads)
         target = torch.float32 if name in _FP32_TENSORS else dtype
         tensors[name] = torch.from_numpy(weights).to(target)
     tokenizer = Tokenizer.from_gguf_metadata(meta, config.vocab_size)
     return LoadedModel(Path(path).stem, config, tensors, tokenizer)
+
+
+def _rotary_heads(config: ModelConfig, name: str) -> int:
+    """For Llama's Q/K weights and biases, the head count to un-permute their rows by; else 0."""
+    if config.architecture != "llama":
+        return 0
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.num_heads
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return config.num_kv_heads
+    return 0
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -145,6 +187,10 @@ def _unpermute_rotary(weights: np.ndarray, num_heads: int) -> np.ndarray:
     half_dim = weights.shape[0] // num_heads // 2
     rows = weights.reshape(num_heads, half_dim, 2, *weights.shape[1:])
     return np.ascontiguousarray(rows.swapaxes(1, 2).reshape(weights.shape))
+
+
+def _unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return torch.from_numpy(_unpermute_rotary(rows.numpy(), num_heads))
 
 
 def _config_from_gguf(meta: dict[str, Any], names: set[str], reader: Any) -> ModelConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,21 +23,25 @@ import hypercorn.trio
 import trio
 
 from pie_trio.config import Config
-from pie_trio.control.controller import Controller
+from pie_trio.control.controller import Controller, ControlLimits, Tenancy
+from pie_trio.control.exports import ExportPolicy
 from pie_trio.executor.executor import Executor
 from pie_trio.model.runner import ModelRunner
-from pie_trio.runtime.programs import ProgramStore
+from pie_trio.runtime.programs import ProgramLimits, ProgramStore
 from pie_trio.runtime.runtime import Runtime
 from pie_trio.runtime.sandbox import Limits
 from pie_trio.server.app import App
 from pie_trio.server.openai_api import PROGRAM as OPENAI_PROGRAM
 from pie_trio.server.state import ServerState
 from pie_trio.server.tcp import serve_tcp
+from pie_trio.server.websocket import HypercornConfig
+from pie_trio.server.websocket import install as install_websocket_guard
 
 log = logging.getLogger("pie_trio.server")
 
 DRAIN_TIMEOUT = 5.0  # seconds for instances to end and clients to hear about it
 HTTP_GRACE = 2.0  # then seconds for hypercorn's remaining HTTP connections to finish
+APP_QUEUE = 2  # inbound messages hypercorn queues per connection while the app is busy
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ def load_runner(config: Config) -> ModelRunner:
 
         return tiny_runner(num_pages=256, page_size=config.page_size)
     return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
-                            kv_memory=config.kv_memory, page_size=config.page_size)
+                            kv_memory=config.kv_memory, page_size=config.page_size,
+                            weights=config.weights)
 
 
 async def serve(config: Config, *, runner: ModelRunner | None = None,
@@ -103,11 +109,14 @@ async def _serve_components(config: Config, runner: ModelRunner, shutdown: trio.
         executor = Executor(runner, policy=config.batch_policy)
         await bottom.start(executor.run)
         async with trio.open_nursery() as middle:
-            controller = Controller(executor, runner.info, runner.tokenizer)
+            tenancy = _tenancy(config, executor.pages.capacity)
+            controller = Controller(executor, runner.info, runner.tokenizer, tenancy=tenancy,
+                                    limits=ControlLimits(topic_bytes=config.instance_topic_bytes))
             await middle.start(controller.run)
             async with trio.open_nursery() as top:
                 runtime = Runtime(controller, _program_store(config), _limits(config),
                                   max_instances=config.max_instances)
+                tenancy.tenant_of = _owner_lookup(runtime)
                 await top.start(runtime.run)
                 top.start_soon(_prepare_builtin, runtime.programs)
                 state = ServerState(config, runtime, runner.info, runner.tokenizer,
@@ -165,10 +174,32 @@ async def _set_on_signal(shutdown: trio.Event, everything: trio.CancelScope) -> 
                 shutdown.set()
 
 
+def _tenancy(config: Config, pages_total: int) -> Tenancy:
+    """What one tenant may hold in the control layer (docs/server.md, "Hostile input")."""
+    share = config.tenant_kv_share
+    if share is None:  # the quota protects tenants from each other: one alone uses everything
+        share = 0.5 if config.auth_enabled and len(config.api_keys) > 1 else 1.0
+    quota = None if share >= 1.0 else max(1, int(pages_total * share))
+    return Tenancy(page_quota=quota, exports=ExportPolicy(
+        max_persistent=config.max_persistent_exports, operators=frozenset(config.operators)))
+
+
+def _owner_lookup(runtime: Runtime) -> Callable[[str], str]:
+    """instance id → tenant: the server launches every instance with its tenant as owner."""
+    def tenant_of(instance_id: str) -> str:
+        instance = runtime.get(instance_id)
+        return "" if instance is None else instance.owner
+
+    return tenant_of
+
+
 def _hypercorn_config(config: Config) -> hypercorn.config.Config:
-    hc = hypercorn.config.Config()
+    install_websocket_guard()  # refuses oversized and slow WebSocket messages early
+    hc = HypercornConfig()
     hc.bind = [f"{_url_host(config.host)}:{config.http_port}"]
     hc.websocket_max_message_size = config.max_frame_size  # larger messages close with 1009
+    hc.frame_timeout = config.frame_timeout  # slower ones with 1008
+    hc.max_app_queue_size = APP_QUEUE  # bounds what a connection holds while its session waits
     hc.graceful_timeout = HTTP_GRACE
     hc.accesslog = None  # requests are counted in /metrics
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -176,13 +207,25 @@ def _hypercorn_config(config: Config) -> hypercorn.config.Config:
 
 
 def _program_store(config: Config) -> ProgramStore:
+    limits = ProgramLimits(
+        max_functions=config.program_max_functions, max_code_bytes=config.program_max_code_size,
+        compile_timeout=config.program_compile_timeout,
+        compile_memory=config.program_compile_memory,
+        compile_workers=config.program_compile_workers,
+        max_programs=config.program_store_programs, max_stored_bytes=config.program_store_bytes,
+        max_loaded=config.program_max_loaded, owner_max_programs=config.tenant_programs,
+        owner_max_bytes=config.tenant_program_bytes)
     return ProgramStore(config.program_cache_dir, memory_only=config.program_cache_dir is None,
-                        max_bytes=config.max_upload_size)
+                        max_bytes=config.max_upload_size, limits=limits)
 
 
 def _limits(config: Config) -> Limits:
     return Limits(memory_bytes=config.instance_memory, cpu_time=config.instance_cpu_time,
-                  wall_time=config.instance_wall_time)
+                  wall_time=config.instance_wall_time, cpu_total=config.instance_cpu_total,
+                  host_call_share=config.instance_host_call_share,
+                  host_call_total_share=config.instance_host_call_total_share,
+                  max_outstanding_bytes=config.instance_outstanding_bytes,
+                  max_inbox_bytes=config.instance_inbox_bytes)
 
 
 def _component_stats(executor: Executor, controller: Controller) -> dict[str, Any]:

@@ -1,0 +1,92 @@
+"""GGUF 4-bit blocks kept as they are: Q4_0 and Q4_1 weights, unpacked but never dequantised.
+
+A Q4_0/Q4_1 block is 32 consecutive weights of one row (along the input dimension) that share
+a scale `d` and, for Q4_1, a minimum `m`: `w = d*q + m` with `q` in 0..15 (Q4_0: `w = d*(q - 8)`).
+That is exactly the grouping of torch's int4 weight-only CPU kernel (groups of 32 along the
+input dimension, one scale and zero per group and output row), so these blocks feed it with no
+re-rounding of the 4-bit values (see `kernels.ops.pack_int4`).
+
+Everything that reshapes a projection matrix by rows (Llama's Q/K row un-permutation, fusing
+q/k/v or gate/up by concatenation along the output dimension) applies to a `Q4Weight` too:
+blocks run along the input dimension, so whole rows move with their scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels import ops
+
+GROUP = 32  # values per GGUF block, and the int4 kernel's group size
+# Block layouts (gguf.quants): fp16 d, [fp16 m,] then 16 bytes holding 32 nibbles.
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+INT4_TYPES = frozenset(_BLOCK_BYTES)
+
+
+@dataclass
+class Q4Weight:
+    """A `[out, in]` weight as 4-bit values with per-block scale and offset: `w = q*scale + offset`
+    for every block of 32 inputs (the GGUF form, so `dequantize` matches gguf's exactly)."""
+
+    q: torch.Tensor  # uint8 [out, in], values 0..15
+    scale: torch.Tensor  # fp32 [out, in / 32]: the block's d
+    offset: torch.Tensor  # fp32 [out, in / 32]: m for Q4_1, -8d for Q4_0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 `[out, in]` weights, bit-identical to `gguf.quants.dequantize`."""
+        out, inp = self.q.shape
+        blocks = self.q.view(out, inp // GROUP, GROUP).float()
+        w = blocks * self.scale.unsqueeze(-1) + self.offset.unsqueeze(-1)
+        return w.view(out, inp)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Q4Weight:
+        """The same weight with `fn` (a row permutation) applied to the rows of every part."""
+        return Q4Weight(fn(self.q), fn(self.scale), fn(self.offset))
+
+    @staticmethod
+    def cat(parts: list[Q4Weight]) -> Q4Weight:
+        """Concatenation along the output dimension (a fused projection)."""
+        return Q4Weight(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.offset for p in parts]),
+        )
+
+
+def pack_q4(
+    weight: Q4Weight, bias: torch.Tensor | None = None, dense: ops.Linear | None = None
+) -> ops.QuantLinear:
+    """The int4 kernel's form of `weight`: its dequantisation is `(q - 8) * scale + zero`, so
+    `q*d + m` maps to `scale = d`, `zero = m + 8d` (exact in fp32; the kernel's bf16 scales then
+    round both to 8 significant bits, ~3e-3 relative)."""
+    zero = weight.offset + 8.0 * weight.scale
+    return ops.pack_int4(weight.q, weight.scale, zero, bias, dense)
+
+
+def from_gguf_blocks(raw: np.ndarray, type_name: str) -> Q4Weight:
+    """Unpack a GGUF tensor's raw Q4_0/Q4_1 bytes (`[out, blocks * block_bytes]` uint8)."""
+    block_bytes = _BLOCK_BYTES[type_name]
+    out = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(out, -1, block_bytes)
+    d = _fp16_field(blocks, 0)
+    if type_name == "Q4_1":
+        offset, nibbles = _fp16_field(blocks, 2), blocks[..., 4:]
+    else:  # Q4_0: w = d*(q - 8) = d*q - 8d, exact in fp32 (d is fp16, q has 4 bits)
+        offset, nibbles = -8.0 * d, blocks[..., 2:]
+    # Low nibbles hold a block's first 16 values, high nibbles its last 16.
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(out, -1)
+    return Q4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(offset))
+
+
+def _fp16_field(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 number at byte `at` of every block, as fp32 `[out, blocks]`."""
+    field = np.ascontiguousarray(blocks[..., at : at + 2])
+    return field.view(np.float16)[..., 0].astype(np.float32)
