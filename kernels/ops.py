@@ -1,7 +1,8 @@
 """Reference tensor ops of the Llama forward, in plain torch (CPU and CUDA alike).
 
 Each op here is one small, well-defined function, so a raw CUDA kernel (see kernels/cuda/) can
-replace it one at a time and be checked against it.
+replace it one at a time and be checked against it. `linear` takes dense weights (`Linear`) or
+int4 ones (`QuantLinear`, torch's CPU weight-only kernel) alike.
 
 Layouts:
 - activations are token-major: `[tokens, heads, head_dim]`;

@@ -527,6 +527,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     work.add_argument("--seed", type=int, default=0, help="serving prompt seed (default: 0)")
     work.add_argument("--skip-engine", action="store_true", help="skip the engine comparison")
     work.add_argument("--skip-serve", action="store_true", help="skip the serving comparison")
+    parser.add_argument("--logs", type=Path, metavar="DIR", default=None,
+                        help="keep the servers' logs in DIR (default: a temporary directory, "
+                        "removed at the end)")
     parser.add_argument("--json", type=Path, metavar="PATH", default=None,
                         help="write the JSON record (every figure, machine, versions) here")
     args = parser.parse_args(argv)
@@ -564,18 +567,21 @@ def main(argv: list[str] | None = None) -> int:
     gguf = str(Path(args.model).resolve()) if args.model else default_gguf()
     record = {"benchmark": "vs-llamacpp", "model": gguf,
               "settings": {key: value for key, value in vars(args).items()
-                           if key not in ("json", "build_only")},
+                           if key not in ("json", "logs", "build_only")},
               "machine": machine(), "versions": versions(llama)}
     load = record["machine"]["loadavg_start"][0]
     if load > 0.5 * (os.cpu_count() or 1):
         progress(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other work will "
                  "distort the figures (llama.cpp's most)")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-vs-llamacpp-") as logs:
+    with contextlib.ExitStack() as stack:
+        logs = args.logs or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="bench-vs-llamacpp-")))
+        logs.mkdir(parents=True, exist_ok=True)
         if not args.skip_engine:
             record["engine"] = engine(llama, gguf, args)
         if not args.skip_serve:
-            record["serve"] = serve(llama, gguf, args, Path(logs))
+            record["serve"] = serve(llama, gguf, args, logs)
     record["machine"]["loadavg_end"] = os.getloadavg()
     record["seconds"] = round(time.monotonic() - started)
     print_tables(record)
