@@ -202,9 +202,7 @@ async def served_model(http: httpx.AsyncClient) -> str:
 
 async def benchmark(args: argparse.Namespace, url: str) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    # Drop idle connections after 1 s: reusing one the server is closing for idleness (5 s in
-    # llama-server's cpp-httplib, httpx's own default too) fails with "Server disconnected".
-    limits = httpx.Limits(max_connections=max(args.concurrency) + 4, keepalive_expiry=1.0)
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(600.0)) as http:
         model = await served_model(http)
