@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from pie_trio.executor.calls import Forward, Sampler
 from pie_trio.model import ModelRunner
+from pie_trio.model.calls import Forward, Sampler
 from pie_trio.model.weights import default_model_path
 
 

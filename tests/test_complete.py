@@ -16,9 +16,9 @@ import trio
 
 from pie_trio import cli
 from pie_trio.cli import complete as complete_cli
-from pie_trio.executor.calls import AllocPages, Forward, FreePages
 from pie_trio.executor.direct import TextStream, complete, stream_text
 from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import AllocPages, Forward, FreePages
 from pie_trio.model.tiny import default_tokenizer
 
 

@@ -14,8 +14,8 @@ from control_support import error, ok, request
 
 from pie_trio.control.controller import Controller
 from pie_trio.control.instance import InstanceControl
-from pie_trio.executor.calls import AllocPages, FreePages
 from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import AllocPages, FreePages
 
 
 @dataclass

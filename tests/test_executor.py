@@ -16,7 +16,9 @@ import pytest
 import trio
 import trio.testing
 
-from pie_trio.executor.calls import (
+from pie_trio.executor.direct import complete
+from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import (
     AllocPages,
     AllocSlots,
     CallError,
@@ -27,8 +29,6 @@ from pie_trio.executor.calls import (
     MaskKv,
     Sampler,
 )
-from pie_trio.executor.direct import complete
-from pie_trio.executor.executor import Executor
 from pie_trio.model.tiny import tiny_runner as make_tiny_runner
 
 PAGE = 16

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import trio
 
-from pie_trio.executor.calls import (
+from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import (
     AllocPages,
     AllocSlots,
     Embed,
@@ -14,7 +15,6 @@ from pie_trio.executor.calls import (
     FreePages,
     FreeSlots,
 )
-from pie_trio.executor.executor import Executor
 from pie_trio.model.tiny import tiny_runner as make_tiny_runner
 
 PAGE = 16

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pie_trio.executor.calls import CallError
 from pie_trio.executor.pool import IdPool
+from pie_trio.model.calls import CallError
 
 
 def test_alloc_free_reuses_lowest_ids_first():

@@ -14,9 +14,9 @@ import math
 import pytest
 import trio
 
-from pie_trio.executor.calls import AllocPages, CallError, Forward, FreePages, Sampler
 from pie_trio.executor.direct import complete
 from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import AllocPages, CallError, Forward, FreePages, Sampler
 
 QUESTIONS = [
     "What is the capital of France?",

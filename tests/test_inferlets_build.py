@@ -20,8 +20,8 @@ import trio
 import wasmtime
 from test_runtime_support import finish, running_stack
 
-from pie_trio.executor.calls import Sampler
 from pie_trio.executor.direct import complete
+from pie_trio.model.calls import Sampler
 from pie_trio.runtime.sandbox import Limits, MiB
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pie_trio.executor.calls import CallError, CopyKv, Embed, Forward, MaskKv, Sampler
+from pie_trio.model.calls import CallError, CopyKv, Embed, Forward, MaskKv, Sampler
 from pie_trio.model.tiny import tiny_config, tiny_runner
 
 VOCAB = tiny_config().vocab_size

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pie_trio.executor.calls import CopyKv, Embed, Forward, MaskKv
 from pie_trio.model.batch import DECODE_QUERY_LIMIT, expand_brle
+from pie_trio.model.calls import CopyKv, Embed, Forward, MaskKv
 
 PAGE = 16
 # fp32 throughout; batching and paging only change the order of floating-point reductions
@@ -215,7 +215,7 @@ def test_embed_then_forward_from_slots_equals_tokens(tiny_runner):
 
 def test_forward_results_in_call_order(tiny_runner):
     """forward() returns one result per call, with dists and tokens per output index."""
-    from pie_trio.executor.calls import Sampler
+    from pie_trio.model.calls import Sampler
 
     prompts = [tokens_of(7, seed=1), tokens_of(3, seed=2)]
     calls = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pie_trio.executor.calls import Forward, MaskKv, Sampler
+from pie_trio.model.calls import Forward, MaskKv, Sampler
 from pie_trio.model.tiny import tiny_runner
 
 pytestmark = [

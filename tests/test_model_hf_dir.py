@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from pie_trio.executor.calls import Forward
 from pie_trio.model import ModelRunner
+from pie_trio.model.calls import Forward
 from pie_trio.model.tiny import default_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import load_real_runner
 
-from kernels import ops
-from pie_trio.executor.calls import Forward
+from pie_trio.kernels import torch_ops as ops
+from pie_trio.model.calls import Forward
 from pie_trio.model.generate import generate
 from pie_trio.model.hardware import choose_weights, dtype_for_weights
 from pie_trio.model.quant import Q4Weight, from_gguf_blocks, pack_q4

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pie_trio.executor.calls import Forward, Sampler
 from pie_trio.model import ModelRunner
+from pie_trio.model.calls import Forward, Sampler
 from pie_trio.model.generate import generate
 from pie_trio.model.weights import default_model_path
 

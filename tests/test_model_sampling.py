@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pie_trio.executor.calls import Forward, Sampler
+from pie_trio.model.calls import Forward, Sampler
 from pie_trio.model.sampling import sample
 
 PROMPT = [504, 3458, 282, 4649, 314, 1345, 28, 17, 4102, 5]

@@ -13,8 +13,8 @@ import pytest
 import trio
 from test_runtime_support import finish, running_stack
 
-from pie_trio.executor.calls import AllocPages, Forward, FreePages, Sampler
 from pie_trio.executor.direct import complete
+from pie_trio.model.calls import AllocPages, Forward, FreePages, Sampler
 from pie_trio.model.tiny import tiny_runner as make_tiny_runner
 from pie_trio.runtime.sandbox import Limits, MiB
 

@@ -15,9 +15,9 @@ from typing import TextIO
 
 import trio
 
-from pie_trio.executor.calls import CallError, Sampler
 from pie_trio.executor.direct import TextStream, generate
 from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import CallError, Sampler
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pie_trio.control.fields import Fields, distinct, is_int, type_name
 from pie_trio.control.kv import make_private
 from pie_trio.control.resources import OWNER
-from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
+from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
 
 if TYPE_CHECKING:
     from pie_trio.control.instance import InstanceControl

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pie_trio.control.fields import Fields, distinct
 from pie_trio.control.resources import OWNER
-from pie_trio.executor.calls import CopyKv
+from pie_trio.model.calls import CopyKv
 
 if TYPE_CHECKING:
     from pie_trio.control.instance import InstanceControl

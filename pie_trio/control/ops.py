@@ -19,7 +19,7 @@ import trio
 
 from pie_trio.control import inference, kv
 from pie_trio.control.fields import ControlError, Fields, is_int, type_name
-from pie_trio.executor.calls import CallError
+from pie_trio.model.calls import CallError
 
 if TYPE_CHECKING:
     from pie_trio.control.instance import InstanceControl

@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from pie_trio.control.fields import ControlError
-from pie_trio.executor.calls import AllocPages, AllocSlots, CallError, FreePages, FreeSlots
+from pie_trio.model.calls import AllocPages, AllocSlots, CallError, FreePages, FreeSlots
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 
 import trio
 
-from pie_trio.executor.calls import AllocPages, CallError, Forward, FreePages, Sampler
 from pie_trio.executor.executor import Executor
+from pie_trio.model.calls import AllocPages, CallError, Forward, FreePages, Sampler
 
 GREEDY = Sampler()
 

@@ -46,7 +46,9 @@ from typing import Any
 import outcome
 import trio
 
-from pie_trio.executor.calls import (
+from pie_trio.executor.policies import BatchPolicy, make_policy
+from pie_trio.executor.pool import IdPool
+from pie_trio.model.calls import (
     BATCHED_KINDS,
     Call,
     CallError,
@@ -55,8 +57,6 @@ from pie_trio.executor.calls import (
     Forward,
     MaskKv,
 )
-from pie_trio.executor.policies import BatchPolicy, make_policy
-from pie_trio.executor.pool import IdPool
 
 log = logging.getLogger(__name__)
 

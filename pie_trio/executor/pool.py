@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from pie_trio.executor.calls import CallError
+from pie_trio.model.calls import CallError
 
 
 class IdPool:

@@ -9,7 +9,7 @@ forward, into groups that every layer then reuses:
   different context lengths go to different groups, so that little of the work is padding;
 - each longer query block (a prefill chunk) is its own *prefill group*.
 
-The KV layout follows `pie_trio.executor.calls`: a context is the concatenation of its pages,
+The KV layout follows `pie_trio.model.calls`: a context is the concatenation of its pages,
 the last one filled to `last_page_len` after this call's tokens are written into its last slots.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pie_trio.executor.calls import Forward
+from pie_trio.model.calls import Forward
 from pie_trio.model.kv_cache import KvCache
 
 # Query blocks up to this long are batched together (padded); longer ones attend on their own.

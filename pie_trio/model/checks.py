@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pie_trio.executor.calls import CallError, CopyKv, Embed, Forward, MaskKv, Sampler
+from pie_trio.model.calls import CallError, CopyKv, Embed, Forward, MaskKv, Sampler
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pie_trio.executor.calls import Forward, Sampler
+from pie_trio.model.calls import Forward, Sampler
 from pie_trio.model.runner import ModelRunner
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import ops
+from pie_trio.kernels import torch_ops as ops
 from pie_trio.model.batch import AttentionGroup, ForwardBatch
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.kv_cache import KvCache

@@ -4,7 +4,7 @@ A Q4_0/Q4_1 block is 32 consecutive weights of one row (along the input dimensio
 a scale `d` and, for Q4_1, a minimum `m`: `w = d*q + m` with `q` in 0..15 (Q4_0: `w = d*(q - 8)`).
 That is exactly the grouping of torch's int4 weight-only CPU kernel (groups of 32 along the
 input dimension, one scale and zero per group and output row), so these blocks feed it with no
-re-rounding of the 4-bit values (see `kernels.ops.pack_int4`).
+re-rounding of the 4-bit values (see `torch_ops.pack_int4`).
 
 Everything that reshapes a projection matrix by rows (Llama's Q/K row un-permutation, fusing
 q/k/v or gate/up by concatenation along the output dimension) applies to a `Q4Weight` too:
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels import ops
+from pie_trio.kernels import torch_ops as ops
 
 GROUP = 32  # values per GGUF block, and the int4 kernel's group size
 # Block layouts (gguf.quants): fp16 d, [fp16 m,] then 16 bytes holding 32 nibbles.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pie_trio.executor.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv
 from pie_trio.model.batch import build_batch
+from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv
 from pie_trio.model.checks import Limits, check_call
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.hardware import (

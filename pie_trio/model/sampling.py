@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pie_trio.executor.calls import Forward, ForwardResult, Sampler
+from pie_trio.model.calls import Forward, ForwardResult, Sampler
 
 
 def unpack_vocab_mask(packed: bytes, vocab_size: int, device: torch.device) -> torch.Tensor:

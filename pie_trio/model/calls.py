@@ -1,8 +1,8 @@
-"""The handler calls that cross the executor boundary.
+"""The model's vocabulary: the calls the executor batches and hands to the model runner.
 
-Every record here is plain data that round-trips through msgpack (`to_msg` / `call_from_msg`),
-so the executor could run in another process with no change to its callers. Page and slot ids
-are *physical* ids of the executor's pools; per-instance virtual ids live in the control layer.
+Every record here is plain data (msgpack-ready dataclasses), so the executor could run in another
+process with no change to its callers. Page and slot ids are *physical* ids of the executor's
+pools; per-instance virtual ids live in the control layer.
 
 KV layout of one sequence: its context is the concatenation of `kv_pages`, each holding
 `page_size` token slots, the last one filled up to `last_page_len` *after* this call's tokens are
@@ -20,9 +20,7 @@ Vocabulary masks (constrained decoding) are packed bitmasks: `bytes` of ceil(voc
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class CallError(Exception):
@@ -137,39 +135,6 @@ class MaskKv:
 
 Call = AllocPages | FreePages | AllocSlots | FreeSlots | Forward | Embed | CopyKv | MaskKv
 
-CALL_TYPES: dict[str, type] = {
-    cls.kind: cls  # type: ignore[attr-defined]
-    for cls in (AllocPages, FreePages, AllocSlots, FreeSlots, Forward, Embed, CopyKv, MaskKv)
-}
-
-# Calls the executor answers at once in its own task (bookkeeping, no model work).
-IMMEDIATE_KINDS = frozenset({"alloc_pages", "free_pages", "alloc_slots", "free_slots"})
 # Calls that are coalesced across callers and run as one batched kernel in the worker thread.
 BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv"})
 
-
-def to_msg(record: Any) -> dict[str, Any]:
-    """A msgpack-ready dict of a call or result record."""
-    return dataclasses.asdict(record)
-
-
-def call_from_msg(msg: dict[str, Any]) -> Call:
-    """Rebuild a call from its msgpack dict, raising CallError on anything malformed."""
-    if not isinstance(msg, dict):
-        raise CallError(f"a call must be a map, got {type(msg).__name__}")
-    kind = msg.get("kind")
-    cls = CALL_TYPES.get(kind)  # type: ignore[arg-type]
-    if cls is None:
-        raise CallError(f"unknown call kind {kind!r}; expected one of {sorted(CALL_TYPES)}")
-    args = dict(msg)
-    if cls is Forward and isinstance(args.get("sampler"), dict):
-        try:
-            args["sampler"] = Sampler(**args["sampler"])
-        except TypeError as exc:
-            raise CallError(f"bad sampler: {exc}") from None
-    if cls is Forward and isinstance(args.get("logit_bias"), dict):
-        args["logit_bias"] = {int(k): float(v) for k, v in args["logit_bias"].items()}
-    try:
-        return cls(**args)
-    except TypeError as exc:
-        raise CallError(f"bad {kind} call: {exc}") from None
