@@ -95,9 +95,9 @@ async def bench_calls(runtime, guests: dict[str, str], calls: int) -> dict:
         start = time.perf_counter()
         # Unpaced: this measures the cost of one call, not the fair share a shared server
         # grants a guest that does nothing but call the host.
-        from pie_trio.runtime.sandbox import Limits
+        from pie_trio.runtime.sandbox import InstanceLimits
 
-        unpaced = Limits(host_call_share=1, host_call_total_share=1)
+        unpaced = InstanceLimits(host_call_share=1, host_call_total_share=1)
         end = await run_to_end(await runtime.launch(guests[guest], [str(calls)], "bench",
                                                     limits=unpaced))
         elapsed = time.perf_counter() - start
@@ -109,10 +109,10 @@ async def bench_calls(runtime, guests: dict[str, str], calls: int) -> dict:
 
 async def bench_cpu_limit(runtime, guests: dict[str, str], budget: float) -> dict:
     """How far past its CPU budget a spinning guest gets before it is stopped."""
-    from pie_trio.runtime.sandbox import Limits
+    from pie_trio.runtime.sandbox import InstanceLimits
 
     end = await run_to_end(await runtime.launch(guests["spin"], [], "bench",
-                                                limits=Limits(cpu_time=budget)))
+                                                limits=InstanceLimits(cpu_time=budget)))
     assert end.get("limit") == "cpu_time", end
     used = float(re.search(r"ran ([0-9.]+) s of CPU", end["detail"]).group(1))
     log(f"  spin with a {budget} s CPU budget: stopped after {used:.3f} s of CPU")
@@ -261,7 +261,7 @@ def _mean_batch(sizes: Counter[int]) -> float:
 
 async def main_async(args: argparse.Namespace) -> dict:
     from pie_trio.runtime.programs import ProgramStore
-    from pie_trio.runtime.sandbox import Limits
+    from pie_trio.runtime.sandbox import InstanceLimits
 
     model = "tiny" if args.quick else args.model
     log(f"loading model {model!r} ...")
@@ -282,7 +282,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     record: dict = {"model": runner.info.name, "device": runner.info.device,
                     "dtype": runner.info.dtype, "quick": args.quick}
     record["policy"] = args.policy
-    async with stack(runner, programs, Limits(), args.policy, args.k, args.t) as (
+    async with stack(runner, programs, InstanceLimits(), args.policy, args.k, args.t) as (
             executor, controller, runtime):
         log("per-call overhead:")
         record["calls"] = await bench_calls(runtime, guests, calls)

@@ -22,7 +22,7 @@ from test_runtime_support import finish, running_stack
 
 from pie_trio.executor.direct import complete
 from pie_trio.model.calls import Sampler
-from pie_trio.runtime.sandbox import Limits, MiB
+from pie_trio.runtime.sandbox import InstanceLimits, MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "scripts" / "build_inferlets.py"
@@ -191,7 +191,7 @@ ADVERSARIES = [
 
 
 async def test_adversarial_guests_do_what_they_say(tiny_runner, built_modules):
-    limits = Limits(cpu_time=0.2, memory_bytes=32 * MiB, max_outstanding=64)
+    limits = InstanceLimits(cpu_time=0.2, memory_bytes=32 * MiB, max_outstanding=64)
     async with running_stack(tiny_runner, limits=limits) as stack:
         program = stack.runtime.programs.add(built_modules["adversarial"].read_bytes())
         outcomes = {}

@@ -18,9 +18,9 @@ from test_runtime_support import (
 
 from pie_trio.runtime.instance import InstanceGone
 from pie_trio.runtime.runtime import Runtime
-from pie_trio.runtime.sandbox import Limits, MiB
+from pie_trio.runtime.sandbox import InstanceLimits, MiB
 
-FAST_LIMITS = Limits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
+FAST_LIMITS = InstanceLimits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
 
 
 async def test_ping_round_trips_and_exit_codes(tiny_runner):
@@ -69,7 +69,7 @@ async def test_stdout_and_stderr_are_events(tiny_runner):
 async def test_a_slow_client_holds_the_guest_back(tiny_runner):
     """Output the client has not read is bounded: the guest waits, then resumes intact."""
     blocks, backlog = 64, 128 * 1024  # 2 MiB of output through a 128 KiB window
-    async with running_stack(tiny_runner, Limits(output_backlog_bytes=backlog)) as stack:
+    async with running_stack(tiny_runner, InstanceLimits(output_backlog_bytes=backlog)) as stack:
         instance = await stack.launch("output", blocks)
         buffered = await _settled_buffer(instance)
         assert instance.running
@@ -96,7 +96,7 @@ async def _settled_buffer(instance) -> int:
 
 
 async def test_closing_the_event_channel_means_client_gone(tiny_runner):
-    async with running_stack(tiny_runner, Limits(output_backlog_bytes=64 * 1024)) as stack:
+    async with running_stack(tiny_runner, InstanceLimits(output_backlog_bytes=64 * 1024)) as stack:
         instance = await stack.launch("output", 1000)
         await instance.events.receive()
         await instance.events.aclose()
@@ -120,7 +120,7 @@ async def test_kill_interrupts_blocked_and_spinning_guests(tiny_runner, guest):
 
 
 async def test_wall_time_limit(tiny_runner):
-    async with running_stack(tiny_runner, Limits(wall_time=0.3)) as stack:
+    async with running_stack(tiny_runner, InstanceLimits(wall_time=0.3)) as stack:
         outcome = await finish(await stack.launch("sleepy"))
         assert (outcome.reason, outcome.limit) == ("limit", "wall_time")
 
@@ -169,7 +169,7 @@ async def test_runtime_shutdown_evicts_everyone(tiny_runner):
     baseline = thread_count()
     async with running_stack(tiny_runner) as stack:
         store, guests = guest_programs()
-        runtime = Runtime(stack.controller, store, Limits())
+        runtime = Runtime(stack.controller, store, InstanceLimits())
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(runtime.run)
@@ -223,7 +223,7 @@ def plan_lifecycle(rng: random.Random) -> tuple[str, list, str | None, tuple[str
 
 async def test_randomised_lifecycles_leak_nothing(tiny_runner):
     rng = random.Random(20250601)
-    limits = Limits(cpu_time=0.05, max_outstanding=32)
+    limits = InstanceLimits(cpu_time=0.05, max_outstanding=32)
     async with running_stack(tiny_runner, limits) as stack:
         # Warm up every path once, so lazily created workers count in the baseline.
         for guest, args in (("hold", [1, 0]), ("ping", [3])):

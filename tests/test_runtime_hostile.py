@@ -20,7 +20,7 @@ from pie_trio.control.fields import ControlError
 from pie_trio.control.messaging import Topics
 from pie_trio.runtime.instance import InboxFull
 from pie_trio.runtime.programs import ProgramError, ProgramLimits, ProgramStore
-from pie_trio.runtime.sandbox import Limits, MiB
+from pie_trio.runtime.sandbox import InstanceLimits, MiB
 
 
 def wat(body: str) -> bytes:
@@ -190,7 +190,7 @@ async def test_a_compile_blocks_neither_the_event_loop_nor_launches(tiny_runner)
 
 async def test_host_calls_do_not_reset_the_instance_cpu_budget(tiny_runner):
     """A guest that loops on calls the runtime answers itself once ran until its wall time."""
-    async with running_stack(tiny_runner, Limits(cpu_total=0.2, wall_time=20)) as stack:
+    async with running_stack(tiny_runner, InstanceLimits(cpu_total=0.2, wall_time=20)) as stack:
         outcome = await finish(await stack.launch("local", 2_000_000_000))
     assert (outcome.reason, outcome.limit) == ("limit", "cpu_time"), outcome.terminated
     assert "of CPU in total" in outcome.detail
@@ -202,7 +202,7 @@ async def test_a_guest_calling_the_host_in_a_loop_is_paced(tiny_runner):
     elapsed = {}
     async with running_stack(tiny_runner) as stack:
         for share in (1.0, 0.05):
-            limits = Limits(host_call_share=share, host_call_total_share=1.0)
+            limits = InstanceLimits(host_call_share=share, host_call_total_share=1.0)
             started = trio.current_time()
             assert (await finish(await stack.launch("local", calls, limits=limits))).reason == (
                 "finished")
@@ -242,7 +242,7 @@ def _python_work(seconds: float) -> int:
 async def test_outstanding_requests_are_bounded_in_bytes(tiny_runner):
     """A guest with 5 MiB of memory submitting 4 MB requests and never taking the answers."""
     peak = 0
-    async with running_stack(tiny_runner, Limits(max_outstanding=64)) as stack:
+    async with running_stack(tiny_runner, InstanceLimits(max_outstanding=64)) as stack:
         before = rss()
         instance = await stack.launch("hoard", 0)
         async with trio.open_nursery() as nursery:

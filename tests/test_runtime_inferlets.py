@@ -16,7 +16,7 @@ from test_runtime_support import finish, running_stack
 from pie_trio.executor.direct import complete
 from pie_trio.model.calls import AllocPages, Forward, FreePages, Sampler
 from pie_trio.model.tiny import tiny_runner as make_tiny_runner
-from pie_trio.runtime.sandbox import Limits, MiB
+from pie_trio.runtime.sandbox import InstanceLimits, MiB
 
 # About 210 tokens: 13 full KV pages of 16 and a partial one.
 LONG_PROMPT = " ".join(f"Chapter {i}: the lighthouse keeper counted ships." for i in range(20))
@@ -217,7 +217,7 @@ async def test_adversaries_do_not_disturb_text_completions(tiny_runner):
     """Guests that spin, exhaust memory, flood, forge ids or trap mid-forward run beside real
     inferlets, which produce exactly the tokens they produce alone."""
     prompt = "Once upon a time"
-    limits = Limits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
+    limits = InstanceLimits(cpu_time=0.2, memory_bytes=16 * MiB, max_outstanding=64)
     async with running_stack(tiny_runner, limits) as stack:
         reference = await complete(stack.executor, tiny_runner.tokenizer.encode(prompt),
                                    max_tokens=16, owner="reference", ignore_stop=True)

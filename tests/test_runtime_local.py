@@ -12,7 +12,7 @@ from test_runtime_support import GUESTS
 from pie_trio.executor.direct import complete
 from pie_trio.executor.executor import Executor
 from pie_trio.runtime.local import run_local
-from pie_trio.runtime.sandbox import Limits
+from pie_trio.runtime.sandbox import InstanceLimits
 
 
 def wasm_file(tmp_path, guest: str):
@@ -55,7 +55,7 @@ async def test_failures_give_their_reason_and_a_nonzero_code(tmp_path, tiny_runn
     code, _, err = await run(tmp_path, wasm_file(tmp_path, "exit"), 3, runner=tiny_runner)
     assert code == 1 and "[terminated: error (the program exited with code 3)]" in err
     code, _, err = await run(tmp_path, wasm_file(tmp_path, "spin"), runner=tiny_runner,
-                             limits=Limits(cpu_time=0.1))
+                             limits=InstanceLimits(cpu_time=0.1))
     assert code == 1 and "[terminated: limit (cpu_time:" in err
 
 

@@ -20,7 +20,7 @@ from pie_trio.executor.executor import Executor
 from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramStore
 from pie_trio.runtime.runtime import Runtime
-from pie_trio.runtime.sandbox import Limits
+from pie_trio.runtime.sandbox import InstanceLimits
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 
@@ -47,7 +47,7 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(runner: Any, limits: Limits | None = None,
+async def running_stack(runner: Any, limits: InstanceLimits | None = None,
                         programs: ProgramStore | None = None,
                         **runtime_options: Any) -> AsyncIterator[Stack]:
     """Executor, controller and runtime, stopped top-down like a server: the runtime first (its
@@ -58,7 +58,8 @@ async def running_stack(runner: Any, limits: Limits | None = None,
         await lower.start(executor.run)
         controller = Controller(executor, runner.info, runner.tokenizer)
         await lower.start(controller.run)
-        runtime = Runtime(controller, programs or store, limits or Limits(), **runtime_options)
+        runtime = Runtime(controller, programs or store, limits or InstanceLimits(),
+                          **runtime_options)
         async with trio.open_nursery() as upper:
             await upper.start(runtime.run)
             yield Stack(executor, controller, runtime, hashes)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from pie_trio.client.client import Client, Event, Instance
+from pie_trio.client.client import Client, Event, RemoteInstance
 from pie_trio.client.options import add_server_options, fail, run_with_client
 
 
@@ -110,7 +110,7 @@ def run_local_program(program: str | Path, program_args: list[str]) -> int:
     return trio.run(partial(run_local, program, program_args))
 
 
-async def _forward_stdin(instance: Instance) -> None:
+async def _forward_stdin(instance: RemoteInstance) -> None:
     # A thread blocked in readline cannot be interrupted: abandon it when the instance ends.
     while line := await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
         await instance.signal(line.rstrip("\n"))

@@ -133,10 +133,10 @@ class Client:
             await chunk.result()
         return (await self.request("upload_end", hash=program))["hash"]
 
-    async def launch(self, program: str, args: list[str] | None = None) -> Instance:
-        """Launch a program (BLAKE3 hash or built-in name); its events stream to the Instance."""
+    async def launch(self, program: str, args: list[str] | None = None) -> RemoteInstance:
+        """Launch a program (BLAKE3 hash or built-in name); its events stream to the handle."""
         result = await self.request("launch_instance", program=program, args=list(args or []))
-        return Instance(self, result["instance"])
+        return RemoteInstance(self, result["instance"])
 
     async def signal(self, instance: str, message: str) -> None:
         await self.request("signal_instance", instance=instance, message=message)
@@ -197,7 +197,7 @@ class Client:
             send.close()
 
 
-class Instance:
+class RemoteInstance:
     """A launched instance: its events, and the actions its owner may take on it."""
 
     def __init__(self, client: Client, instance_id: str):

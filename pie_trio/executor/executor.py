@@ -100,7 +100,7 @@ class Request:
 
 
 @dataclass(frozen=True)
-class ForwardBatch:
+class ForwardRecord:
     """What one forward batch carried: its callers' owners and priorities, and its tokens."""
 
     owners: tuple[str, ...]
@@ -116,7 +116,7 @@ class ExecutorStats:
     batches: Counter[str] = field(default_factory=Counter)  # batched runner calls, per kind
     forward_calls: Counter[int] = field(default_factory=Counter)  # batch size (calls) -> count
     forward_tokens: Counter[int] = field(default_factory=Counter)  # bucket (tokens) -> count
-    recent_forwards: deque[ForwardBatch] = field(
+    recent_forwards: deque[ForwardRecord] = field(
         default_factory=lambda: deque(maxlen=RECENT_BATCHES)
     )
 
@@ -125,7 +125,7 @@ class ExecutorStats:
         self.forward_calls[len(requests)] += 1
         self.forward_tokens[token_bucket(tokens)] += 1
         self.recent_forwards.append(
-            ForwardBatch(
+            ForwardRecord(
                 owners=tuple(r.call.owner for r in requests),
                 priorities=tuple(r.priority for r in requests),
                 tokens=tokens,

@@ -16,7 +16,7 @@ from pie_trio.model.calls import CallError, CopyKv, Embed, Forward, MaskKv, Samp
 
 
 @dataclass(frozen=True)
-class Limits:
+class ModelLimits:
     num_pages: int
     page_size: int
     num_slots: int
@@ -24,7 +24,7 @@ class Limits:
     max_position: int
 
 
-def check_call(call: Any, limits: Limits) -> None:
+def check_call(call: Any, limits: ModelLimits) -> None:
     """Raise `CallError` if `call` cannot run; calls with no model work pass."""
     if isinstance(call, Forward):
         _check_forward(call, limits)
@@ -50,7 +50,7 @@ def _in_range(name: str, values: Sequence[int], limit: int, what: str) -> None:
         raise CallError(f"{name} {bad[:5]} out of range: {what} are 0..{limit - 1}")
 
 
-def _check_forward(call: Forward, limits: Limits) -> None:
+def _check_forward(call: Forward, limits: ModelLimits) -> None:
     pages = _ints("kv_pages", call.kv_pages)
     if not pages:
         raise CallError("forward needs at least one KV page")
@@ -85,7 +85,7 @@ def _check_forward(call: Forward, limits: Limits) -> None:
         _check_logit_bias(call.logit_bias, limits.vocab_size)
 
 
-def _check_inputs(call: Forward, limits: Limits) -> int:
+def _check_inputs(call: Forward, limits: ModelLimits) -> int:
     """Validate tokens or embedding slots; returns the number of input tokens."""
     if (call.tokens is None) == (call.embed_slots is None):
         raise CallError("give exactly one of tokens or embed_slots")
@@ -158,7 +158,7 @@ def _check_logit_bias(bias: Any, vocab_size: int) -> None:
         raise CallError("logit_bias values must be numbers")
 
 
-def _check_embed(call: Embed, limits: Limits) -> None:
+def _check_embed(call: Embed, limits: ModelLimits) -> None:
     tokens = _ints("tokens", call.tokens)
     slots = _ints("slots", call.slots)
     if not tokens:
@@ -169,7 +169,7 @@ def _check_embed(call: Embed, limits: Limits) -> None:
     _in_range("slots", slots, limits.num_slots, f"the pool's {limits.num_slots} embedding slots")
 
 
-def _check_copy(call: CopyKv, limits: Limits) -> None:
+def _check_copy(call: CopyKv, limits: ModelLimits) -> None:
     pages = _ints("pages", [call.src_page, call.dst_page])
     _in_range("pages", pages, limits.num_pages, f"the pool's {limits.num_pages} pages")
     _ints("offsets and count", [call.src_offset, call.dst_offset, call.count])
@@ -183,7 +183,7 @@ def _check_copy(call: CopyKv, limits: Limits) -> None:
             )
 
 
-def _check_mask(call: MaskKv, limits: Limits) -> None:
+def _check_mask(call: MaskKv, limits: ModelLimits) -> None:
     _in_range("page", _ints("page", [call.page]), limits.num_pages, "pages")
     slots = _ints("slots", call.slots)
     _in_range("slots", slots, limits.page_size, f"offsets in a page of {limits.page_size}")

@@ -14,7 +14,7 @@ import torch
 
 from pie_trio.model.batch import build_batch
 from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv
-from pie_trio.model.checks import Limits, check_call
+from pie_trio.model.checks import ModelLimits, check_call
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.hardware import (
     choose_dtype,
@@ -95,7 +95,7 @@ class ModelRunner:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
-        self.limits = Limits(
+        self.limits = ModelLimits(
             num_pages=num_pages,
             page_size=page_size,
             num_slots=num_slots,

@@ -13,14 +13,14 @@ from pie_trio.runtime.programs import (
     UnknownProgram,
 )
 from pie_trio.runtime.runtime import CapacityError, Runtime
-from pie_trio.runtime.sandbox import Limits, Termination
+from pie_trio.runtime.sandbox import InstanceLimits, Termination
 
 __all__ = [
     "CapacityError",
     "InboxFull",
     "Instance",
     "InstanceGone",
-    "Limits",
+    "InstanceLimits",
     "Program",
     "ProgramError",
     "ProgramLimits",

@@ -17,8 +17,8 @@ becomes a trap whose reason is recorded on the instance, including a host call m
 instance is bound (from a WebAssembly start function, which the program store also refuses).
 Every host call is paced (`Guard.pace`), so a guest calling in a loop cannot keep the GIL from
 everyone else. The memory a guest makes the host hold for its submitted requests and their
-responses is estimated and bounded (`Limits.max_outstanding_bytes`); decoding a request stops as
-soon as its estimate alone passes that bound.
+responses is estimated and bounded (`InstanceLimits.max_outstanding_bytes`); decoding a request
+stops as soon as its estimate alone passes that bound.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from msgpack import unpackb
 from wasmtime import _ffi as ffi
 
 from pie_trio.runtime.bridge import Bridge
-from pie_trio.runtime.sandbox import Guard, Limits, Stopped, Termination, limit_hit
+from pie_trio.runtime.sandbox import Guard, InstanceLimits, Stopped, Termination, limit_hit
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Misuse(Exception):
 class HostCalls:
     """One instance's ABI state; used only from its guest thread (except `ready`, see below)."""
 
-    def __init__(self, host: Host, bridge: Bridge, guard: Guard, limits: Limits,
+    def __init__(self, host: Host, bridge: Bridge, guard: Guard, limits: InstanceLimits,
                  answers: dict[str, Any]):
         self.host = host
         self.bridge = bridge

@@ -17,7 +17,7 @@ import wasmtime
 from pie_trio.runtime.abi import HostCalls
 from pie_trio.runtime.bridge import Bridge
 from pie_trio.runtime.programs import Program
-from pie_trio.runtime.sandbox import Guard, Limits, MiB, Termination, limit_hit
+from pie_trio.runtime.sandbox import Guard, InstanceLimits, MiB, Termination, limit_hit
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ OnExit = Callable[[Termination, "str | None"], None]
 
 class GuestThread:
     def __init__(self, program: Program, argv: Sequence[str], calls: HostCalls, guard: Guard,
-                 bridge: Bridge, limits: Limits, on_exit: OnExit, name: str):
+                 bridge: Bridge, limits: InstanceLimits, on_exit: OnExit, name: str):
         self.program = program
         self.argv = list(argv)
         self.calls = calls

@@ -14,8 +14,8 @@ and joined (its store already deleted), the control layer frees everything the i
 Events and back-pressure. The guest's requests and events reach this side in batches, with
 its next crossing (see "Crossings" in abi.py). `events` is unbounded so the final events can
 always be sent, but the guest cannot outrun its client: once more than
-`Limits.output_backlog_bytes` of its output is unread, its next `send` or print waits until the
-client has caught up by half. A client that closes its end of `events` ends the instance with
+`InstanceLimits.output_backlog_bytes` of its output is unread, its next `send` or print waits until
+the client has caught up by half. A client that closes its end of `events` ends the instance with
 `client_gone`.
 """
 
@@ -35,7 +35,7 @@ from pie_trio.runtime.abi import EVENT_OVERHEAD, HostCalls
 from pie_trio.runtime.bridge import Bridge, Mailbox
 from pie_trio.runtime.guest import GuestThread, ThreadStarter
 from pie_trio.runtime.programs import Program
-from pie_trio.runtime.sandbox import Guard, Limits, Termination, limit_hit
+from pie_trio.runtime.sandbox import Guard, InstanceLimits, Termination, limit_hit
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Instance:
     """A running inferlet, as its owner sees it: `id`, `owner`, `events`, `deliver`, `kill`."""
 
     def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
-                 args: Sequence[str], limits: Limits, ctl: Any, models: list[str],
+                 args: Sequence[str], limits: InstanceLimits, ctl: Any, models: list[str],
                  on_end: Callable[[Instance], None], starter: ThreadStarter, mailbox: Mailbox):
         self.id = instance_id
         self.owner = owner

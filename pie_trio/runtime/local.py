@@ -28,7 +28,7 @@ import trio
 
 from pie_trio.runtime.programs import ProgramError, ProgramStore, UnknownProgram
 from pie_trio.runtime.runtime import Runtime
-from pie_trio.runtime.sandbox import Limits
+from pie_trio.runtime.sandbox import InstanceLimits
 
 EXIT_FINISHED, EXIT_ENDED, EXIT_BAD_PROGRAM, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -36,7 +36,7 @@ EXIT_FINISHED, EXIT_ENDED, EXIT_BAD_PROGRAM, EXIT_INTERRUPTED = 0, 1, 2, 130
 async def run_local(program: str | Path, args: Sequence[str] = (), *, model: str = "default",
                     device: str | None = None, dtype: str | None = None,
                     kv_memory: int | None = None, page_size: int = 16,
-                    limits: Limits | None = None, cache_dir: str | Path | None = None,
+                    limits: InstanceLimits | None = None, cache_dir: str | Path | None = None,
                     runner: Any = None, out: TextIO | None = None,
                     err: TextIO | None = None) -> int:
     """Run `program` (a .wasm path or a built-in name) with `args`; the exit code.
@@ -66,7 +66,7 @@ async def run_local(program: str | Path, args: Sequence[str] = (), *, model: str
         await lower.start(executor.run)
         controller = Controller(executor, runner.info, runner.tokenizer)
         await lower.start(controller.run)
-        runtime = Runtime(controller, programs, limits or Limits())
+        runtime = Runtime(controller, programs, limits or InstanceLimits())
         async with trio.open_nursery() as upper:
             await upper.start(runtime.run)
             code = await _run_one(runtime, program_id, list(args), out, err)

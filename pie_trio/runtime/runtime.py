@@ -1,6 +1,6 @@
 """`Runtime`: launches inferlets and owns their tasks (the interface in docs/layers.md).
 
-    runtime = Runtime(controller, ProgramStore(), Limits())
+    runtime = Runtime(controller, ProgramStore(), InstanceLimits())
     await nursery.start(runtime.run)
     instance = await runtime.launch("text-completion", ["--prompt", "Hi"], owner="alice")
     async for event in instance.events: ...
@@ -23,7 +23,7 @@ from pie_trio.runtime.bridge import Mailbox
 from pie_trio.runtime.guest import ThreadStarter
 from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramStore
-from pie_trio.runtime.sandbox import Limits, tick_epochs
+from pie_trio.runtime.sandbox import InstanceLimits, tick_epochs
 
 LOADING_THREADS = 8  # programs loaded (or built-ins compiled) for launches at once
 
@@ -34,11 +34,11 @@ class CapacityError(RuntimeError):
 
 class Runtime:
     def __init__(self, controller: Any, program_store: ProgramStore | None = None,
-                 limits: Limits | None = None, *, models: list[str] | None = None,
+                 limits: InstanceLimits | None = None, *, models: list[str] | None = None,
                  max_instances: int = 4096):
         self.controller = controller
         self.programs = program_store if program_store is not None else ProgramStore()
-        self.limits = limits or Limits()
+        self.limits = limits or InstanceLimits()
         self.models = models if models is not None else _model_names(controller)
         self.max_instances = max_instances
         self.instances: dict[str, Instance] = {}
@@ -66,7 +66,7 @@ class Runtime:
                     nursery.cancel_scope.cancel()
 
     async def launch(self, program: str, args: Sequence[str] = (), owner: str = "",
-                     limits: Limits | None = None) -> Instance:
+                     limits: InstanceLimits | None = None) -> Instance:
         """Start `program` (a hash or built-in name) with `args`; the running Instance.
 
         Raises UnknownProgram, ProgramError (a built-in that does not compile), CapacityError,

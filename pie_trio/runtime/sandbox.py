@@ -53,7 +53,7 @@ LIMIT_NAMES = ("cpu_time", "wall_time", "memory", "outstanding", "message_size")
 
 
 @dataclass(frozen=True)
-class Limits:
+class InstanceLimits:
     """What one instance may use. Every limit is per instance, so one guest cannot starve another.
 
     cpu_time counts the guest's own CPU time since it last entered a host function (blocked time
@@ -81,16 +81,16 @@ class Limits:
                      "output_backlog_bytes", "max_inbox", "max_outstanding_bytes",
                      "max_inbox_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"Limits.{name} must be a positive integer")
+                raise ValueError(f"InstanceLimits.{name} must be a positive integer")
         if not self.cpu_time > 0:
-            raise ValueError("Limits.cpu_time must be positive seconds")
+            raise ValueError("InstanceLimits.cpu_time must be positive seconds")
         for name in ("wall_time", "cpu_total"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"Limits.{name} must be positive seconds or None")
+                raise ValueError(f"InstanceLimits.{name} must be positive seconds or None")
         for name in ("host_call_share", "host_call_total_share"):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"Limits.{name} must be a fraction in (0, 1]")
+                raise ValueError(f"InstanceLimits.{name} must be a fraction in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class Guard:
     the trio thread.
     """
 
-    def __init__(self, limits: Limits, engine: wasmtime.Engine):
+    def __init__(self, limits: InstanceLimits, engine: wasmtime.Engine):
         self.limits = limits
         self.engine = engine
         self.termination: Termination | None = None

@@ -29,7 +29,7 @@ from pie_trio.executor.executor import Executor
 from pie_trio.model.runner import ModelRunner
 from pie_trio.runtime.programs import ProgramLimits, ProgramStore
 from pie_trio.runtime.runtime import Runtime
-from pie_trio.runtime.sandbox import Limits
+from pie_trio.runtime.sandbox import InstanceLimits
 from pie_trio.server.app import App
 from pie_trio.server.openai_api import PROGRAM as OPENAI_PROGRAM
 from pie_trio.server.state import ServerState
@@ -219,8 +219,8 @@ def _program_store(config: Config) -> ProgramStore:
                         max_bytes=config.max_upload_size, limits=limits)
 
 
-def _limits(config: Config) -> Limits:
-    return Limits(memory_bytes=config.instance_memory, cpu_time=config.instance_cpu_time,
+def _limits(config: Config) -> InstanceLimits:
+    return InstanceLimits(memory_bytes=config.instance_memory, cpu_time=config.instance_cpu_time,
                   wall_time=config.instance_wall_time, cpu_total=config.instance_cpu_total,
                   host_call_share=config.instance_host_call_share,
                   host_call_total_share=config.instance_host_call_total_share,

@@ -59,7 +59,7 @@ class Violation(Exception):
         self.close_code = close_code
 
 
-class Transport(Protocol):
+class SessionChannel(Protocol):
     """What a session needs from its connection."""
 
     async def receive(self) -> bytes | None:
@@ -79,7 +79,7 @@ class Transport(Protocol):
 
 
 class Session:
-    def __init__(self, state: ServerState, transport: Transport, origin: str, peer: str = "?",
+    def __init__(self, state: ServerState, transport: SessionChannel, origin: str, peer: str = "?",
                  tenant: str | None = None):
         self.state = state
         self.transport = transport
