@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from test_server_support import background_server, test_config
 
 from pie_trio.model.tiny import tiny_runner
-from pie_trio.server.protocol import REQUESTS
+from pie_trio.protocol import REQUESTS
 
 EXAMPLES = 100  # per transport
 FRAMES_PER_EXAMPLE = 10  # so each transport gets 1,000 malformed frames

@@ -23,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_server_support import ECHO_WAT, background_server, wasm
 
+from pie_trio import protocol
 from pie_trio.client import ConnectionClosed, ServerError, connect
 from pie_trio.model.tiny import tiny_runner
-from pie_trio.server import protocol
 
 MiB = 1 << 20
 KEYS = {"alice": "key-alice", "bob": "key-bob", "root": "key-root"}

@@ -23,8 +23,8 @@ import blake3
 import trio
 import trio_websocket
 
+from pie_trio import protocol
 from pie_trio.client.transport import ConnectionClosed, Transport, open_transport
-from pie_trio.server import protocol
 
 log = logging.getLogger("pie_trio.client")
 

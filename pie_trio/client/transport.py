@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import trio
 import trio_websocket
 
-from pie_trio.server.protocol import FrameBuffer, FrameTooLarge, frame
+from pie_trio.protocol import FrameBuffer, FrameTooLarge, frame
 
 MAX_MESSAGE_SIZE = 64 * 2**20  # what the client accepts from the server
 RECEIVE_SIZE = 65536

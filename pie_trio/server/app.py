@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 
+from pie_trio.protocol import ProtocolError
 from pie_trio.server import openai_api
 from pie_trio.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pie_trio.server.protocol import ProtocolError
 from pie_trio.server.sessions import Session
 from pie_trio.server.state import ServerState
 from pie_trio.server.websocket import WebSocketTransport

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pie_trio.server import protocol
-from pie_trio.server.protocol import ProtocolError
+from pie_trio import protocol
+from pie_trio.protocol import ProtocolError
 from pie_trio.server.state import Running, ServerState
 
 if TYPE_CHECKING:

@@ -26,11 +26,11 @@ from typing import Any, Protocol
 import blake3
 import trio
 
+from pie_trio import protocol
+from pie_trio.protocol import ProtocolError
 from pie_trio.runtime.instance import InboxFull, InstanceGone
 from pie_trio.runtime.programs import ProgramError
-from pie_trio.server import protocol
 from pie_trio.server.outbox import Outbox
-from pie_trio.server.protocol import ProtocolError
 from pie_trio.server.state import Running, ServerState
 from pie_trio.server.uploads import Uploads
 

@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 import trio
 
+from pie_trio import protocol
 from pie_trio.config import Config
+from pie_trio.protocol import ProtocolError
 from pie_trio.runtime.programs import ProgramError, UnknownProgram
 from pie_trio.runtime.runtime import CapacityError
-from pie_trio.server import protocol
 from pie_trio.server.auth import Authenticator
 from pie_trio.server.metrics import Metrics
-from pie_trio.server.protocol import ProtocolError
 from pie_trio.server.uploads import UploadBudget
 
 log = logging.getLogger("pie_trio.server")

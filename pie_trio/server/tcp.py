@@ -17,8 +17,8 @@ from collections import deque
 
 import trio
 
-from pie_trio.server import protocol
-from pie_trio.server.protocol import FrameBuffer, FrameTooLarge, ProtocolError
+from pie_trio import protocol
+from pie_trio.protocol import FrameBuffer, FrameTooLarge, ProtocolError
 from pie_trio.server.sessions import (
     CLOSE_POLICY,
     CLOSE_TOO_LARGE,

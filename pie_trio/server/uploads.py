@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pie_trio.server import protocol
-from pie_trio.server.protocol import ProtocolError
+from pie_trio import protocol
+from pie_trio.protocol import ProtocolError
 
 MAX_UPLOADS = 4  # unfinished uploads one session may hold at once
 

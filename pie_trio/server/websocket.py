@@ -32,7 +32,7 @@ from hypercorn.protocol.events import Data, Request, StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.events import CloseConnection
 
-from pie_trio.server import protocol
+from pie_trio import protocol
 from pie_trio.server.sessions import CLOSE_POLICY, CLOSE_TOO_LARGE, CLOSE_UNSUPPORTED, Violation
 
 ABORT = "pie_trio.abort"  # ASGI extension and message type: drop the connection now
