@@ -309,7 +309,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-def _parse(f: dataclasses.Field, raw: Any, source: str = "default") -> Any:
+def _parse(f: dataclasses.Field[Any], raw: Any, source: str = "default") -> Any:
     try:
         return f.metadata["parse"](raw)
     except (ValueError, TypeError) as exc:
@@ -335,6 +335,6 @@ def from_env(env: Mapping[str, str]) -> dict[str, str]:
     return values
 
 
-def settings() -> list[dataclasses.Field]:
+def settings() -> list[dataclasses.Field[Any]]:
     """The fields of Config, for generating flags and docs."""
     return list(dataclasses.fields(Config))

@@ -166,8 +166,8 @@ def decode_request(frame: bytes) -> Request:
     return _check(record(**values), kind)
 
 
-def _field(message: dict, name: str, kind: Kind, request_id: int | None, context: str = "",
-           required: bool = True) -> Any:
+def _field(message: dict[str, Any], name: str, kind: Kind, request_id: int | None,
+           context: str = "", required: bool = True) -> Any:
     """`message[name]` if it has the right kind; None when absent and optional."""
     where = f"{context}: " if context else ""
     value = message.get(name)
@@ -190,8 +190,8 @@ def _unpack(frame: bytes) -> Any:
         raise ProtocolError(MALFORMED, f"not a msgpack message: {type(exc).__name__}") from None
 
 
-def _request_id(message: dict) -> int:
-    request_id = _field(message, "id", INT, None)
+def _request_id(message: dict[str, Any]) -> int:
+    request_id: int = _field(message, "id", INT, None)
     if not 0 <= request_id <= MAX_ID:
         raise ProtocolError(BAD_REQUEST, f"field 'id' must be in 0..{MAX_ID}")
     return request_id
@@ -256,7 +256,8 @@ def event(instance_id: str, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def pack(message: dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    packed: bytes = msgpack.packb(message, use_bin_type=True)  # msgpack is untyped
+    return packed
 
 
 def unpack(data: bytes) -> Any:

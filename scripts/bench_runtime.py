@@ -3,7 +3,8 @@
     python scripts/bench_runtime.py            real model (SmolLM2-135M), full sizes
     python scripts/bench_runtime.py --quick    tiny random model, small sizes (seconds)
 
-Three measurements, each on the real stack (executor + controller + runtime) in one process:
+Three measurements, each on the server's stack (pie_trio/stack.py: executor, controller,
+runtime) in one process:
 
 1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
    control layer answers: one guest→trio→guest round trip each. For comparison, N `call`s of
@@ -31,7 +32,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -45,35 +45,6 @@ PROMPT = "Once upon a time"
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def load_runner(model: str, pages: int):
-    if model == "tiny":
-        from pie_trio.model.tiny import tiny_runner
-
-        return tiny_runner(num_pages=pages)
-    from pie_trio.model import ModelRunner
-
-    return ModelRunner.load(model, device="cpu", num_pages=pages)
-
-
-@asynccontextmanager
-async def stack(runner, programs, limits, policy: str, k: int, t: float):
-    from pie_trio.control.controller import Controller
-    from pie_trio.executor.executor import Executor
-    from pie_trio.runtime.runtime import Runtime
-
-    async with trio.open_nursery() as lower:
-        executor = Executor(runner, policy, k=k, t=t)
-        await lower.start(executor.run)
-        controller = Controller(executor, runner.info, runner.tokenizer)
-        await lower.start(controller.run)
-        runtime = Runtime(controller, programs, limits)
-        async with trio.open_nursery() as upper:
-            await upper.start(runtime.run)
-            yield executor, controller, runtime
-            upper.cancel_scope.cancel()
-        lower.cancel_scope.cancel()
 
 
 async def run_to_end(instance, on_message: Callable[[], None] | None = None) -> dict:
@@ -260,12 +231,12 @@ def _mean_batch(sizes: Counter[int]) -> float:
 # -- main -----------------------------------------------------------------------------------
 
 async def main_async(args: argparse.Namespace) -> dict:
-    from pie_trio.runtime.programs import ProgramStore
-    from pie_trio.runtime.sandbox import InstanceLimits
+    from pie_trio.executor.policies import make_policy
+    from pie_trio.stack import ProgramStore, load_runner, open_stack
 
     model = "tiny" if args.quick else args.model
     log(f"loading model {model!r} ...")
-    runner = load_runner(model, pages=args.pages)
+    runner = load_runner(model, device="cpu", num_pages=args.pages)
     programs = ProgramStore(memory_only=True)
     guests = {name: programs.add(wasmtime.wat2wasm((GUESTS / f"{name}.wat").read_text()))
               for name in ("ping", "local", "exit", "spin")}
@@ -282,8 +253,9 @@ async def main_async(args: argparse.Namespace) -> dict:
     record: dict = {"model": runner.info.name, "device": runner.info.device,
                     "dtype": runner.info.dtype, "quick": args.quick}
     record["policy"] = args.policy
-    async with stack(runner, programs, InstanceLimits(), args.policy, args.k, args.t) as (
-            executor, controller, runtime):
+    policy = make_policy(args.policy, k=args.k, t=args.t)
+    async with open_stack(runner, programs=programs, policy=policy) as stack:
+        executor, runtime = stack.executor, stack.runtime
         log("per-call overhead:")
         record["calls"] = await bench_calls(runtime, guests, calls)
         record["cpu_limit"] = await bench_cpu_limit(runtime, guests, 0.5)

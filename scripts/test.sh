@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (lint included) in the environment scripts/setup.sh made.
+# Runs the whole test suite (lint and mypy included) in the environment scripts/setup.sh made.
 # pytest exits non-zero when it collects no tests, so an empty run fails too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check pie_trio tests scripts
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest -q -ra --durations=15 "$@"
 # The real-model correctness tests again with torch held to its AVX2 kernels, as on a CPU without
 # AVX-512: the default dtype and the kernels differ there, and a fault must not hide behind the

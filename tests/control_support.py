@@ -16,7 +16,7 @@ async def request(ctl: InstanceControl, op: str, **fields) -> dict:
         answers.append(response)
         done.set()
 
-    ctl.submit({"op": op, **fields}, on_done)
+    ctl.start_request({"op": op, **fields}, on_done)
     await done.wait()
     await trio.lowlevel.checkpoint()  # a second answer would have arrived by now
     assert len(answers) == 1, answers

@@ -163,7 +163,7 @@ def test_run_input_sends_stdin_lines_to_the_instance(server, tmp_path, capsys, m
 def test_run_local_runs_in_process(tmp_path, capsys, monkeypatch):
     """--local: the whole stack in this process (the tiny model stands in for the default)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr("pie_trio.runtime.local._load_model", lambda *_: tiny_runner())
+    monkeypatch.setattr("pie_trio.cli.local._load_model", lambda *_: tiny_runner())
     greet = tmp_path / "greet.wasm"
     greet.write_bytes(wasm(GREET_WAT))
     assert main(["run", "--local", str(greet), "--", "some", "args"]) == 0

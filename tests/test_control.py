@@ -340,16 +340,17 @@ async def test_close_mid_forward_answers_pending_and_frees_everything(stalled_st
     await ok(a, "subscribe", topic="t")
     await ok(a, "export_pages", name="bound", pages=pages[:1])
     answers: list[dict] = []
-    a.submit({"op": "forward", "queue": 0, "pages": pages, "last_page_len": ps,
-              "positions": list(range(4 * ps)), "tokens": prompt(4 * ps)}, answers.append)
-    a.submit({"op": "topic_receive", "topic": "t"}, answers.append)
-    a.submit({"op": "sleep", "ms": 10_000}, answers.append)
+    a.start_request({"op": "forward", "queue": 0, "pages": pages, "last_page_len": ps,
+                     "positions": list(range(4 * ps)), "tokens": prompt(4 * ps)},
+                    answers.append)
+    a.start_request({"op": "topic_receive", "topic": "t"}, answers.append)
+    a.start_request({"op": "sleep", "ms": 10_000}, answers.append)
     await trio.testing.wait_all_tasks_blocked()
     assert stack.executor.queued == 1  # the forward waits inside the executor
     await a.close()
     assert answers == [{"error": "instance closed"}] * 3
     await a.close()  # idempotent
-    a.submit({"op": "ping"}, answers.append)
+    a.start_request({"op": "ping"}, answers.append)
     await trio.testing.wait_all_tasks_blocked()
     assert answers[-1] == {"error": "instance closed"}
     stats = await settled(stack)
@@ -364,8 +365,8 @@ async def test_pages_named_by_a_call_in_flight_stay_allocated(stalled_stack):
     a, b = stack.controller.attach("a"), stack.controller.attach("b")
     [page] = await ok(a, "alloc_pages", count=1)
     answers: list[dict] = []
-    a.submit({"op": "forward", "pages": [page], "last_page_len": 2, "positions": [0, 1],
-              "tokens": [5, 6]}, answers.append)
+    a.start_request({"op": "forward", "pages": [page], "last_page_len": 2,
+                     "positions": [0, 1], "tokens": [5, 6]}, answers.append)
     await trio.testing.wait_all_tasks_blocked()
     await ok(a, "free_pages", pages=[page])  # freed by name, but the forward still writes it
     assert (await settled(stack))["pages_in_use"] == 1
@@ -397,7 +398,7 @@ async def test_close_during_shutdown_does_not_hang(tiny_runner):
         ctl = stack.controller.attach("a")
         await nursery.start(instance_owner, ctl)
         await ok(ctl, "alloc_pages", count=2)
-        ctl.submit({"op": "sleep", "ms": 10**7}, answers.append)
+        ctl.start_request({"op": "sleep", "ms": 10**7}, answers.append)
         nursery.cancel_scope.cancel()
     assert answers == [{"error": "instance closed"}]
     assert not stack.controller.running
@@ -436,7 +437,7 @@ class RandomInstance:
 
     def submit(self, op: str, **fields) -> None:
         self.submitted += 1
-        self.ctl.submit({"op": op, **fields}, self.answers.append)
+        self.ctl.start_request({"op": op, **fields}, self.answers.append)
 
     async def call(self, op: str, **fields):
         response = await request(self.ctl, op, **fields)

@@ -56,8 +56,8 @@ async def test_per_queue_order_holds_under_many_concurrent_queues(stack):
                          {"op": "store_set", "key": f"{key}", "value": str(n)}])
         if op["op"] == "store_set":
             last_set[op["key"]] = op["value"]
-        ctl.submit({**op, "queue": queue},
-                   lambda r, key=key, n=n: completed.setdefault(key, []).append(n))
+        ctl.start_request({**op, "queue": queue},
+                          lambda r, key=key, n=n: completed.setdefault(key, []).append(n))
     for ctl in instances:
         for queue in queues[ctl]:
             await ok(ctl, "synchronize", queue=queue)
@@ -80,8 +80,8 @@ async def test_queued_forwards_run_in_order_and_batch_across_queues(stack):
         # The prompt in chunks, all submitted at once: each chunk needs the KV of the last.
         for start in range(0, len(tokens), 5):
             chunk = tokens[start:start + 5]
-            ctl.submit({**prefill_request(pages, start, chunk, ps), "queue": q,
-                        "outputs": [len(chunk) - 1], "top_k": 4}, results[q].append)
+            ctl.start_request({**prefill_request(pages, start, chunk, ps), "queue": q,
+                               "outputs": [len(chunk) - 1], "top_k": 4}, results[q].append)
     for q in queue_ids:
         await ok(ctl, "synchronize", queue=q)
     pages = await ok(ctl, "alloc_pages", count=2)
@@ -125,8 +125,8 @@ async def test_a_blocked_queue_does_not_block_others(stack):
     other = await ok(ctl, "create_queue")
     answers: list[dict] = []
     await ok(ctl, "subscribe", topic="go")
-    ctl.submit({"op": "topic_receive", "topic": "go", "queue": 0}, answers.append)
-    ctl.submit({"op": "ping", "payload": "behind", "queue": 0}, answers.append)
+    ctl.start_request({"op": "topic_receive", "topic": "go", "queue": 0}, answers.append)
+    ctl.start_request({"op": "ping", "payload": "behind", "queue": 0}, answers.append)
     assert await ok(ctl, "ping", payload="other queue", queue=other) == "other queue"
     assert await ok(ctl, "ping", payload="no queue") == "no queue"
     await trio.testing.wait_all_tasks_blocked()
@@ -195,7 +195,7 @@ async def test_sleep_clock_and_ping(stack):
     _, controller = stack
     ctl = controller.attach("a")
     answers: list[dict] = []
-    ctl.submit({"op": "sleep", "ms": 30}, answers.append)
+    ctl.start_request({"op": "sleep", "ms": 30}, answers.append)
     assert await ok(ctl, "ping", payload={"x": [1, b"\x00"]}) == {"x": [1, b"\x00"]}
     assert answers == []  # the sleep is still sleeping; the ping did not wait for it
     before = await ok(ctl, "clock")
@@ -340,7 +340,7 @@ async def test_bad_requests_get_precise_errors(stack, req, message):
     good = controller.attach("good")
     await ok(ctl, "alloc_pages", count=1)
     answers: list[dict] = []
-    ctl.submit(req, answers.append)
+    ctl.start_request(req, answers.append)
     assert await ok(good, "ping", payload=1) == 1  # everyone else carries on
     await trio.testing.wait_all_tasks_blocked()
     [answer] = answers
@@ -370,7 +370,7 @@ async def test_non_map_request(stack):
     _, controller = stack
     ctl = controller.attach("a")
     answers: list[dict] = []
-    ctl.submit(["op"], answers.append)  # type: ignore[arg-type]
+    ctl.start_request(["op"], answers.append)  # type: ignore[arg-type]
     await trio.testing.wait_all_tasks_blocked()
     assert answers == [{"error": "a request must be a map, got list"}]
     await ctl.close()

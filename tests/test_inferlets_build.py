@@ -131,6 +131,25 @@ async def test_text_completion_is_the_host_generation_loop(tiny_runner, sampling
     assert len(messages) > 3  # streamed, not one blob
 
 
+async def test_text_completion_stops_at_the_earliest_of_several_stop_strings(tiny_runner):
+    """`--stop` given several times: the text ends right before the earliest match of any of
+    them (whatever their order), and the stop string is neither streamed nor returned."""
+    prompt = "Once upon a time"
+    async with running_stack(tiny_runner) as stack:
+        reference = await complete(stack.executor, tiny_runner.tokenizer.encode(prompt),
+                                   max_tokens=24, owner="reference", ignore_stop=True)
+        full = tiny_runner.tokenizer.decode(reference)
+        early, late = full[4:7], full[10:13]
+        assert early.strip() and late.strip(), f"the tiny model's text is too short: {full!r}"
+        outcome, messages = await _run(stack, "text-completion", "--prompt", prompt,
+                                       "--max-tokens", 24, "--ignore-eos", "--stop", late,
+                                       "--stop=\u2603 never said", "--stop", early)
+    expected = full[:min(full.find(early), full.find(late))]
+    assert outcome.reason == "finished", outcome.detail
+    assert outcome.return_value == expected
+    assert "".join(messages) == expected
+
+
 async def test_text_completion_reports_bad_arguments(tiny_runner):
     async with running_stack(tiny_runner) as stack:
         outcome, _ = await _run(stack, "text-completion", "--max-tokens", "many", "Hi")

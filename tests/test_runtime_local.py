@@ -9,9 +9,9 @@ import trio
 import wasmtime
 from test_runtime_support import GUESTS
 
+from pie_trio.cli.local import run_local
 from pie_trio.executor.direct import complete
 from pie_trio.executor.executor import Executor
-from pie_trio.runtime.local import run_local
 from pie_trio.runtime.sandbox import InstanceLimits
 
 

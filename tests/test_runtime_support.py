@@ -21,6 +21,7 @@ from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramStore
 from pie_trio.runtime.runtime import Runtime
 from pie_trio.runtime.sandbox import InstanceLimits
+from pie_trio.stack import open_stack
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 
@@ -49,22 +50,13 @@ class Stack:
 @asynccontextmanager
 async def running_stack(runner: Any, limits: InstanceLimits | None = None,
                         programs: ProgramStore | None = None,
-                        **runtime_options: Any) -> AsyncIterator[Stack]:
-    """Executor, controller and runtime, stopped top-down like a server: the runtime first (its
-    instances are evicted and release their pages while the layers below still run)."""
+                        **options: Any) -> AsyncIterator[Stack]:
+    """The server's stack (`open_stack`) with the WAT guests in its program store; `options`
+    are open_stack's."""
     store, hashes = guest_programs()
-    async with trio.open_nursery() as lower:
-        executor = Executor(runner)
-        await lower.start(executor.run)
-        controller = Controller(executor, runner.info, runner.tokenizer)
-        await lower.start(controller.run)
-        runtime = Runtime(controller, programs or store, limits or InstanceLimits(),
-                          **runtime_options)
-        async with trio.open_nursery() as upper:
-            await upper.start(runtime.run)
-            yield Stack(executor, controller, runtime, hashes)
-            upper.cancel_scope.cancel()
-        lower.cancel_scope.cancel()
+    async with open_stack(runner, programs=programs or store, instance_limits=limits,
+                          **options) as stack:
+        yield Stack(stack.executor, stack.controller, stack.runtime, hashes)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from test_server_support import background_server
 
 from pie_trio.client import connect
 from pie_trio.model.tiny import tiny_runner
-from pie_trio.server.openai_api import _apply_stops
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,6 @@ def server():
 async def http(server):
     async with httpx.AsyncClient(base_url=server.addresses.http, timeout=60) as client:
         yield client
-
-
-@pytest.mark.parametrize(("text", "stops", "expected"), [
-    ("hello world", [], ("hello world", "", False)),
-    ("hello world", ["lo w"], ("hel", "", True)),
-    ("hello wo", ["world"], ("hello ", "wo", False)),  # "wo" may still become "world"
-    ("abc", ["x", "bc"], ("a", "", True)),
-    ("ab", ["bcd", "abz"], ("", "ab", False)),
-])
-def test_stop_strings_release_only_safe_text(text, stops, expected):
-    assert _apply_stops(text, stops) == expected
 
 
 @pytest.mark.parametrize(("path", "body", "status", "words"), [
@@ -114,6 +102,26 @@ async def test_stop_string_cuts_the_text_and_ends_early(http):
         "prompt": "Once upon a time", "temperature": 0, "max_tokens": 12, "ignore_eos": True,
         "stop": stop})
     assert "".join(c["choices"][0]["text"] for c in chunks) == full[:full.find(stop)]
+
+
+async def test_several_stop_strings_cut_at_the_earliest(http):
+    """Each stop string reaches the inferlet as its own --stop; the earliest match ends the text,
+    whatever the order of the list, streamed or not."""
+    full = (await completion(http, max_tokens=12, ignore_eos=True))["choices"][0]["text"]
+    early, late = full[4:7], full[8:11]
+    assert early.strip() and late.strip(), f"the tiny model's text is too short: {full!r}"
+    expected = full[:min(full.find(early), full.find(late))]
+    cut = await completion(http, max_tokens=12, ignore_eos=True,
+                           stop=[late, "\u2603 never said", early])
+    assert cut["choices"][0]["text"] == expected
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    chunks = await stream(http, "/v1/completions", {
+        "prompt": "Once upon a time", "temperature": 0, "max_tokens": 12, "ignore_eos": True,
+        "stop": ["\u2603 never said", late, early]})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    alone = await completion(http, max_tokens=12, ignore_eos=True, stop=["--chat", late])
+    assert alone["choices"][0]["text"] == full[:full.find(late)]
 
 
 async def test_chat_stream_shape(http):

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TypeAlias
+
+# What each verb's `add_parser` receives: the registry its sub-parser is added to.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 VERBS = ["serve", "run", "complete", "upload", "ps", "kill", "models"]
 

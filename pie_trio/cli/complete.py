@@ -11,18 +11,22 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import trio
 
+from pie_trio.cli import Subparsers
 from pie_trio.executor.direct import TextStream, generate
 from pie_trio.executor.executor import Executor
 from pie_trio.model.calls import CallError, Sampler
 
+if TYPE_CHECKING:  # the runtime import waits for `load_model`: torch is only for this verb
+    from pie_trio.model.runner import ModelRunner
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "complete",
         help="complete a prompt with the local model (no server)",
@@ -102,7 +106,9 @@ def run(
     return 0
 
 
-def load_model(model: str, device: str | None, dtype: str | None, weights: str = "auto"):
+def load_model(
+    model: str, device: str | None, dtype: str | None, weights: str = "auto"
+) -> ModelRunner:
     """The `ModelRunner` for `model` (imported here: loading torch is only for this verb)."""
     from pie_trio.model.runner import ModelRunner
 
@@ -110,7 +116,7 @@ def load_model(model: str, device: str | None, dtype: str | None, weights: str =
 
 
 async def complete_to(
-    runner, prompt: str, chat: bool, max_tokens: int, sampler: Sampler, out: TextIO
+    runner: ModelRunner, prompt: str, chat: bool, max_tokens: int, sampler: Sampler, out: TextIO
 ) -> str:
     """Stream the completion of `prompt` to `out`; returns the summary line."""
     tokenizer = runner.tokenizer

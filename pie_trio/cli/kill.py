@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from pie_trio.cli import Subparsers
 from pie_trio.client.client import Client, ServerError
 from pie_trio.client.options import add_server_options, fail, run_with_client
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "kill", help="terminate running instances",
         description="Terminate instances your tenant launched (their client sees the reason "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from pie_trio.cli import Subparsers
 from pie_trio.client.client import Client
 from pie_trio.client.options import add_server_options, print_table, run_with_client
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "models", help="list the models a server serves",
         description="List the models a server serves, with their KV page size, vocabulary "

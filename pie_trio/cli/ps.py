@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
+from pie_trio.cli import Subparsers
 from pie_trio.client.client import Client
 from pie_trio.client.options import add_server_options, print_table, run_with_client
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "ps", help="list your running instances",
         description="List the instances your tenant (API key) is running on the server, "

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import trio
 
+from pie_trio.cli import Subparsers
 from pie_trio.client.client import Client, Event, RemoteInstance
 from pie_trio.client.options import add_server_options, fail, run_with_client
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="run an inferlet and stream its output",
         description="Run an inferlet on a server (or in this process with --local) and stream "
@@ -51,7 +52,7 @@ def split_program_args(args: argparse.Namespace) -> list[str]:
     arrives as ["--server", "URL", "--", "X"]. Everything before `--` is this verb's options;
     without `--`, the leading words that are this verb's options are, the rest is the
     inferlet's (`run PROG --server URL --prompt hi`)."""
-    rest = args.args
+    rest: list[str] = args.args
     if "--" in rest:
         split = rest.index("--")
     else:
@@ -103,9 +104,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_local_program(program: str | Path, program_args: list[str]) -> int:
-    """`--local`: model, executor, controller and runtime in this process, one instance
-    (pie_trio/runtime/local.py prints its events and picks the exit code)."""
-    from pie_trio.runtime.local import run_local  # loads torch: only when asked for
+    """`--local`: the model and the stack on it in this process, one instance
+    (pie_trio/cli/local.py prints its events and picks the exit code)."""
+    from pie_trio.cli.local import run_local  # loads torch: only when asked for
 
     return trio.run(partial(run_local, program, program_args))
 

@@ -13,10 +13,11 @@ import sys
 
 import trio
 
+from pie_trio.cli import Subparsers
 from pie_trio.config import Config, ConfigError, settings
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="run the server",
         description="Serve inferlets over WebSocket (/ws) and TCP, and the OpenAI-compatible "
@@ -39,8 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
-def _help(field: dataclasses.Field) -> str:
-    text = field.metadata["help"]
+def _help(field: dataclasses.Field[object]) -> str:
+    text: str = field.metadata["help"]
     if field.default is dataclasses.MISSING or field.default is None or "default:" in text:
         return text
     return f"{text} (default: {field.default})"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pie_trio.cli import Subparsers
 from pie_trio.client.client import Client
 from pie_trio.client.options import add_server_options, fail, run_with_client
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "upload", help="upload a program (.wasm) to a server and print its hash",
         description="Upload an inferlet to a server. Programs are named by the BLAKE3 hash of "

@@ -74,12 +74,17 @@ class _Pending:
         return self.response.get("result")
 
 
+# One instance's events: the reader sends into the first, the instance's handle receives.
+EventChannel = tuple[trio.MemorySendChannel[dict[str, Any]],
+                     trio.MemoryReceiveChannel[dict[str, Any]]]
+
+
 class Client:
     def __init__(self, transport: Transport):
         self._transport = transport
         self._next_id = 1
         self._pending: dict[int, _Pending] = {}
-        self._events: dict[str, tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]] = {}
+        self._events: dict[str, EventChannel] = {}
         self.closed: ConnectionClosed | None = None  # why the connection ended, once it has
         self.tenant: str | None = None
         self._closed_event = trio.Event()
@@ -107,17 +112,21 @@ class Client:
         return await (await self.submit(kind, **fields)).result()
 
     async def authenticate(self, token: str) -> str:
-        self.tenant = (await self.request("authenticate", token=token))["tenant"]
-        return self.tenant
+        tenant = str((await self.request("authenticate", token=token))["tenant"])
+        self.tenant = tenant
+        return tenant
 
     async def models(self) -> list[dict[str, Any]]:
-        return await self.request("query", what="models")
+        models: list[dict[str, Any]] = await self.request("query", what="models")
+        return models
 
     async def instances(self) -> list[dict[str, Any]]:
-        return await self.request("query", what="instances")
+        instances: list[dict[str, Any]] = await self.request("query", what="instances")
+        return instances
 
     async def program_exists(self, program: str) -> bool:
-        return (await self.request("query", what="program_exists", program=program))["exists"]
+        found = await self.request("query", what="program_exists", program=program)
+        return bool(found["exists"])
 
     async def upload(self, wasm: bytes) -> str:
         """Upload a program unless the server already has it; returns its BLAKE3 hash."""
@@ -131,7 +140,7 @@ class Client:
                   for i in range(0, len(wasm), CHUNK_SIZE)]
         for chunk in chunks:
             await chunk.result()
-        return (await self.request("upload_end", hash=program))["hash"]
+        return str((await self.request("upload_end", hash=program))["hash"])
 
     async def launch(self, program: str, args: list[str] | None = None) -> RemoteInstance:
         """Launch a program (BLAKE3 hash or built-in name); its events stream to the handle."""
@@ -146,7 +155,7 @@ class Client:
 
     # -- the reader -------------------------------------------------------------------------
 
-    def _channel(self, instance: str) -> tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]:
+    def _channel(self, instance: str) -> EventChannel:
         if instance not in self._events:
             # Unbounded: the reader must never block on one slow consumer, or every response
             # and every other instance's events would stall behind it.
@@ -167,7 +176,8 @@ class Client:
             return
         kind = message.get("type")
         if kind == "response":
-            pending = self._pending.pop(message.get("id"), None)
+            request_id = message.get("id")
+            pending = self._pending.pop(request_id) if request_id in self._pending else None
             if pending is not None:
                 pending.response = message
                 pending.done.set()

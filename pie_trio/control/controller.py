@@ -1,9 +1,10 @@
 """`Controller`: the control layer between the runtime's instances and the executor.
 
-It owns what instances share — the physical page and slot pools with their reference counts,
-the export registry, the pub/sub topics, the key-value store — and one `InstanceControl` per
-attached instance. All of it runs in the controller's nursery on the trio thread, so the shared
-state is only ever touched by one task at a time between checkpoints.
+It builds what instances share — the physical page and slot pools with their reference counts,
+the export registry, the pub/sub topics, the key-value store, the model's view — and gives each
+attached instance an `InstanceContext` over them and an `InstanceControl` to run in. All of it
+runs in the controller's nursery on the trio thread, so the shared state is only ever touched by
+one task at a time between checkpoints.
 
 Out of capacity is refused, never queued: an allocation (or a copy-on-write) that needs more
 pages than are free fails at once with ``out of KV pages: N requested, M free`` (and likewise
@@ -17,15 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
+from pie_trio.control.context import InstanceContext
+from pie_trio.control.execution import ExecutorAccess
 from pie_trio.control.exports import ExportPolicy, ExportRegistry
 from pie_trio.control.instance import InstanceControl
 from pie_trio.control.messaging import Topics
-from pie_trio.control.resources import PAGES, SLOTS, PhysicalPool, Releaser
+from pie_trio.control.model_view import ModelView
+from pie_trio.control.queues import Queues
+from pie_trio.control.resources import PAGES, SLOTS, PhysicalPool, Releaser, VirtualIds
 from pie_trio.control.store import KeyValueStore
+from pie_trio.executor.interface import CallExecutor
+from pie_trio.model.interface import ModelInfo
+from pie_trio.model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,8 @@ def _no_tenant(instance_id: str) -> str:
 @dataclass
 class Tenancy:
     """Who owns each instance, and what one tenant may hold. The default is one anonymous
-    tenant with no caps; the server sets `tenant_of` once its runtime exists (the runtime
-    launches every instance for an owner, the tenant)."""
+    tenant with no caps; the stack (`pie_trio/stack.py`) sets `tenant_of` once its runtime
+    exists (the runtime launches every instance for an owner, the tenant)."""
 
     tenant_of: Callable[[str], str] = _no_tenant  # instance id → tenant
     page_quota: int | None = None  # physical KV pages charged to one tenant (None: no cap)
@@ -54,11 +61,11 @@ class Tenancy:
 
 
 class Controller:
-    def __init__(self, executor: Any, runner_info: Any, tokenizer: Any,
+    """The runtime's control layer (`control.interface.ControlService`)."""
+
+    def __init__(self, executor: CallExecutor, runner_info: ModelInfo, tokenizer: Tokenizer,
                  limits: ControlLimits | None = None, tenancy: Tenancy | None = None):
-        self.executor = executor
         self.info = runner_info
-        self.tokenizer = tokenizer
         self.limits = limits or ControlLimits()
         self.tenancy = tenancy or Tenancy()
         self.releaser = Releaser(executor)
@@ -71,9 +78,8 @@ class Controller:
         self.store = KeyValueStore(self.limits.store_max_key_bytes,
                                    self.limits.store_max_value_bytes,
                                    self.limits.store_max_total_bytes)
-        # One tokenizer thread at a time: long texts and the vocabulary are rare and CPU-bound.
-        self.tokenizer_limiter = trio.CapacityLimiter(1)
-        self._vocab: list[bytes] | None = None
+        self.model = ModelView(runner_info, tokenizer)
+        self._executor_access = ExecutorAccess(executor, self.pages, self.slots)
         self._instances: dict[str, InstanceControl] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -92,16 +98,38 @@ class Controller:
     def running(self) -> bool:
         return self._nursery is not None
 
+    @property
+    def model_names(self) -> list[str]:
+        """The names of the models served: the `models` op's answer."""
+        return [self.info.name] if self.info.name else []
+
     def attach(self, instance_id: str) -> InstanceControl:
         """Start serving a new instance's requests; `await ctl.close()` ends it."""
         if self._nursery is None:
             raise RuntimeError("the controller is not running: nursery.start(controller.run)")
         if instance_id in self._instances:
             raise ValueError(f"instance {instance_id!r} is already attached")
-        instance = InstanceControl(self, instance_id)
+        instance = InstanceControl(self._context(instance_id), self.releaser, self.detach)
         self._instances[instance_id] = instance
         self._nursery.start_soon(instance.serve)
         return instance
+
+    def _context(self, instance_id: str) -> InstanceContext:
+        """A new instance's own ids and queues, over the services every instance shares."""
+        return InstanceContext(
+            instance_id=instance_id,
+            pages=VirtualIds("page"),
+            slots=VirtualIds("slot"),
+            queues=Queues(self.limits.max_queues),
+            physical_pages=self.pages,
+            physical_slots=self.slots,
+            exports=self.exports,
+            topics=self.topics,
+            store=self.store,
+            model=self.model,
+            executor=self._executor_access,
+            tenant_of=self.tenant_of,
+        )
 
     def tenant_of(self, instance_id: str) -> str:
         """The tenant an instance runs for ("" when unknown)."""
@@ -122,11 +150,3 @@ class Controller:
             "subscriptions": self.topics.subscription_count(),
             "store_keys": len(self.store),
         }
-
-    async def vocab(self) -> list[bytes]:
-        """The bytes of every token id, computed once in a worker thread."""
-        if self._vocab is None:
-            self._vocab = await trio.to_thread.run_sync(
-                self.tokenizer.token_bytes, limiter=self.tokenizer_limiter
-            )
-        return self._vocab

@@ -10,7 +10,7 @@ field as nil.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 D = TypeVar("D")
 
@@ -31,7 +31,7 @@ def type_name(value: Any) -> str:
             list: "list", tuple: "list", dict: "map"}.get(type(value), type(value).__name__)
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     # bool is a subclass of int in Python, but `true` is not a page id.
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -68,7 +68,7 @@ class Fields:
                 high: int | None = None) -> int | D:
         if not self._present(name, default):
             return default
-        value = self._check(name, is_int, "an int")
+        value: int = self._check(name, is_int, "an int")
         if low is not None and value < low:
             raise self.error(f"field {name!r} must be at least {low}, got {value}")
         if high is not None and value > high:
@@ -83,12 +83,14 @@ class Fields:
     def flag(self, name: str, default: D = _MISSING) -> bool | D:
         if not self._present(name, default):
             return default
-        return self._check(name, lambda v: isinstance(v, bool), "a bool")
+        value: bool = self._check(name, lambda v: isinstance(v, bool), "a bool")
+        return value
 
     def text(self, name: str, default: D = _MISSING) -> str | D:
         if not self._present(name, default):
             return default
-        return self._check(name, lambda v: isinstance(v, str), "a str")
+        value: str = self._check(name, lambda v: isinstance(v, str), "a str")
+        return value
 
     def blob(self, name: str, default: D = _MISSING) -> bytes | D:
         if not self._present(name, default):
@@ -98,7 +100,8 @@ class Fields:
     def mapping(self, name: str, default: D = _MISSING) -> dict[Any, Any] | D:
         if not self._present(name, default):
             return default
-        return self._check(name, lambda v: isinstance(v, dict), "a map")
+        value: dict[Any, Any] = self._check(name, lambda v: isinstance(v, dict), "a map")
+        return value
 
     def int_list(self, name: str, default: D = _MISSING, *,
                  low: int | None = None) -> list[int] | D:

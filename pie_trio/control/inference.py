@@ -1,23 +1,23 @@
 """The model ops — `forward`, `embed`, `copy_kv`, `mask_kv` — translated into executor calls.
 
-Each handler validates the guest's fields, resolves virtual ids to physical ones (an id the
-instance does not hold is an error before anything runs), makes every page it is about to write
-private to the instance (copy-on-write), and submits the call with the pages and slots it names
-pinned. Range checks that need the model (token ids, positions, masks, sampler values) are the
-executor's `runner.check`; its `CallError` comes back to the guest as an error response.
+Each handler checks the *shape* of the guest's fields (types, which fields go together, counts
+that must agree), resolves virtual ids to physical ones (an id the instance does not hold is an
+error before anything runs), makes every page it is about to write private to the instance
+(copy-on-write), and runs the call with the pages and slots it names pinned. Ranges that need
+the model — token ids, positions, page fill, masks, output indices, sampler values, vocabulary
+masks, offsets within a page — are the model's to check (`model/checks.py`, through the
+executor); its `CallError` comes back to the guest as an error response.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pie_trio.control.context import InstanceContext
 from pie_trio.control.fields import Fields, distinct, is_int, type_name
 from pie_trio.control.kv import make_private
 from pie_trio.control.resources import OWNER
 from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
-
-if TYPE_CHECKING:
-    from pie_trio.control.instance import InstanceControl
 
 SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed")
 
@@ -28,22 +28,26 @@ def written_pages(num_pages: int, last_page_len: int, num_inputs: int,
 
     The inputs occupy the last `num_inputs` slots of the context, so the written pages are those
     covering slots [ctx_len - num_inputs, ctx_len); only the first of them has rows to keep.
+    The caller has checked that the inputs fit the context; a page fill the model will refuse
+    yields at most a needless copy, never an index outside the page list.
     """
+    if num_inputs == 0:
+        return []  # nothing to write (and the model refuses a forward without inputs)
     ctx_len = (num_pages - 1) * page_size + last_page_len
     start = ctx_len - num_inputs
     first = start // page_size
     return [(j, max(0, start - j * page_size)) for j in range(first, num_pages)]
 
 
-async def forward(inst: InstanceControl, f: Fields, priority: int) -> dict[str, Any]:
-    page_size = inst.controller.info.page_size
+async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, Any]:
+    page_size = ctx.model.info.page_size
     vids = f.int_list("pages")
     if not vids:
         raise f.error("field 'pages' must name at least one page")
-    last_page_len = f.integer("last_page_len", low=1, high=page_size)
-    positions = f.int_list("positions", low=0)
+    last_page_len = f.integer("last_page_len")
+    positions = f.int_list("positions")
     tokens, slot_vids = _inputs(f)
-    num_inputs = len(tokens if tokens is not None else slot_vids or [])
+    num_inputs = len(tokens) if tokens is not None else len(slot_vids or [])
     if len(positions) != num_inputs:
         raise f.error(f"{num_inputs} inputs but {len(positions)} positions")
     ctx_len = (len(vids) - 1) * page_size + last_page_len
@@ -58,38 +62,34 @@ async def forward(inst: InstanceControl, f: Fields, priority: int) -> dict[str, 
         embed_slots=None,
         masks=f.int_lists("masks", None),
         output_indices=f.int_list("outputs", []),
-        top_k=f.integer("top_k", 0, low=0),
+        top_k=f.integer("top_k", 0),
         sampler=_sampler(f),
         vocab_mask=f.blob("vocab_mask", None),
         logit_bias=_logit_bias(f),
     )
     # Every id must be held before anything is copied; resolve again after the copies, which
     # may remap pages (and a concurrent request of the instance may have freed something).
-    inst.pages.resolve(vids)
-    inst.slots.resolve(slot_vids or [])
+    ctx.pages.resolve(vids)
+    ctx.slots.resolve(slot_vids or [])
     for index, keep_rows in written_pages(len(vids), last_page_len, num_inputs, page_size):
-        await make_private(inst, vids[index], keep_rows, priority)
-    call.kv_pages = inst.pages.resolve(vids)
+        await make_private(ctx, vids[index], keep_rows, priority)
+    call.kv_pages = ctx.pages.resolve(vids)
     if slot_vids is not None:
-        call.embed_slots = inst.slots.resolve(slot_vids)
-    result = await inst.execute(call, priority, pages=call.kv_pages, slots=call.embed_slots)
+        call.embed_slots = ctx.slots.resolve(slot_vids)
+    result = await ctx.executor.run(call, priority, pages=call.kv_pages,
+                                    slots=call.embed_slots or [])
     return _result_value(result)
 
 
 def _inputs(f: Fields) -> tuple[list[int] | None, list[int] | None]:
+    """(tokens, None) or (None, slot ids): a forward reads exactly one of them."""
     has_tokens = f.request.get("tokens") is not None
     has_slots = f.request.get("slots") is not None
     if has_tokens == has_slots:
         raise f.error("give exactly one of 'tokens' or 'slots'")
     if has_tokens:
-        tokens = f.int_list("tokens", low=0)
-        if not tokens:
-            raise f.error("field 'tokens' must hold at least one token")
-        return tokens, None
-    slots = f.int_list("slots")
-    if not slots:
-        raise f.error("field 'slots' must name at least one slot")
-    return None, slots
+        return f.int_list("tokens"), None
+    return None, f.int_list("slots")
 
 
 def _sampler(f: Fields) -> Sampler | None:
@@ -102,7 +102,7 @@ def _sampler(f: Fields) -> Sampler | None:
         raise s.error(f"unknown field {unknown[0]!r}; expected some of {list(SAMPLER_FIELDS)}")
     return Sampler(
         temperature=s.number("temperature", 0.0),
-        top_k=s.integer("top_k", 0, low=0),
+        top_k=s.integer("top_k", 0),
         top_p=s.number("top_p", 1.0),
         min_p=s.number("min_p", 0.0),
         seed=s.integer("seed", None),
@@ -134,42 +134,31 @@ def _result_value(result: ForwardResult) -> dict[str, Any]:
     return value
 
 
-async def embed(inst: InstanceControl, f: Fields, priority: int) -> None:
-    tokens = f.int_list("tokens", low=0)
-    slots = inst.slots.resolve(distinct("slot", f.int_list("slots")))
+async def embed(ctx: InstanceContext, f: Fields, priority: int) -> None:
+    tokens = f.int_list("tokens")
+    slots = ctx.slots.resolve(distinct("slot", f.int_list("slots")))
     if len(tokens) != len(slots):
         raise f.error(f"{len(tokens)} tokens but {len(slots)} slots")
-    await inst.execute(Embed(OWNER, tokens, slots), priority, slots=slots)
+    await ctx.executor.run(Embed(OWNER, tokens, slots), priority, slots=slots)
 
 
-def _row_range(f: Fields, offset_field: str, count: int, page_size: int) -> int:
-    offset = f.integer(offset_field, low=0, high=page_size - 1)
-    if offset + count > page_size:
-        raise f.error(f"{offset_field} {offset} + count {count} exceeds the page size {page_size}")
-    return offset
-
-
-async def copy_kv(inst: InstanceControl, f: Fields, priority: int) -> None:
-    page_size = inst.controller.info.page_size
+async def copy_kv(ctx: InstanceContext, f: Fields, priority: int) -> None:
+    page_size = ctx.model.info.page_size
     src, dst = f.integer("src_page"), f.integer("dst_page")
     count = f.integer("count", low=0, high=page_size)
-    src_offset = _row_range(f, "src_offset", count, page_size)
-    dst_offset = _row_range(f, "dst_offset", count, page_size)
-    inst.pages.physical(src)  # held, before copying anything
-    await make_private(inst, dst, page_size, priority)
-    src_page, dst_page = inst.pages.physical(src), inst.pages.physical(dst)
+    src_offset, dst_offset = f.integer("src_offset"), f.integer("dst_offset")
+    ctx.pages.physical(src)  # held, before copying anything
+    await make_private(ctx, dst, page_size, priority)
+    src_page, dst_page = ctx.pages.physical(src), ctx.pages.physical(dst)
     call = CopyKv(OWNER, src_page, dst_page, src_offset, dst_offset, count)
-    await inst.execute(call, priority, pages=[src_page, dst_page])
+    await ctx.executor.run(call, priority, pages=[src_page, dst_page])
 
 
-async def mask_kv(inst: InstanceControl, f: Fields, priority: int) -> None:
-    page_size = inst.controller.info.page_size
+async def mask_kv(ctx: InstanceContext, f: Fields, priority: int) -> None:
+    page_size = ctx.model.info.page_size
     vid = f.integer("page")
-    slots = f.int_list("slots", low=0)
-    for slot in slots:
-        if slot >= page_size:
-            raise f.error(f"slot {slot} is outside a page of {page_size} slots")
+    slots = f.int_list("slots")
     masked = f.flag("masked", True)
-    await make_private(inst, vid, page_size, priority)
-    page = inst.pages.physical(vid)
-    await inst.execute(MaskKv(OWNER, page, slots, masked), priority, pages=[page])
+    await make_private(ctx, vid, page_size, priority)
+    page = ctx.pages.physical(vid)
+    await ctx.executor.run(MaskKv(OWNER, page, slots, masked), priority, pages=[page])

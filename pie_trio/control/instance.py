@@ -1,108 +1,108 @@
-"""`InstanceControl`: the control layer's side of one running instance.
+"""`InstanceControl`: the lifecycle of one attached instance in the control layer.
 
-It owns the instance's virtual ids (pages, slots), its queues and its pending requests, and runs
-them all in one nursery under one cancel scope, so `close()` can stop everything the instance
-has in flight at once — even a forward waiting on the executor — and then free what it held.
+It is the runtime's way in (`start_request`, `close`, `usage`): a request enters here once and
+goes on to the dispatcher, on one of the instance's queues or at once. Everything the instance
+runs — its queues' tasks and its requests — lives in one nursery under one cancel scope, so
+`close()` can stop all it has in flight at once (even a forward waiting on the executor) and
+then free what it held (`InstanceContext.release_all`).
 
-Completion contract: `on_done` is called exactly once for every submitted request, always from
-the trio thread and never from inside `submit` itself. Requests still pending when the instance
-closes are answered `{"error": "instance closed"}` during `close()`; requests submitted after
-`close()` began are answered the same way, soon after `submit` returns.
+Completion contract: `on_done` is called exactly once for every request started, always from
+the trio thread and never from inside `start_request` itself. Requests still pending when the
+instance closes are answered `{"error": "instance closed"}` during `close()`; requests started
+after `close()` began are answered the same way, soon after `start_request` returns.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from pie_trio.control import ops
-from pie_trio.control.fields import ControlError, is_int
-from pie_trio.control.queues import Queue, QueuedRequest
-from pie_trio.control.resources import VirtualIds
-
-if TYPE_CHECKING:
-    from pie_trio.control.controller import Controller
+from pie_trio.control import dispatch
+from pie_trio.control.context import InstanceContext
+from pie_trio.control.interface import OnDone, Response
+from pie_trio.control.queues import QueuedRequest
+from pie_trio.control.resources import Releaser
 
 logger = logging.getLogger(__name__)
 
-OnDone = Callable[[dict[str, Any]], None]
 CLOSED_MESSAGE = "instance closed"
 
 
+class PendingAnswers:
+    """The `on_done` of every request not answered yet; each is called exactly once."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, OnDone] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, on_done: OnDone) -> Callable[[Response], None]:
+        """Hold `on_done`; the function returned answers it (once: later calls do nothing)."""
+        number = self._next
+        self._next += 1
+        self._waiting[number] = on_done
+        return functools.partial(self._answer_one, number)
+
+    def _answer_one(self, number: int, response: Response) -> None:
+        on_done = self._waiting.pop(number, None)
+        if on_done is not None:
+            _answer(on_done, response)
+
+    def answer_all(self, response: Response) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for on_done in waiting.values():
+            _answer(on_done, response)
+
+
 class InstanceControl:
-    def __init__(self, controller: Controller, instance_id: str):
-        self.id = instance_id
-        self.controller = controller
-        self.pages = VirtualIds("page")
-        self.slots = VirtualIds("slot")
-        self.queues: dict[int, Queue] = {}
+    def __init__(self, context: InstanceContext, releaser: Releaser,
+                 detach: Callable[[str], None]):
+        self.context = context
         self.closed = False
-        self._next_queue_id = 0
-        self._next_request = 0
-        self._pending: dict[int, OnDone] = {}
-        self._early: list[QueuedRequest] = []  # submitted before serve() opened the nursery
+        self._releaser = releaser
+        self._detach = detach  # tells the controller the instance has released everything
+        self._answers = PendingAnswers()
+        self._early: list[QueuedRequest] = []  # started before serve() opened the nursery
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
         self._finished = trio.Event()
 
-    # -- the runtime's interface -------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.context.instance_id
 
-    def submit(self, request: dict[str, Any], on_done: OnDone) -> None:
+    # -- the runtime's interface (control.interface.AttachedInstance) --------------------------
+
+    def start_request(self, request: dict[str, Any], on_done: OnDone) -> None:
         """Start one guest request; never blocks. See the module docstring for `on_done`."""
         if self.closed:
             token = trio.lowlevel.current_trio_token()
             token.run_sync_soon(_answer, on_done, {"error": CLOSED_MESSAGE})
             return
-        number = self._next_request
-        self._next_request += 1
-        self._pending[number] = on_done
+        item = QueuedRequest(request, self._answers.add(on_done))
         if self._nursery is None:
-            self._early.append((number, request))
+            self._early.append(item)
         else:
-            self._dispatch((number, request))
+            self._route(item)
 
     async def close(self) -> None:
         """Cancel pending requests and free everything the instance holds. Idempotent."""
         self.closed = True
         self._cancel_scope.cancel()
         await self._finished.wait()
-        await self.controller.releaser.flushed()
+        await self._releaser.flushed()
 
     def usage(self) -> dict[str, int]:
         """What the instance holds now, e.g. for the runtime's limits or an eviction policy."""
-        return {"pages": len(self.pages), "slots": len(self.slots),
-                "queues": len(self.queues), "pending": len(self._pending)}
-
-    # -- for the op handlers -----------------------------------------------------------------
-
-    def create_queue(self, priority: int) -> Queue:
-        if self._nursery is None:
-            raise RuntimeError("create_queue before the instance is serving")
-        if len(self.queues) >= self.controller.limits.max_queues:
-            raise ControlError(
-                f"the instance already has {len(self.queues)} queues, the limit"
-            )
-        queue = Queue(self._next_queue_id, priority)
-        self._next_queue_id += 1
-        self.queues[queue.id] = queue
-        self._nursery.start_soon(queue.drain, self._run)
-        return queue
-
-    def queue(self, queue_id: int) -> Queue:
-        queue = self.queues.get(queue_id)
-        if queue is None:
-            raise ControlError(f"queue {queue_id} is not held by this instance")
-        return queue
-
-    async def execute(self, call: Any, priority: int, *, pages: list[int] | None = None,
-                      slots: list[int] | None = None) -> Any:
-        """Submit one executor call with its physical pages and slots pinned while in flight."""
-        ctl = self.controller
-        with ctl.pages.pinned(pages or []), ctl.slots.pinned(slots or []):
-            return await ctl.executor.submit(call, priority=priority)
+        ctx = self.context
+        return {"pages": len(ctx.pages), "slots": len(ctx.slots),
+                "queues": len(ctx.queues), "pending": len(self._answers)}
 
     # -- the instance's tasks ----------------------------------------------------------------
 
@@ -111,54 +111,35 @@ class InstanceControl:
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
+                    self.context.queues.open(nursery, functools.partial(dispatch.run,
+                                                                        self.context))
                     self._nursery = nursery
-                    self.create_queue(0)  # queue 0 exists from the start
                     early, self._early = self._early, []
                     for item in early:
-                        self._dispatch(item)
+                        self._route(item)
                     await trio.sleep_forever()
         finally:
             self._nursery = None
             self._release_everything()
             self._finished.set()
 
-    def _dispatch(self, item: QueuedRequest) -> None:
+    def _route(self, item: QueuedRequest) -> None:
         assert self._nursery is not None
-        _, request = item
-        queue_id = None
-        if isinstance(request, dict) and request.get("op") != "set_priority":
-            # set_priority names the queue it changes; it does not wait in that queue's line.
-            queue_id = request.get("queue")
-        queue = self.queues.get(queue_id) if is_int(queue_id) else None
+        queue = dispatch.queue_for(item.request, self.context.queues)
         if queue is not None:
             queue.put(item)
         else:
-            # No queue, or a bad one: run at once; `ops.handle` explains a bad queue field.
-            self._nursery.start_soon(self._run, item, None)
-
-    async def _run(self, item: QueuedRequest, queue: Queue | None) -> None:
-        number, request = item
-        response = await ops.handle(self, request, queue)
-        on_done = self._pending.pop(number, None)
-        if on_done is not None:
-            _answer(on_done, response)
+            self._nursery.start_soon(dispatch.run, self.context, item, None)
 
     def _release_everything(self) -> None:
         """Drop every reference the instance holds; synchronous, so it cannot be interrupted."""
         self.closed = True
-        ctl = self.controller
-        ctl.pages.unref(self.pages.clear())
-        ctl.slots.unref(self.slots.clear())
-        ctl.exports.remove_owned_by(self.id)
-        ctl.topics.unsubscribe_all(self.id)
-        self.queues.clear()
-        ctl.detach(self.id)
-        pending, self._pending = self._pending, {}
-        for on_done in pending.values():
-            _answer(on_done, {"error": CLOSED_MESSAGE})
+        self.context.release_all()
+        self._detach(self.id)
+        self._answers.answer_all({"error": CLOSED_MESSAGE})
 
 
-def _answer(on_done: OnDone, response: dict[str, Any]) -> None:
+def _answer(on_done: OnDone, response: Response) -> None:
     """Call the runtime's callback; a failure there is its bug, not a reason to stop serving."""
     try:
         on_done(response)

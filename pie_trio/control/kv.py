@@ -9,94 +9,87 @@ page untouched.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from pie_trio.control.context import InstanceContext
 from pie_trio.control.fields import Fields, distinct
 from pie_trio.control.resources import OWNER
 from pie_trio.model.calls import CopyKv
 
-if TYPE_CHECKING:
-    from pie_trio.control.instance import InstanceControl
 
-
-async def make_private(inst: InstanceControl, vid: int, keep_rows: int, priority: int) -> None:
+async def make_private(ctx: InstanceContext, vid: int, keep_rows: int, priority: int) -> None:
     """Before page `vid` is written: if its physical page is shared, copy rows [0, keep_rows)
     into a fresh page of its own and remap `vid` there."""
-    pool = inst.controller.pages
+    pool = ctx.physical_pages
     while True:
-        old = inst.pages.physical(vid)  # raises if a concurrent request freed it
+        old = ctx.pages.physical(vid)  # raises if a concurrent request freed it
         if not pool.shared(old):
             return
-        [new] = await pool.allocate(1, priority, inst.controller.tenant_of(inst.id))
+        [new] = await pool.allocate(1, priority, ctx.tenant())
         try:
             if keep_rows:
                 call = CopyKv(OWNER, src_page=old, dst_page=new, src_offset=0, dst_offset=0,
                               count=keep_rows)
-                await inst.execute(call, priority, pages=[old, new])
+                await ctx.executor.run(call, priority, pages=[old, new])
         except BaseException:
             pool.unref([new])
             raise
-        if inst.pages.get(vid) == old:
-            inst.pages.remap(vid, new)
+        if ctx.pages.get(vid) == old:
+            ctx.pages.remap(vid, new)
             pool.unref([old])
             return
         # Another request of this instance remapped or freed `vid` meanwhile: look again.
         pool.unref([new])
 
 
-def _add_pages(inst: InstanceControl, physical: list[int]) -> list[int]:
-    return [inst.pages.add(p) for p in physical]
+def _add_pages(ctx: InstanceContext, physical: list[int]) -> list[int]:
+    return [ctx.pages.add(p) for p in physical]
 
 
-async def alloc_pages(inst: InstanceControl, f: Fields, priority: int) -> list[int]:
+async def alloc_pages(ctx: InstanceContext, f: Fields, priority: int) -> list[int]:
     count = f.integer("count", low=0)
-    tenant = inst.controller.tenant_of(inst.id)
-    return _add_pages(inst, await inst.controller.pages.allocate(count, priority, tenant))
+    return _add_pages(ctx, await ctx.physical_pages.allocate(count, priority, ctx.tenant()))
 
 
-async def free_pages(inst: InstanceControl, f: Fields, priority: int) -> None:
+async def free_pages(ctx: InstanceContext, f: Fields, priority: int) -> None:
     vids = distinct("page", f.int_list("pages"))
-    inst.controller.pages.unref(inst.pages.remove(vids))
+    ctx.physical_pages.unref(ctx.pages.remove(vids))
 
 
-async def share_pages(inst: InstanceControl, f: Fields, priority: int) -> list[int]:
-    physical = inst.pages.resolve(f.int_list("pages"))
-    inst.controller.pages.ref(physical)
-    return _add_pages(inst, physical)
+async def share_pages(ctx: InstanceContext, f: Fields, priority: int) -> list[int]:
+    physical = ctx.pages.resolve(f.int_list("pages"))
+    ctx.physical_pages.ref(physical)
+    return _add_pages(ctx, physical)
 
 
-async def alloc_slots(inst: InstanceControl, f: Fields, priority: int) -> list[int]:
+async def alloc_slots(ctx: InstanceContext, f: Fields, priority: int) -> list[int]:
     count = f.integer("count", low=0)
-    physical = await inst.controller.slots.allocate(count, priority,
-                                                    inst.controller.tenant_of(inst.id))
-    return [inst.slots.add(s) for s in physical]
+    physical = await ctx.physical_slots.allocate(count, priority, ctx.tenant())
+    return [ctx.slots.add(s) for s in physical]
 
 
-async def free_slots(inst: InstanceControl, f: Fields, priority: int) -> None:
+async def free_slots(ctx: InstanceContext, f: Fields, priority: int) -> None:
     vids = distinct("slot", f.int_list("slots"))
-    inst.controller.slots.unref(inst.slots.remove(vids))
+    ctx.physical_slots.unref(ctx.slots.remove(vids))
 
 
-async def export_pages(inst: InstanceControl, f: Fields, priority: int) -> None:
+async def export_pages(ctx: InstanceContext, f: Fields, priority: int) -> None:
     name = f.text("name")
     if not name:
         raise f.error("field 'name' must not be empty")
-    physical = inst.pages.resolve(f.int_list("pages"))
+    physical = ctx.pages.resolve(f.int_list("pages"))
     persistent = f.flag("persistent", False)
-    inst.controller.exports.add(name, physical, None if persistent else inst.id,
-                                inst.controller.tenant_of(inst.id))
+    ctx.exports.add(name, physical, None if persistent else ctx.instance_id, ctx.tenant())
 
 
-async def unexport(inst: InstanceControl, f: Fields, priority: int) -> None:
+async def unexport(ctx: InstanceContext, f: Fields, priority: int) -> None:
     # Only the export's tenant (or an operator) may remove it: see exports.py.
-    inst.controller.exports.remove(f.text("name"), inst.controller.tenant_of(inst.id))
+    ctx.exports.remove(f.text("name"), ctx.tenant())
 
 
-async def import_pages(inst: InstanceControl, f: Fields, priority: int) -> list[int]:
-    physical = inst.controller.exports.pages(f.text("name"))
-    inst.controller.pages.ref(physical)
-    return _add_pages(inst, physical)
+async def import_pages(ctx: InstanceContext, f: Fields, priority: int) -> list[int]:
+    physical = ctx.exports.pages(f.text("name"))
+    ctx.physical_pages.ref(physical)
+    return _add_pages(ctx, physical)
 
 
-async def list_exports(inst: InstanceControl, f: Fields, priority: int) -> list[str]:
-    return inst.controller.exports.names()
+async def list_exports(ctx: InstanceContext, f: Fields, priority: int) -> list[str]:
+    return ctx.exports.names()

@@ -15,10 +15,11 @@ topic and any number of topics would otherwise let one instance make the host ho
 from __future__ import annotations
 
 from collections import Counter
+from typing import Protocol
 
 import trio
 
-from pie_trio.control.fields import ControlError
+from pie_trio.control.fields import ControlError, Fields
 
 SUBSCRIPTION_COST = 1024  # bytes a subscription takes besides its topic name (its channel)
 MESSAGE_OVERHEAD = 64  # bytes a buffered message takes besides its text: empty ones count
@@ -91,3 +92,28 @@ class Topics:
             if not self._subscribers[topic]:
                 del self._subscribers[topic]
         self._bytes.pop(instance_id, None)
+
+
+# -- the ops -----------------------------------------------------------------------------------
+
+
+class Subscriber(Protocol):
+    """What the messaging ops need of the requesting instance."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def topics(self) -> Topics: ...
+
+
+async def subscribe(ctx: Subscriber, f: Fields, priority: int) -> None:
+    ctx.topics.subscribe(ctx.instance_id, f.text("topic"))
+
+
+async def broadcast(ctx: Subscriber, f: Fields, priority: int) -> int:
+    return ctx.topics.broadcast(f.text("topic"), f.text("message"))
+
+
+async def topic_receive(ctx: Subscriber, f: Fields, priority: int) -> str:
+    return await ctx.topics.receive(ctx.instance_id, f.text("topic"))

@@ -22,11 +22,11 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import trio
 
 from pie_trio.control.fields import ControlError
+from pie_trio.executor.interface import CallExecutor, PoolCapacity
 from pie_trio.model.calls import AllocPages, AllocSlots, CallError, FreePages, FreeSlots
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ OWNER = "control"
 
 PAGES = "pages"
 SLOTS = "slots"
-_ALLOC_CALLS = {PAGES: AllocPages, SLOTS: AllocSlots}
-_FREE_CALLS = {PAGES: FreePages, SLOTS: FreeSlots}
+_ALLOC_CALLS: dict[str, type[AllocPages] | type[AllocSlots]] = {
+    PAGES: AllocPages, SLOTS: AllocSlots}
+_FREE_CALLS: dict[str, type[FreePages] | type[FreeSlots]] = {PAGES: FreePages, SLOTS: FreeSlots}
 
 
 class Releaser:
@@ -48,7 +49,7 @@ class Releaser:
     the releaser stops (at shutdown), so nobody waits forever on ids that will never return.
     """
 
-    def __init__(self, executor: Any):
+    def __init__(self, executor: CallExecutor):
         self._executor = executor
         self._send, self._receive = trio.open_memory_channel[tuple[str, list[int]]](math.inf)
         self.pending: Counter[str] = Counter()
@@ -108,8 +109,9 @@ class PhysicalPool:
     other users of the executor hold are never promised to an instance.
     """
 
-    def __init__(self, kind: str, noun: str, executor: Any, executor_pool: Any,
-                 releaser: Releaser, tenant_quota: int | None = None):
+    def __init__(self, kind: str, noun: str, executor: CallExecutor,
+                 executor_pool: PoolCapacity, releaser: Releaser,
+                 tenant_quota: int | None = None):
         self.kind = kind
         self.noun = noun  # "KV pages": the words of the out-of-capacity error
         self.capacity = executor_pool.capacity
@@ -181,7 +183,7 @@ class PhysicalPool:
             self._refs[i] += 1
 
     def unref(self, ids: Iterable[int]) -> None:
-        released = []
+        released: list[int] = []
         for i in ids:
             self._refs[i] -= 1
             if self._refs[i] == 0 and not self._pins[i]:
@@ -196,14 +198,15 @@ class PhysicalPool:
         self._releaser.release(self.kind, ids)
 
     @contextmanager
-    def pinned(self, ids: list[int]) -> Iterator[None]:
+    def pinned(self, ids: Iterable[int]) -> Iterator[None]:
         """Keep `ids` allocated while an executor call that names them is in flight."""
+        ids = list(ids)
         for i in ids:
             self._pins[i] += 1
         try:
             yield
         finally:
-            released = []
+            released: list[int] = []
             for i in ids:
                 self._pins[i] -= 1
                 if not self._pins[i]:

@@ -1,4 +1,4 @@
-"""The key-value store every instance shares (`store_get/set/delete/list`).
+"""The key-value store every instance shares, and its ops (`store_get/set/delete/list`).
 
 Keys and values are strings, bounded in size (measured in UTF-8 bytes) so one instance cannot
 exhaust the server's memory: a key up to `max_key_bytes`, a value up to `max_value_bytes`, and
@@ -8,7 +8,9 @@ server process.
 
 from __future__ import annotations
 
-from pie_trio.control.fields import ControlError
+from typing import Protocol
+
+from pie_trio.control.fields import ControlError, Fields
 
 
 class KeyValueStore:
@@ -61,3 +63,29 @@ class KeyValueStore:
 
 def _size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+# -- the ops -----------------------------------------------------------------------------------
+
+
+class StoreUser(Protocol):
+    """What the store ops need of the requesting instance."""
+
+    @property
+    def store(self) -> KeyValueStore: ...
+
+
+async def store_get(ctx: StoreUser, f: Fields, priority: int) -> str | None:
+    return ctx.store.get(f.text("key"))
+
+
+async def store_set(ctx: StoreUser, f: Fields, priority: int) -> None:
+    ctx.store.set(f.text("key"), f.text("value"))
+
+
+async def store_delete(ctx: StoreUser, f: Fields, priority: int) -> bool:
+    return ctx.store.delete(f.text("key"))
+
+
+async def store_list(ctx: StoreUser, f: Fields, priority: int) -> list[str]:
+    return ctx.store.keys(f.text("prefix", ""))

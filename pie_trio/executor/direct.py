@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from typing import Any
 
 import trio
 
 from pie_trio.executor.executor import Executor
-from pie_trio.model.calls import AllocPages, CallError, Forward, FreePages, Sampler
+from pie_trio.model.calls import (
+    AllocPages,
+    CallError,
+    Forward,
+    ForwardResult,
+    FreePages,
+    Sampler,
+)
 
 GREEDY = Sampler()
 
@@ -38,7 +46,7 @@ async def generate(
     stop_tokens: Iterable[int] | None = None,
     ignore_stop: bool = False,
     priority: int = 0,
-) -> AsyncIterator[int]:
+) -> AsyncGenerator[int, None]:
     """Yield up to `max_tokens` generated tokens; stop tokens end the output and are not yielded.
 
     `stop_tokens` defaults to the model's; `ignore_stop` generates exactly `max_tokens` tokens
@@ -74,8 +82,10 @@ async def generate(
             await kv.release()
 
 
-async def complete(executor: Executor, prompt_tokens: Sequence[int], **kwargs) -> list[int]:
-    """All the tokens `generate` yields, as a list."""
+async def complete(
+    executor: Executor, prompt_tokens: Sequence[int], **kwargs: Any
+) -> list[int]:
+    """All the tokens `generate` yields, as a list (`kwargs` are `generate`'s)."""
     tokens: list[int] = []
     generator = generate(executor, prompt_tokens, **kwargs)
     try:
@@ -105,7 +115,7 @@ class _KvContext:
     async def forward(self, tokens: list[int], sampler: Sampler, priority: int) -> int:
         """Append `tokens` (in chunks within the executor's budget); the next sampled token."""
         chunk = self.executor.max_batch_tokens
-        result = None
+        result: ForwardResult | None = None
         for start in range(0, len(tokens), chunk):
             piece = tokens[start : start + chunk]
             last = start + chunk >= len(tokens)
@@ -158,9 +168,13 @@ class TextStream:
 
 
 async def stream_text(
-    executor: Executor, token_bytes: Sequence[bytes], prompt_tokens: Sequence[int], **kwargs
-) -> AsyncIterator[str]:
-    """Like `generate`, but yields text pieces (never a broken character)."""
+    executor: Executor,
+    token_bytes: Sequence[bytes],
+    prompt_tokens: Sequence[int],
+    **kwargs: Any,
+) -> AsyncGenerator[str, None]:
+    """Like `generate`, but yields text pieces (never a broken character); `kwargs` are
+    `generate`'s."""
     text = TextStream(token_bytes)
     generator = generate(executor, prompt_tokens, **kwargs)
     try:

@@ -41,7 +41,7 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import overload
 
 import outcome
 import trio
@@ -50,13 +50,20 @@ from pie_trio.executor.policies import BatchPolicy, make_policy
 from pie_trio.executor.pool import IdPool
 from pie_trio.model.calls import (
     BATCHED_KINDS,
+    AllocPages,
+    AllocSlots,
     Call,
     CallError,
+    CallResult,
     CopyKv,
     Embed,
     Forward,
+    ForwardResult,
+    FreePages,
+    FreeSlots,
     MaskKv,
 )
+from pie_trio.model.interface import Runner
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +80,17 @@ SETTLE_PASSES = 8
 class Request:
     """One caller's call on its way through the executor, and where its answer goes."""
 
-    call: Any  # a Call, unless a caller sent something malformed (which then fails)
+    call: Call  # unless an untyped caller sent something malformed (which then fails)
     priority: int = 0
     done: trio.Event = field(default_factory=trio.Event)
-    result: outcome.Outcome | None = None
+    result: outcome.Outcome[CallResult] | None = None
     abandoned: bool = False  # the caller was cancelled: skip the work, drop the answer
     seq: int = 0  # arrival order, set when admitted
     arrival: float = 0.0  # trio time of admission (for the `t` policies)
     reads: frozenset[int] = frozenset()  # pages as p, slots as ~s (negative)
     writes: frozenset[int] = frozenset()
 
-    async def wait(self) -> Any:
+    async def wait(self) -> CallResult:
         """The call's result, or its `CallError`. Cancelling the wait abandons the call."""
         try:
             await self.done.wait()
@@ -93,7 +100,7 @@ class Request:
         assert self.result is not None
         return self.result.unwrap()
 
-    def resolve(self, result: outcome.Outcome) -> None:
+    def resolve(self, result: outcome.Outcome[CallResult]) -> None:
         if self.result is None:
             self.result = result
             self.done.set()
@@ -132,7 +139,7 @@ class ExecutorStats:
             )
         )
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return {
             "ticks": self.ticks,
             "calls": dict(self.calls),
@@ -148,7 +155,10 @@ def token_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()
 
 
-def num_tokens(call: Forward) -> int:
+def num_tokens(call: Call) -> int:
+    """The input tokens of a forward: what the token budget counts (other calls: none)."""
+    if not isinstance(call, Forward):
+        return 0
     return len(call.tokens if call.tokens is not None else call.embed_slots or [])
 
 
@@ -195,7 +205,7 @@ class Executor:
 
     def __init__(
         self,
-        runner: Any,
+        runner: Runner,
         policy: str | BatchPolicy = "adaptive",
         *,
         k: int = 8,
@@ -227,8 +237,23 @@ class Executor:
 
     # ---- callers -------------------------------------------------------------------------
 
-    async def submit(self, call: Call, priority: int = 0) -> Any:
-        """Run `call`; return its result or raise `CallError` (for this caller only)."""
+    @overload
+    async def submit(self, call: AllocPages | AllocSlots, priority: int = 0) -> list[int]: ...
+    @overload
+    async def submit(self, call: Forward, priority: int = 0) -> ForwardResult: ...
+    @overload
+    async def submit(
+        self, call: FreePages | FreeSlots | Embed | CopyKv | MaskKv, priority: int = 0
+    ) -> None: ...
+    @overload
+    async def submit(self, call: Call, priority: int = 0) -> CallResult: ...
+
+    async def submit(self, call: Call, priority: int = 0) -> CallResult:
+        """Run `call`; return its result or raise `CallError` (for this caller only).
+
+        The result's type follows the call's: the ids of an allocation, a `ForwardResult` for
+        a forward, None for the rest.
+        """
         return await self.enqueue(call, priority).wait()
 
     def enqueue(self, call: Call, priority: int = 0) -> Request:
@@ -315,21 +340,21 @@ class Executor:
 
     def _bookkeep(self, call: Call) -> list[int] | None:
         """Allocations and frees: answered at once, no model work."""
-        match call.kind:
-            case "alloc_pages":
+        match call:
+            case AllocPages():
                 pages = self.pages.alloc(call.owner, call.count)
                 self._fresh_pages.update(pages)
                 return pages
-            case "free_pages":
+            case FreePages():
                 self.pages.free(call.owner, call.pages)
-            case "alloc_slots":
+            case AllocSlots():
                 slots = self.slots.alloc(call.owner, call.count)
                 self._fresh_slots.update(slots)
                 return slots
-            case "free_slots":
+            case FreeSlots():
                 self.slots.free(call.owner, call.slots)
             case other:
-                raise CallError(f"unknown call kind {other!r}")
+                raise CallError(f"unknown call kind {getattr(other, 'kind', None)!r}")
         return None
 
     def _validate(self, call: Call) -> None:
@@ -450,13 +475,14 @@ class Executor:
 
     def _execute(
         self, fresh: tuple[list[int], list[int]], work: list[tuple[str, list[Call]]]
-    ) -> list[list[outcome.Outcome]]:
+    ) -> list[list[outcome.Outcome[CallResult]]]:
         if fresh[0] or fresh[1]:
             self.runner.clear(*fresh)
         return [self._run_group(kind, calls) for kind, calls in work]
 
-    def _run_group(self, kind: str, calls: list[Call]) -> list[outcome.Outcome]:
+    def _run_group(self, kind: str, calls: list[Call]) -> list[outcome.Outcome[CallResult]]:
         try:
+            # The runner's batched methods are named after the kinds (see model/interface.py).
             results = getattr(self.runner, kind)(calls)
         except Exception as exc:
             if len(calls) == 1:
@@ -475,7 +501,7 @@ class Executor:
 
     # ---- resolving (trio thread) ---------------------------------------------------------------
 
-    def _resolve(self, plan: Plan, results: list[list[outcome.Outcome]]) -> None:
+    def _resolve(self, plan: Plan, results: list[list[outcome.Outcome[CallResult]]]) -> None:
         for (kind, group), outcomes in zip(plan, results, strict=True):
             self.stats.batches[kind] += 1
             if kind == "forward":

@@ -24,7 +24,10 @@ POLICY_NAMES = ("adaptive", "k", "t", "kort")
 
 
 class BatchPolicy(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The policy's name, one of POLICY_NAMES for the built-in ones."""
+        ...
 
     def should_fire(self, queued: int, oldest_arrival: float, now: float) -> bool:
         """Whether `queued` (> 0) waiting forwards, the oldest from `oldest_arrival`, go now."""

@@ -37,7 +37,9 @@ class Linear:
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """Prepare `weight` `[out, in]` (and `bias`) for `linear`."""
     out_features = weight.shape[0]
-    if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+    # torch leaves `mkldnn.is_available` unannotated; it returns a bool.
+    mkldnn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    if weight.device.type == "cpu" and mkldnn:
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight)
             probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
@@ -54,10 +56,14 @@ def linear(x: torch.Tensor, layer: Linear | QuantLinear) -> torch.Tensor:
     if isinstance(layer, QuantLinear):
         return _int4_linear(x, layer)
     if layer.packed is None:
+        assert layer.weight is not None  # a Linear holds its weight or its packed form
         return F.linear(x, layer.weight, layer.bias)
     if x.shape[0] == 0:
         return x.new_empty(0, layer.out_features)
-    return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+        x, layer.packed, layer.bias, "none", [], ""
+    )
+    return out
 
 
 # Batches of more rows than this run a `QuantLinear` through its dense copy. On an AVX2 CPU
@@ -109,7 +115,7 @@ def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         return linear(x, layer.dense)
     if x.shape[0] == 0:
         return x.new_empty(0, layer.out_features)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+    out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(torch.bfloat16), layer.packed, layer.group_size, layer.scales_and_zeros
     ).to(x.dtype)
     return out if layer.bias is None else out.add_(layer.bias)

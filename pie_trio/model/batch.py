@@ -79,9 +79,14 @@ def build_batch(calls: list[Forward], kv: KvCache) -> ForwardBatch:
     """
     page_size = kv.page_size
     device = kv.masked.device
-    starts, positions, write_slots = [], [], []
-    token_rows, token_ids, slot_rows, slot_ids = [], [], [], []
-    output_rows = []
+    starts: list[int] = []
+    positions: list[int] = []
+    write_slots: list[int] = []
+    token_rows: list[int] = []
+    token_ids: list[int] = []
+    slot_rows: list[int] = []
+    slot_ids: list[int] = []
+    output_rows: list[int] = []
     row = 0
     for call in calls:
         n = num_inputs(call)
@@ -230,7 +235,11 @@ def _prefill_group(
         keys = torch.arange(ctx, device=device)
         mask = keys.unsqueeze(0) <= torch.arange(ctx - n, ctx, device=device).unsqueeze(1)
     if masked is not None:
-        context = masked[span[0] : span[1]] if span else masked[slots[0]]
+        if span:
+            context = masked[span[0] : span[1]]
+        else:
+            assert slots is not None  # a context without a span is gathered by slots
+            context = masked[slots[0]]
         if bool(context.any()):
             if mask is None:
                 mask = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
@@ -267,8 +276,7 @@ def _decode_group(
         context_masked = masked[span[0] : span[1]].unsqueeze(0) if span else masked[slots]
         needs_mask = needs_mask or bool(context_masked.any())
     if needs_mask:
-        mask = _decode_mask(calls, counts, contexts, queries, length)
-        mask = torch.from_numpy(mask).to(device)
+        mask = torch.from_numpy(_decode_mask(calls, counts, contexts, queries, length)).to(device)
         if context_masked is not None:
             mask &= ~context_masked.unsqueeze(1)
 

@@ -21,6 +21,7 @@ Vocabulary masks (constrained decoding) are packed bitmasks: `bytes` of ceil(voc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 
 class CallError(Exception):
@@ -133,7 +134,12 @@ class MaskKv:
     kind: str = "mask_kv"
 
 
-Call = AllocPages | FreePages | AllocSlots | FreeSlots | Forward | Embed | CopyKv | MaskKv
+Call: TypeAlias = (
+    AllocPages | FreePages | AllocSlots | FreeSlots | Forward | Embed | CopyKv | MaskKv
+)
+
+# What a call answers: the ids an allocation handed out, a forward's result, None for the rest.
+CallResult: TypeAlias = list[int] | ForwardResult | None
 
 # Calls that are coalesced across callers and run as one batched kernel in the worker thread.
 BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv"})

@@ -1,8 +1,12 @@
 """Validation of calls against the model and its pools, before they reach a batch.
 
 A bad call must fail alone, with a message its author can act on, and never take a whole batch
-down: so everything the forward pass would trip over is checked here first. Page *ownership* is
-the executor's concern; this module only knows the pools' sizes.
+down: so everything the forward pass would trip over is checked here first. This is the one
+owner of the *physical* ranges — page and slot ids against the pools, page fill and offsets
+against the page size, positions, token ids, mask lengths, output indices, sampler values,
+vocabulary masks — for every caller of the executor. Page *ownership* is the executor's concern;
+a guest's field shapes and virtual ids are the control layer's (`control/inference.py`), which
+passes range errors from here back to the guest prefixed with its op.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pie_trio.model.calls import Forward, Sampler
+from pie_trio.model.calls import Forward, ForwardResult, Sampler
 from pie_trio.model.runner import ModelRunner
 
 
@@ -61,7 +61,7 @@ def generate(
                     sampler=sampler,
                 )
             )
-        return [r.tokens[0] for r in runner.forward(calls)]
+        return [_sampled(result) for result in runner.forward(calls)]
 
     active, inputs = seqs, [list(s.tokens) for s in seqs]
     for _ in range(max_new_tokens):
@@ -80,3 +80,8 @@ def generate(
         active = [s for s in active if not s.done]
         inputs = [[s.tokens[-1]] for s in active]
     return [s.generated for s in seqs]
+
+
+def _sampled(result: ForwardResult) -> int:
+    assert result.tokens, "every call here has a sampler, so its result has a token"
+    return result.tokens[0]

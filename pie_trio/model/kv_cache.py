@@ -65,7 +65,9 @@ class KvCache:
         start = page * self.page_size + offset
         return slice(start, start + count)
 
-    def copy(self, src_page: int, dst_page: int, src_offset: int, dst_offset: int, count: int):
+    def copy(
+        self, src_page: int, dst_page: int, src_offset: int, dst_offset: int, count: int
+    ) -> None:
         """Copy `count` rows of every layer, and their masked flags, between pages."""
         src = self.slot_range(src_page, src_offset, count)
         dst = self.slot_range(dst_page, dst_offset, count)

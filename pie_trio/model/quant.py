@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ class Q4Weight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        out, inp = self.q.shape
+        return out, inp
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 `[out, in]` weights, bit-identical to `gguf.quants.dequantize`."""
@@ -59,6 +61,10 @@ class Q4Weight:
             torch.cat([p.scale for p in parts]),
             torch.cat([p.offset for p in parts]),
         )
+
+
+# A model tensor as loaded: dense, or (projections with int4 weights) 4-bit blocks.
+Weight: TypeAlias = torch.Tensor | Q4Weight
 
 
 def pack_q4(

@@ -89,9 +89,11 @@ def results_for(
     for call, span in zip(calls, spans, strict=True):
         result = ForwardResult()
         if call.top_k > 0:
+            assert probs is not None  # computed above whenever a call wants a distribution
             result.dists = top_k_dists(probs[span], call.top_k)
         if call.sampler is not None:
             if call.sampler.temperature == 0:
+                assert greedy is not None  # computed above whenever a call samples greedily
                 result.tokens = greedy[span]
             else:
                 generator = _generator(call.sampler, logits.device, default_generator)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from pie_trio.model.config import ModelConfig
-from pie_trio.model.quant import INT4_TYPES, Q4Weight, from_gguf_blocks
+from pie_trio.model.quant import INT4_TYPES, Weight, from_gguf_blocks
 from pie_trio.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -61,7 +62,7 @@ _FP32_TENSORS = ("rope_freqs", "model.embed_tokens.weight", "lm_head.weight")
 class LoadedModel:
     name: str
     config: ModelConfig
-    tensors: dict[str, torch.Tensor | Q4Weight]
+    tensors: Mapping[str, Weight]
     tokenizer: Tokenizer
 
 
@@ -142,7 +143,7 @@ def load_gguf(path: Path, dtype: torch.dtype, int4: bool = False) -> LoadedModel
     meta = read_gguf_metadata(path)
     names = {t.name for t in reader.tensors}
     config = _config_from_gguf(meta, names, reader)
-    tensors: dict[str, torch.Tensor | Q4Weight] = {}
+    tensors: dict[str, Weight] = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
         heads = _rotary_heads(config, name)

@@ -1,7 +1,7 @@
 """The inferlet runtime: programs, instances, the guest ABI's host side and the sandbox.
 
-See docs/runtime.md. The server builds on `Runtime` (runtime.py) and `ProgramStore`
-(programs.py); `pie-trio run --local` on `run_local` (local.py).
+See docs/runtime.md. `pie_trio/stack.py` builds `Runtime` (runtime.py) on the control layer;
+the server and `pie-trio run --local` stand on that stack, with a `ProgramStore` (programs.py).
 """
 
 from pie_trio.runtime.instance import InboxFull, Instance, InstanceGone

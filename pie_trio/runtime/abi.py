@@ -31,20 +31,22 @@ import struct
 import threading
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import msgpack
 import wasmtime
 from msgpack import unpackb
 from wasmtime import _ffi as ffi
 
+from pie_trio.control.interface import RUNTIME_OPS
 from pie_trio.runtime.bridge import Bridge
 from pie_trio.runtime.sandbox import Guard, InstanceLimits, Stopped, Termination, limit_hit
 
 log = logging.getLogger(__name__)
 
-# op -> the runtime answers it itself (the rest goes to the control layer)
-LOCAL_OPS = frozenset({"version", "instance_id", "args", "models", "send", "set_return"})
+# Ops the runtime answers itself (the rest goes to the control layer), here in the guest's
+# thread: all but `receive`, which waits for the client, so the instance's trio task answers it.
+LOCAL_OPS = RUNTIME_OPS - {"receive"}
 OUTPUT_CHUNK = 64 * 1024  # characters per stdout/stderr event, so no event is unbounded
 HELD_EVENTS_LIMIT = 64  # events held for a crossing before they are sent on their own
 EVENT_OVERHEAD = 64  # bytes an event costs beyond its text: empty messages are not free
@@ -425,11 +427,11 @@ class _DecodeCost:
         self.cap = cap
         self.containers = max_containers  # how many more lists and maps may come
 
-    def array(self, items: list) -> list:
+    def array(self, items: list[Any]) -> list[Any]:
         self._charge(CONTAINER_COST + ITEM_COST * len(items))
         return items
 
-    def map(self, entries: dict) -> dict:
+    def map(self, entries: dict[Any, Any]) -> dict[Any, Any]:
         self._charge(CONTAINER_COST + 2 * ITEM_COST * len(entries))
         return entries
 
@@ -480,26 +482,28 @@ def _encode(response: dict[str, Any]) -> bytes:
     if isinstance(value, list) and len(value) >= SHARED_VALUE_LENGTH:
         return _encode_shared(value)
     try:
-        return msgpack.packb(response, use_bin_type=True)
+        encoded: bytes = msgpack.packb(response, use_bin_type=True)  # (msgpack is untyped)
     except Exception as exc:
         log.error("unencodable response %r", response, exc_info=exc)
-        return msgpack.packb({"error": f"internal error: unencodable response ({exc})"})
+        encoded = msgpack.packb({"error": f"internal error: unencodable response ({exc})"})
+    return encoded
 
 
 # Large answers that every instance asks for (the vocabulary: ~430 KB, ~10 ms to encode) are
 # the same list object each time, so the encoding of the last one is kept. Holding the object
 # keeps its identity from being reused; the control layer never mutates an answer it gave.
 SHARED_VALUE_LENGTH = 4096
-_OK_PREFIX = msgpack.packb("ok")
-_last_shared: tuple[list, bytes] | None = None
+_OK_PREFIX: bytes = msgpack.packb("ok")
+_last_shared: tuple[list[Any], bytes] | None = None
 
 
-def _encode_shared(value: list) -> bytes:
+def _encode_shared(value: list[Any]) -> bytes:
     global _last_shared
     last = _last_shared
     if last is not None and last[0] is value:
         return last[1]
-    encoded = b"\x81" + _OK_PREFIX + msgpack.packb(value, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    encoded = b"\x81" + _OK_PREFIX + packed
     _last_shared = (value, encoded)
     return encoded
 
@@ -524,13 +528,16 @@ _memory_data_size.restype = ctypes.c_size_t
 # -- the trampolines ---------------------------------------------------------------------
 # Each guest thread runs one instance, so the thread names the HostCalls.
 _local = threading.local()
+# What wasmtime passes a host function (ctypes pointers are generic only to type checkers).
+_CallerPointer: TypeAlias = "ctypes._Pointer[ffi.wasmtime_caller_t]"
+_ValuesPointer: TypeAlias = "ctypes._Pointer[ffi.wasmtime_val_raw_t]"
 
 
 def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
     # Nothing may raise out of a ctypes callback: ctypes would print the exception and return
     # garbage to wasmtime (the process aborted with `free(): invalid pointer`).
-    @ffi.wasmtime_func_unchecked_callback_t
-    def trampoline(env, caller, values, count):  # noqa: ARG001
+    def trampoline(env: int | None, caller: _CallerPointer,  # noqa: ARG001
+                   values: _ValuesPointer, count: int) -> int:  # noqa: ARG001
         calls: HostCalls | None = None
         try:
             calls = _local.calls
@@ -546,7 +553,7 @@ def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
         except BaseException as exc:  # noqa: BLE001 - every failure must become a trap
             return _trap(calls, exc)
 
-    return trampoline
+    return ffi.wasmtime_func_unchecked_callback_t(trampoline)
 
 
 def _trap(calls: HostCalls | None, exc: BaseException) -> int:
@@ -564,8 +571,8 @@ def _new_trap(message: bytes) -> int:
     return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
 
-@ffi.wasmtime_func_unchecked_callback_t
-def _poll_oneoff(env, caller, values, count):  # noqa: ARG001
+def _poll_oneoff(env: int | None, caller: _CallerPointer,  # noqa: ARG001
+                 values: _ValuesPointer, count: int) -> int:  # noqa: ARG001
     # A blocking WASI sleep could not be interrupted by a kill: guests sleep with the `sleep` op.
     try:
         values[0].i32 = WASI_ERRNO_NOTSUP
@@ -584,7 +591,8 @@ IMPORTS: dict[str, tuple[Callable[..., int], int]] = {
 # ctypes callbacks must outlive every linker that uses them: keep them at module level.
 _TRAMPOLINES = {name: _trampoline(name, method, arity)
                 for name, (method, arity) in IMPORTS.items()}
-_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_POLL_ONEOFF = ffi.wasmtime_func_unchecked_callback_t(_poll_oneoff)
+_NO_FINALIZER = ctypes.cast(ctypes.c_void_p(), ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 
 
 def make_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
@@ -594,7 +602,7 @@ def make_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
     linker.allow_shadowing = True
     for name, (_, arity) in IMPORTS.items():
         _define(linker, "pie", name, arity, _TRAMPOLINES[name])
-    _define(linker, "wasi_snapshot_preview1", "poll_oneoff", 4, _poll_oneoff)
+    _define(linker, "wasi_snapshot_preview1", "poll_oneoff", 4, _POLL_ONEOFF)
     return linker
 
 

@@ -84,9 +84,12 @@ class GuestThread:
         try:
             instance = self.program.pre.instantiate(store)
             exports = instance.exports(store)
-            memory = exports["memory"]
+            exported, start = exports["memory"], exports["_start"]
+            # The program store checked both exports' kinds before it accepted the program.
+            assert isinstance(exported, wasmtime.Memory) and isinstance(start, wasmtime.Func)
+            memory = exported
             self.calls.bind(store, memory)
-            exports["_start"](store)
+            start(store)
         except wasmtime.ExitTrap as exc:
             if exc.code == 0:
                 return Termination("finished")

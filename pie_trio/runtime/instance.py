@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 import pie_trio
+from pie_trio.control.interface import AttachedInstance
 from pie_trio.runtime.abi import EVENT_OVERHEAD, HostCalls
 from pie_trio.runtime.bridge import Bridge, Mailbox
 from pie_trio.runtime.guest import GuestThread, ThreadStarter
@@ -56,8 +57,9 @@ class Instance:
     """A running inferlet, as its owner sees it: `id`, `owner`, `events`, `deliver`, `kill`."""
 
     def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
-                 args: Sequence[str], limits: InstanceLimits, ctl: Any, models: list[str],
-                 on_end: Callable[[Instance], None], starter: ThreadStarter, mailbox: Mailbox):
+                 args: Sequence[str], limits: InstanceLimits, ctl: AttachedInstance,
+                 models: Sequence[str], on_end: Callable[[Instance], None],
+                 starter: ThreadStarter, mailbox: Mailbox):
         self.id = instance_id
         self.owner = owner
         self.program = program.hash
@@ -203,7 +205,7 @@ class Instance:
                 self._receivers.append(handle)
             return
         try:
-            self._ctl.submit(request, lambda response: self._complete(handle, response))
+            self._ctl.start_request(request, lambda response: self._complete(handle, response))
         except Exception as exc:  # the control layer answers errors; this is a last resort
             log.exception("control layer refused a request")
             self._complete(handle, {"error": f"{request.get('op')}: {exc}"})

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import wasmtime
@@ -62,6 +62,7 @@ from pie_trio.runtime.compiler import (
 from pie_trio.runtime.sandbox import MiB
 
 log = logging.getLogger(__name__)
+_Result = TypeVar("_Result")  # what work shared by concurrent callers (`_once`) returns
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 ALLOWED_IMPORT_MODULES = ("pie", "wasi_snapshot_preview1")
@@ -138,7 +139,7 @@ class ProgramStore:
         self._loaded: OrderedDict[str, Program] = OrderedDict()  # least recently used first
         self._held: Counter[str] = Counter()  # programs running instances use
         self._builtin_hashes: dict[str, str] = {}
-        self._pending: dict[tuple[str, str], Future] = {}  # work under way, shared by callers
+        self._pending: dict[tuple[str, str], Future[Any]] = {}  # work under way, shared by callers
         self._lock = threading.Lock()  # the dicts above; never held while compiling or in I/O
         self._compile_slots = threading.BoundedSemaphore(self.limits.compile_workers)
         if self.cache_dir is not None:
@@ -213,7 +214,7 @@ class ProgramStore:
                 del self._held[program_hash]
             self._trim_loaded()
 
-    def programs(self) -> list[dict]:
+    def programs(self) -> list[dict[str, Any]]:
         """The stored programs: hash, size, and built-in name where there is one."""
         names = {h: name for name, h in self._builtin_hashes.items()}
         with self._lock:
@@ -259,9 +260,10 @@ class ProgramStore:
     def _load(self, stored: _Stored) -> Program | None:
         """Compile-free load of a stored program (a recompile if its cached code is unusable);
         None if it is gone."""
-        if stored.code is not None:
-            module = self._deserialize(
-                lambda: wasmtime.Module.deserialize(self.engine, stored.code))
+        code = stored.code
+        module: wasmtime.Module | None
+        if code is not None:
+            module = self._deserialize(lambda: wasmtime.Module.deserialize(self.engine, code))
         else:
             module = self._load_from_disk(stored.hash)
             if module is None:
@@ -297,24 +299,24 @@ class ProgramStore:
             self._builtin_hashes[name] = program_hash
         return program_hash
 
-    def _once(self, kind: str, program_hash: str, work: Callable[[], Any]) -> Any:
+    def _once(self, kind: str, program_hash: str, work: Callable[[], _Result]) -> _Result:
         """Run `work` once for concurrent callers asking for the same thing; its result."""
         key = (kind, program_hash)
         with self._lock:
             future = self._pending.get(key)
             mine = future is None
-            if mine:
+            if future is None:
                 future = self._pending[key] = Future()
-        if not mine:
-            return future.result()
-        try:
-            future.set_result(work())
-        except BaseException as exc:
-            future.set_exception(exc)
-        finally:
-            with self._lock:
-                del self._pending[key]
-        return future.result()
+        if mine:
+            try:
+                future.set_result(work())
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    del self._pending[key]
+        result: _Result = future.result()  # what `work` returned, for every caller of the key
+        return result
 
     # -- bookkeeping (the lock held) ------------------------------------------------------
 
@@ -376,7 +378,7 @@ class ProgramStore:
         if new.cost > limits.owner_max_bytes:
             raise ProgramError(f"the program takes {new.cost} bytes compiled; a tenant may store "
                                f"{limits.owner_max_bytes} (limit tenant_program_bytes)")
-        evicted = []
+        evicted: list[str] = []
         while True:
             mine = [s for s in self._stored.values() if owner in s.owners]
             if (len(mine) + 1 <= limits.owner_max_programs

@@ -7,7 +7,8 @@
 
 `run` holds the nursery every instance task lives in and the epoch ticker that enforces CPU
 budgets. Cancelling it stops every instance (reason `evicted`), waits for their guest threads to
-exit and frees what they held, before it returns.
+exit and frees what they held, before it returns. `pie_trio/stack.py` builds the runtime on its
+controller and stops it before the layers below.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import trio
 
+from pie_trio.control.interface import ControlService
 from pie_trio.runtime.bridge import Mailbox
 from pie_trio.runtime.guest import ThreadStarter
 from pie_trio.runtime.instance import Instance
@@ -33,13 +35,12 @@ class CapacityError(RuntimeError):
 
 
 class Runtime:
-    def __init__(self, controller: Any, program_store: ProgramStore | None = None,
-                 limits: InstanceLimits | None = None, *, models: list[str] | None = None,
-                 max_instances: int = 4096):
+    def __init__(self, controller: ControlService, program_store: ProgramStore | None = None,
+                 limits: InstanceLimits | None = None, *, max_instances: int = 4096):
         self.controller = controller
         self.programs = program_store if program_store is not None else ProgramStore()
         self.limits = limits or InstanceLimits()
-        self.models = models if models is not None else _model_names(controller)
+        self.models = list(controller.model_names)  # what the guest's `models` op answers
         self.max_instances = max_instances
         self.instances: dict[str, Instance] = {}
         self.launched = 0
@@ -119,12 +120,3 @@ class Runtime:
             self.programs.release(instance.program)
         assert instance.termination is not None
         self.ended[instance.termination.reason] += 1
-
-
-def _model_names(controller: Any) -> list[str]:
-    for holder in (controller, getattr(controller, "executor", None)):
-        for attribute in ("runner_info", "info", "model_info"):
-            info = getattr(holder, attribute, None)
-            if getattr(info, "name", None):
-                return [info.name]
-    return []

@@ -101,7 +101,7 @@ class Termination:
     detail: str = ""
     limit: str | None = None
 
-    def as_event(self) -> dict:
+    def as_event(self) -> dict[str, str]:
         event = {"event": "terminated", "reason": self.reason, "detail": self.detail}
         if self.limit is not None:
             event["limit"] = self.limit
@@ -260,14 +260,15 @@ class Pacer:
 
 # Each guest thread runs exactly one store, so the thread identifies the guard.
 _local = threading.local()
-_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_NO_FINALIZER = ctypes.cast(ctypes.c_void_p(), ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _UPDATE_DEADLINE_CONTINUE = 0
 _STOP_MESSAGE = b"pie-trio: the instance was stopped"
 
 
-@ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_context_t), ctypes.c_void_p,
-                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
-def _on_epoch_deadline(context, data, deadline_delta, update_kind):  # noqa: ARG001
+def _epoch_deadline(context: ctypes._Pointer[ffi.wasmtime_context_t],  # noqa: ARG001
+                    data: int | None,  # noqa: ARG001
+                    deadline_delta: ctypes._Pointer[ctypes.c_uint64],
+                    update_kind: ctypes._Pointer[ctypes.c_uint8]) -> int:
     """wasmtime's epoch-deadline callback: trap (return an error) or extend by one tick.
 
     Nothing may raise out of a ctypes callback (the exception would be lost, and the process
@@ -291,6 +292,12 @@ def _on_epoch_deadline(context, data, deadline_delta, update_kind):  # noqa: ARG
                 guard.request_stop(Termination("trap", f"host error at an epoch check: {exc!r}"))
         finally:
             return _stop_error()  # noqa: B012 - nothing may leave this callback
+
+
+# ctypes callbacks must outlive every store that uses them: kept at module level.
+_on_epoch_deadline = ctypes.CFUNCTYPE(
+    ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_context_t), ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))(_epoch_deadline)
 
 
 def _stop_error() -> int:

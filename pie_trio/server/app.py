@@ -1,7 +1,9 @@
 """The ASGI application hypercorn serves: /ws, /v1/*, /health, /metrics.
 
 Plain ASGI with a small route table: six routes do not need a framework. The app holds no state
-of its own; everything lives in the ServerState that `serve` builds and passes in.
+of its own; everything lives in the ServerState that `serve` builds and passes in. The OpenAI
+API brings its own routes (`openai_api.routes`); both build on `exchange.py`, so the API never
+imports the app.
 
 With auth on, /health and /metrics answer without a key only if `public_health` /
 `public_metrics` say so (defaults: health public, for load balancers; metrics private). A
@@ -10,15 +12,16 @@ WebSocket over the connection caps is refused with HTTP 503 before the upgrade.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import cast
 
-import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import Scope as HypercornScope
 
 from pie_trio.protocol import ProtocolError
 from pie_trio.server import openai_api
+from pie_trio.server.asgi import Receive, Scope, Send
+from pie_trio.server.exchange import HttpError, HttpExchange, Route, require_tenant
 from pie_trio.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pie_trio.server.sessions import Session
 from pie_trio.server.state import ServerState
@@ -26,113 +29,25 @@ from pie_trio.server.websocket import WebSocketTransport
 
 log = logging.getLogger("pie_trio.server.http")
 
-RETRY_AFTER = 1  # seconds, in the Retry-After header of every 503
-BIG_BODY = 256 * 1024  # bytes: larger JSON bodies are parsed in a worker thread
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class HttpError(Exception):
-    """An HTTP error answered as an OpenAI-style JSON error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        # A 503 is always temporary here (busy, out of KV pages, draining): say when to retry.
-        return [(b"retry-after", str(RETRY_AFTER).encode())] if self.status == 503 else []
-
-
-class HttpExchange:
-    """One HTTP request and its response, over raw ASGI."""
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send, max_body: int,
-                 limiter: trio.CapacityLimiter | None = None):
-        self.scope = scope
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                        for k, v in scope.get("headers", [])}
-        self._receive = receive
-        self._send = send
-        self._max_body = max_body
-        self._limiter = limiter
-        self.status: int | None = None
-
-    async def json_body(self) -> Any:
-        body = await self._body()
-        try:
-            if len(body) < BIG_BODY:
-                return json.loads(body)
-            return await trio.to_thread.run_sync(json.loads, body, limiter=self._limiter)
-        except (ValueError, UnicodeDecodeError):
-            raise HttpError(400, "the request body is not valid JSON") from None
-
-    async def _body(self) -> bytearray:
-        announced = self.headers.get("content-length", "")
-        if announced.isdigit() and int(announced) > self._max_body:  # refuse before reading
-            raise HttpError(413, f"request body exceeds {self._max_body} bytes")
-        body = bytearray()
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise HttpError(499, "client went away")
-            body += message.get("body", b"")
-            if len(body) > self._max_body:
-                raise HttpError(413, f"request body exceeds {self._max_body} bytes")
-            if not message.get("more_body"):
-                return body
-
-    async def wait_disconnect(self) -> None:
-        """Return once the client has gone (only meaningful after the body was read)."""
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-
-    async def respond(self, status: int, body: bytes, content_type: str,
-                      extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        self.status = status
-        headers = [(b"content-type", content_type.encode()),
-                   (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
-        await self._send({"type": "http.response.body", "body": body})
-
-    async def respond_json(self, status: int, value: Any) -> None:
-        await self.respond(status, json.dumps(value).encode(), "application/json")
-
-    async def start_stream(self, content_type: str) -> None:
-        self.status = 200
-        await self._send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", content_type.encode()), (b"cache-control", b"no-cache")]})
-
-    async def stream(self, chunk: bytes, more: bool = True) -> None:
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
-
-    async def respond_error(self, error: HttpError) -> None:
-        body = {"error": {"message": error.message, "type": error.kind, "code": error.status}}
-        await self.respond(error.status, json.dumps(body).encode(), "application/json",
-                           error.headers())
-
 
 class App:
     """The ASGI callable."""
 
     def __init__(self, state: ServerState):
         self.state = state
-        self.routes: dict[tuple[str, str], Callable[[HttpExchange], Awaitable[None]]] = {
+        self.routes: dict[tuple[str, str], Route] = {
             ("GET", "/health"): self.health,
             ("GET", "/metrics"): self.metrics,
-            ("GET", "/v1/models"): lambda ex: openai_api.models(state, ex),
-            ("POST", "/v1/completions"): lambda ex: openai_api.completions(state, ex, chat=False),
-            ("POST", "/v1/chat/completions"): lambda ex: openai_api.completions(state, ex,
-                                                                                 chat=True),
+            **openai_api.routes(state),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: HypercornScope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        # hypercorn types each ASGI message as its own TypedDict; the handlers read and write
+        # them as plain dicts (see asgi.py), which is what they are at run time.
+        await self.dispatch(cast(Scope, scope), cast(Receive, receive), cast(Send, send))
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.lifespan(receive, send)
         elif scope["type"] == "websocket":
@@ -175,7 +90,7 @@ class App:
 
     async def health(self, exchange: HttpExchange) -> None:
         if not self.state.config.public_health:
-            openai_api.tenant(self.state, exchange)
+            require_tenant(self.state.auth, exchange)
         if self.state.draining.is_set():
             await exchange.respond_json(503, {"status": "draining"})
         else:
@@ -184,7 +99,7 @@ class App:
 
     async def metrics(self, exchange: HttpExchange) -> None:
         if not self.state.config.public_metrics:
-            openai_api.tenant(self.state, exchange)
+            require_tenant(self.state.auth, exchange)
         await exchange.respond(200, self.state.metrics.render(), METRICS_CONTENT_TYPE)
 
     # -- WebSocket ----------------------------------------------------------------------------
@@ -228,8 +143,7 @@ class App:
             await send({"type": "websocket.close", "code": 1013})
             return
         error = HttpError(503, exc.message, "overloaded_error")
-        body = json.dumps({"error": {"message": error.message, "type": error.kind,
-                                     "code": error.status}}).encode()
+        body = error.body()
         await send({"type": "websocket.http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             *error.headers()]})

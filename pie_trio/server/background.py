@@ -17,12 +17,13 @@ import trio
 
 from pie_trio.config import Config
 from pie_trio.server.serve import Addresses, serve
+from pie_trio.stack import ServedRunner
 
 START_TIMEOUT = 300.0  # seconds: loading a large model can take a while
 
 
 class BackgroundServer:
-    def __init__(self, config: Config, runner: Any = None):
+    def __init__(self, config: Config, runner: ServedRunner | None = None):
         self.config = config
         self.runner = runner
         self.addresses: Addresses | None = None

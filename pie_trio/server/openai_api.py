@@ -4,8 +4,9 @@ Each request launches the built-in `text-completion` inferlet, exactly as a clie
 be launched, so the API exercises the same path (runtime, control, executor) as every other
 program. Chat requests are rendered with the model's own chat template here and passed to the
 inferlet as a raw prompt; the inferlet streams text with `send` and stops at the model's stop
-tokens or after `max_tokens`. Stop strings are applied here, on the streamed text, and end the
-instance early.
+tokens, after `max_tokens`, or at the earliest of the request's stop strings (each passed as its
+own `--stop`). The inferlet holds back text that might begin a stop string and never sends the
+stop string itself, so what arrives here is the response text as it is.
 
 Clients do not get to stall the event loop: a chat holds at most `max_chat_messages` messages,
 and templates, long prompts and large bodies are processed in worker threads (a few at a time,
@@ -22,16 +23,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import trio
 
 from pie_trio import protocol
 from pie_trio.protocol import ProtocolError
+from pie_trio.server.exchange import HttpError, HttpExchange, Route, require_tenant
 from pie_trio.server.state import Running, ServerState
-
-if TYPE_CHECKING:
-    from pie_trio.server.app import HttpExchange
 
 log = logging.getLogger("pie_trio.server.openai")
 
@@ -46,11 +45,24 @@ OUT_OF_CAPACITY = ("out of KV pages", "out of embedding slots")
 STDERR_TAIL = 1024  # characters of an instance's stderr kept to explain its failure
 BUSY_REASONS = ("evicted",)  # ended by the server (shutting down): retry elsewhere or later
 
+Number = TypeVar("Number", int, float)
+Default = TypeVar("Default")
 
-def _http_error(status: int, message: str, kind: str = "invalid_request_error") -> Exception:
-    from pie_trio.server.app import HttpError  # app imports this module
 
-    return HttpError(status, message, kind)
+def routes(state: ServerState) -> dict[tuple[str, str], Route]:
+    """The API's routes, by (method, path), for the app's route table."""
+
+    async def chat(exchange: HttpExchange) -> None:
+        await completions(state, exchange, chat=True)
+
+    async def complete(exchange: HttpExchange) -> None:
+        await completions(state, exchange, chat=False)
+
+    async def list_models(exchange: HttpExchange) -> None:
+        await models(state, exchange)
+
+    return {("GET", "/v1/models"): list_models, ("POST", "/v1/completions"): complete,
+            ("POST", "/v1/chat/completions"): chat}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +83,11 @@ class Params:
     messages: list[dict[str, str]] | None = None  # chat only, validated, not yet rendered
 
     def args(self) -> list[str]:
-        args = ["--prompt", self.prompt, "--max-tokens", str(self.max_tokens),
+        # Texts go as `--name=TEXT`, one argument each, so a prompt or stop string that looks
+        # like one of the inferlet's options (`--chat`) is never read as that option.
+        args = [f"--prompt={self.prompt}", "--max-tokens", str(self.max_tokens),
                 "--temperature", repr(self.temperature), "--top-p", repr(self.top_p)]
+        args += [f"--stop={stop}" for stop in self.stop]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
         if self.ignore_eos:
@@ -82,11 +97,11 @@ class Params:
 
 def parse_params(body: Any, state: ServerState, chat: bool) -> Params:
     if not isinstance(body, dict):
-        raise _http_error(400, "the request body must be a JSON object")
+        raise HttpError(400, "the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != state.model_info.name:
-        raise _http_error(404, f"model {model!r} does not exist; this server serves "
-                               f"{state.model_info.name!r}", "not_found_error")
+        raise HttpError(404, f"model {model!r} does not exist; this server serves "
+                             f"{state.model_info.name!r}", "not_found_error")
     messages = _chat_messages(body, state.config.max_chat_messages) if chat else None
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     params = Params(
@@ -104,33 +119,33 @@ def parse_params(body: Any, state: ServerState, chat: bool) -> Params:
     options = body.get("stream_options") or {}
     params.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     if _number(body, "n", int, 1, low=1, high=1) != 1:
-        raise _http_error(400, "only n=1 is supported")
+        raise HttpError(400, "only n=1 is supported")
     if body.get("logprobs") or body.get("echo") or body.get("tools"):
-        raise _http_error(400, "logprobs, echo and tools are not supported")
+        raise HttpError(400, "logprobs, echo and tools are not supported")
     return params
 
 
-def _completion_prompt(body: dict) -> str:
+def _completion_prompt(body: dict[str, Any]) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise _http_error(400, "'prompt' must be a string (one prompt per request)")
+        raise HttpError(400, "'prompt' must be a string (one prompt per request)")
     return prompt
 
 
-def _chat_messages(body: dict, limit: int) -> list[dict[str, str]]:
+def _chat_messages(body: dict[str, Any], limit: int) -> list[dict[str, str]]:
     """The chat's messages as {role, content} strings, checked but not rendered."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _http_error(400, "'messages' must be a non-empty list")
+        raise HttpError(400, "'messages' must be a non-empty list")
     if len(messages) > limit:
-        raise _http_error(400, f"'messages' holds {len(messages)} messages; this server "
-                               f"accepts at most {limit} (max_chat_messages)")
+        raise HttpError(400, f"'messages' holds {len(messages)} messages; this server "
+                             f"accepts at most {limit} (max_chat_messages)")
     plain = []
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _http_error(400, "each message needs a string 'role'")
+            raise HttpError(400, "each message needs a string 'role'")
         plain.append({"role": message["role"], "content": _content_text(message.get("content"))})
     return plain
 
@@ -139,14 +154,15 @@ async def render_chat(state: ServerState, params: Params) -> None:
     """Render the chat's messages into `params.prompt` with the model's template, in a worker
     thread: a template over many or long messages takes long enough to stall everyone."""
     assert params.messages is not None
+    messages = params.messages
 
     def render() -> str:
-        return state.tokenizer.render_chat(params.messages, add_generation_prompt=True)
+        return state.tokenizer.render_chat(messages, add_generation_prompt=True)
 
     try:
         params.prompt = await trio.to_thread.run_sync(render, limiter=state.cpu_limiter)
     except Exception as exc:
-        raise _http_error(400, f"the chat template rejected these messages: {exc}") from None
+        raise HttpError(400, f"the chat template rejected these messages: {exc}") from None
 
 
 def _content_text(content: Any) -> str:
@@ -156,18 +172,19 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
         return "".join(p["text"] for p in content)
-    raise _http_error(400, "message 'content' must be a string or a list of text parts")
+    raise HttpError(400, "message 'content' must be a string or a list of text parts")
 
 
-def _number(body: dict, key: str, kind: type, default: Any, low: float, high: float) -> Any:
+def _number(body: dict[str, Any], key: str, kind: type[Number], default: Default, low: float,
+            high: float) -> Number | Default:
     value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or (
             kind is int and not float(value).is_integer()):
-        raise _http_error(400, f"'{key}' must be a{'n integer' if kind is int else ' number'}")
+        raise HttpError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'}")
     if not low <= value <= high:
-        raise _http_error(400, f"'{key}' must be between {low} and {high}")
+        raise HttpError(400, f"'{key}' must be between {low} and {high}")
     return kind(value)
 
 
@@ -177,17 +194,17 @@ def _stop(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in stops)):
-        raise _http_error(400, f"'stop' must be a string or a list of at most "
-                               f"{MAX_STOP_STRINGS} non-empty strings")
+        raise HttpError(400, f"'stop' must be a string or a list of at most "
+                             f"{MAX_STOP_STRINGS} non-empty strings")
     return stops
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation: one text-completion instance, its text stream, stop strings and the end
+# Generation: one text-completion instance, its text stream and its end
 
 
 class Generation:
-    """Runs one instance, hands its text to a callback as it streams, honours stop strings.
+    """Runs one instance and hands its text to a callback as it streams.
 
     Afterwards `finish_reason` is "stop" or "length" and the token counts are set. The inferlet
     streams pieces of text, not tokens, so the completion's tokens are counted by encoding the
@@ -214,25 +231,18 @@ class Generation:
         except ProtocolError as exc:
             # Busy or draining: retry later (503). Anything else means the built-in is broken.
             busy = exc.code in (protocol.LIMIT, protocol.DRAINING)
-            raise _http_error(503 if busy else 500, exc.message,
-                              "overloaded_error" if busy else "server_error") from None
-        held = ""  # text that might be the start of a stop string, not yet released
+            raise HttpError(503 if busy else 500, exc.message,
+                            "overloaded_error" if busy else "server_error") from None
         try:
             async for payload in self._running.instance.events:
                 kind = payload.get("event")
                 if kind == "message":
-                    released, held, stopped = _apply_stops(held + payload.get("message", ""),
-                                                           self.params.stop)
-                    await self._release(released, on_text)
-                    if stopped:
-                        self.finish_reason = "stop"
-                        return  # the finally below ends the instance
+                    await self._release(str(payload.get("message", "")), on_text)
                 elif kind == "stderr":
                     self.stderr = (self.stderr + str(payload.get("data", "")))[-STDERR_TAIL:]
                 elif kind == "terminated":
                     self._ended(payload)
                     break
-            await self._release(held, on_text)
         finally:
             self._count_tokens()
             with trio.CancelScope(shield=True):
@@ -269,34 +279,15 @@ class Generation:
         self.state.ended(running.id, reason)
 
 
-def _failure(reason: str, detail: str, stderr: str) -> Exception:
+def _failure(reason: str, detail: str, stderr: str) -> HttpError:
     """The HTTP error for an instance that did not finish: 503 (retry later) when the server
     was out of capacity or ended it, 500 otherwise. The inferlet reports a failed call on its
     stderr (the SDK prints `error: ...` and exits 1), so that is where out-of-pages shows."""
     said = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     what = f"{reason}: {detail}" + (f" ({said})" if said else "")
     if reason in BUSY_REASONS or any(words in detail + said for words in OUT_OF_CAPACITY):
-        return _http_error(503, f"the server is busy: {what}; retry later", "overloaded_error")
-    return _http_error(500, f"generation failed: {what}", "server_error")
-
-
-def _apply_stops(text: str, stops: list[str]) -> tuple[str, str, bool]:
-    """Split `text` into (release now, hold back, stopped).
-
-    Text up to the first stop string is released and generation stops; otherwise any tail that
-    could still grow into a stop string is held back."""
-    if not stops:
-        return text, "", False
-    hits = [text.find(s) for s in stops if s in text]
-    if hits:
-        return text[:min(hits)], "", True
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    return text[:len(text) - hold], text[len(text) - hold:], False
+        return HttpError(503, f"the server is busy: {what}; retry later", "overloaded_error")
+    return HttpError(500, f"generation failed: {what}", "server_error")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +295,7 @@ def _apply_stops(text: str, stops: list[str]) -> tuple[str, str, bool]:
 
 
 async def models(state: ServerState, exchange: HttpExchange) -> None:
-    tenant(state, exchange)
+    require_tenant(state.auth, exchange)
     created = int(time.time())
     await exchange.respond_json(200, {"object": "list", "data": [
         {"id": m["name"], "object": "model", "created": created, "owned_by": "pie-trio",
@@ -312,7 +303,7 @@ async def models(state: ServerState, exchange: HttpExchange) -> None:
 
 
 async def completions(state: ServerState, exchange: HttpExchange, chat: bool) -> None:
-    owner = tenant(state, exchange)
+    owner = require_tenant(state.auth, exchange)
     started = time.perf_counter()
     params = parse_params(await exchange.json_body(), state, chat)
     if chat:
@@ -320,8 +311,8 @@ async def completions(state: ServerState, exchange: HttpExchange, chat: bool) ->
     prompt_tokens = await count_tokens(state, params.prompt)
     context = state.model_info.max_position
     if prompt_tokens + params.max_tokens > context:
-        raise _http_error(400, f"this model's context is {context} tokens: the prompt has "
-                               f"{prompt_tokens} and max_tokens asks for {params.max_tokens}")
+        raise HttpError(400, f"this model's context is {context} tokens: the prompt has "
+                             f"{prompt_tokens} and max_tokens asks for {params.max_tokens}")
     generation = Generation(state, params, owner, prompt_tokens)
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     timer = _TokenTimer(state, endpoint, started)
@@ -408,16 +399,7 @@ async def _cancel_on_disconnect(exchange: HttpExchange) -> AsyncIterator[None]:
             raise group.exceptions[0] from None
         raise
     if gone:
-        raise _http_error(499, "client went away")
-
-
-def tenant(state: ServerState, exchange: HttpExchange) -> str:
-    """The tenant of the request's API key; 401 without a valid one."""
-    found = state.auth.tenant_for_header(exchange.headers.get("authorization"))
-    if found is None:
-        raise _http_error(401, "a valid API key is required (Authorization: Bearer KEY)",
-                          "authentication_error")
-    return found
+        raise HttpError(499, "client went away")
 
 
 class _Response:

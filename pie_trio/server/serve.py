@@ -1,12 +1,12 @@
 """`serve`: the whole server in one trio nursery.
 
-    model runner ─ executor ─ controller ─ runtime (epoch ticker inside) ─┬─ hypercorn (HTTP, /ws)
-                                                                         └─ TCP listener
+    model runner ─ stack (executor ─ controller ─ runtime) ─┬─ hypercorn (HTTP, /ws)
+                                                            └─ TCP listener
 
-Start-up goes bottom-up, each component started with `nursery.start` so the next one only
-starts once the one below is ready. Shutdown (SIGTERM/SIGINT, or the `shutdown` event) drains:
-stop accepting, end every instance (reason `evicted`) and let each client see its `terminated`
-event, close WebSockets with 1001, stop hypercorn, then cancel the components top-down.
+Start-up goes bottom-up: the stack (`pie_trio/stack.py`), then the front ends on it. Shutdown
+(SIGTERM/SIGINT, or the `shutdown` event) drains: stop accepting, end every instance (reason
+`evicted`) and let each client see its `terminated` event, close WebSockets with 1001, stop
+hypercorn, then leave the stack, which stops its layers top-down.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import logging
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,19 +22,24 @@ import hypercorn.trio
 import trio
 
 from pie_trio.config import Config
-from pie_trio.control.controller import Controller, ControlLimits, Tenancy
-from pie_trio.control.exports import ExportPolicy
-from pie_trio.executor.executor import Executor
-from pie_trio.model.runner import ModelRunner
-from pie_trio.runtime.programs import ProgramLimits, ProgramStore
-from pie_trio.runtime.runtime import Runtime
-from pie_trio.runtime.sandbox import InstanceLimits
 from pie_trio.server.app import App
 from pie_trio.server.openai_api import PROGRAM as OPENAI_PROGRAM
 from pie_trio.server.state import ServerState
 from pie_trio.server.tcp import serve_tcp
 from pie_trio.server.websocket import HypercornConfig
 from pie_trio.server.websocket import install as install_websocket_guard
+from pie_trio.stack import (
+    ControlLimits,
+    ExportPolicy,
+    InstanceLimits,
+    ProgramLimits,
+    ProgramStore,
+    ServedRunner,
+    Stack,
+    Tenancy,
+    load_runner,
+    open_stack,
+)
 
 log = logging.getLogger("pie_trio.server")
 
@@ -65,17 +69,14 @@ class Addresses:
         return None if self.tcp_port is None else f"tcp://{_url_host(self.host)}:{self.tcp_port}"
 
 
-def load_runner(config: Config) -> ModelRunner:
-    if config.model == "tiny":  # undocumented: the random-weight test model, loads in a second
-        from pie_trio.model.tiny import tiny_runner
-
-        return tiny_runner(num_pages=256, page_size=config.page_size)
-    return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
-                            kv_memory=config.kv_memory, page_size=config.page_size,
-                            weights=config.weights)
+def load_configured_runner(config: Config) -> ServedRunner:
+    """The configured model (`tiny`, undocumented, is the random-weight test model)."""
+    return load_runner(config.model, device=config.device, dtype=config.dtype,
+                       kv_memory=config.kv_memory, page_size=config.page_size,
+                       weights=config.weights)
 
 
-async def serve(config: Config, *, runner: ModelRunner | None = None,
+async def serve(config: Config, *, runner: ServedRunner | None = None,
                 shutdown: trio.Event | None = None, handle_signals: bool = True,
                 task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a server until SIGTERM/SIGINT (when `handle_signals`) or until `shutdown` is set.
@@ -89,7 +90,8 @@ async def serve(config: Config, *, runner: ModelRunner | None = None,
             everything.start_soon(_set_on_signal, shutdown, everything.cancel_scope)
         if runner is None:
             log.info("loading model=%s", config.model)
-            runner = await trio.to_thread.run_sync(load_runner, config, abandon_on_cancel=True)
+            runner = await trio.to_thread.run_sync(load_configured_runner, config,
+                                                   abandon_on_cancel=True)
             # What is alive now (model, tokenizer, modules) lives until exit: keep the cyclic
             # GC's full passes from walking it; each would otherwise stall every instance for
             # ~0.3 s.
@@ -100,31 +102,21 @@ async def serve(config: Config, *, runner: ModelRunner | None = None,
     log.info("stopped")
 
 
-async def _serve_components(config: Config, runner: ModelRunner, shutdown: trio.Event,
+async def _serve_components(config: Config, runner: ServedRunner, shutdown: trio.Event,
                             task_status: trio.TaskStatus[Addresses]) -> None:
-    """Start executor, controller and runtime bottom-up, each in its own nursery nested in the
-    one below, so that shutdown cancels them top-down: the runtime's instances release their
-    pages through a controller and an executor that are still running."""
-    async with trio.open_nursery() as bottom:
-        executor = Executor(runner, policy=config.batch_policy)
-        await bottom.start(executor.run)
-        async with trio.open_nursery() as middle:
-            tenancy = _tenancy(config, executor.pages.capacity)
-            controller = Controller(executor, runner.info, runner.tokenizer, tenancy=tenancy,
-                                    limits=ControlLimits(topic_bytes=config.instance_topic_bytes))
-            await middle.start(controller.run)
-            async with trio.open_nursery() as top:
-                runtime = Runtime(controller, _program_store(config), _limits(config),
-                                  max_instances=config.max_instances)
-                tenancy.tenant_of = _owner_lookup(runtime)
-                await top.start(runtime.run)
-                top.start_soon(_prepare_builtin, runtime.programs)
-                state = ServerState(config, runtime, runner.info, runner.tokenizer,
-                                    stats=lambda: _component_stats(executor, controller))
-                await _serve_front_ends(state, shutdown, task_status)
-                top.cancel_scope.cancel()
-            middle.cancel_scope.cancel()
-        bottom.cancel_scope.cancel()
+    """The front ends on the stack; leaving the stack stops the runtime first (its instances
+    release their pages through a controller and an executor that are still running)."""
+    async with open_stack(
+            runner, programs=_program_store(config), instance_limits=_limits(config),
+            max_instances=config.max_instances, policy=config.batch_policy,
+            control_limits=ControlLimits(topic_bytes=config.instance_topic_bytes),
+            tenancy=_tenancy(config, runner.info.num_pages)) as stack:
+        state = ServerState(config, stack.runtime, runner.info, runner.tokenizer,
+                            stats=lambda: _component_stats(stack))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_prepare_builtin, stack.runtime.programs)
+            await _serve_front_ends(state, shutdown, task_status)
+            nursery.cancel_scope.cancel()
 
 
 async def _serve_front_ends(state: ServerState, shutdown: trio.Event,
@@ -175,22 +167,14 @@ async def _set_on_signal(shutdown: trio.Event, everything: trio.CancelScope) -> 
 
 
 def _tenancy(config: Config, pages_total: int) -> Tenancy:
-    """What one tenant may hold in the control layer (docs/server.md, "Hostile input")."""
+    """What one tenant may hold in the control layer (docs/server.md, "Hostile input"); the
+    stack tells it each instance's tenant (the server launches every instance for its tenant)."""
     share = config.tenant_kv_share
     if share is None:  # the quota protects tenants from each other: one alone uses everything
         share = 0.5 if config.auth_enabled and len(config.api_keys) > 1 else 1.0
     quota = None if share >= 1.0 else max(1, int(pages_total * share))
     return Tenancy(page_quota=quota, exports=ExportPolicy(
         max_persistent=config.max_persistent_exports, operators=frozenset(config.operators)))
-
-
-def _owner_lookup(runtime: Runtime) -> Callable[[str], str]:
-    """instance id → tenant: the server launches every instance with its tenant as owner."""
-    def tenant_of(instance_id: str) -> str:
-        instance = runtime.get(instance_id)
-        return "" if instance is None else instance.owner
-
-    return tenant_of
 
 
 def _hypercorn_config(config: Config) -> hypercorn.config.Config:
@@ -228,11 +212,11 @@ def _limits(config: Config) -> InstanceLimits:
                   max_inbox_bytes=config.instance_inbox_bytes)
 
 
-def _component_stats(executor: Executor, controller: Controller) -> dict[str, Any]:
-    pages = controller.stats()
+def _component_stats(stack: Stack) -> dict[str, Any]:
+    pages = stack.controller.stats()
     return {"kv_pages_in_use": pages["pages_in_use"], "kv_pages_total": pages["pages_total"],
-            "ticks": executor.stats.ticks,
-            "forward_batch_sizes": dict(executor.stats.forward_calls)}
+            "ticks": stack.executor.stats.ticks,
+            "forward_batch_sizes": dict(stack.executor.stats.forward_calls)}
 
 
 def _port_of(bind: str) -> int:

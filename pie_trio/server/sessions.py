@@ -302,6 +302,7 @@ class Session:
 
     async def _query(self, request: protocol.Query) -> Any:
         if request.what == "program_exists":
+            assert request.program is not None  # protocol.decode refuses it missing
             return {"exists": self.state.runtime.programs.has(request.program)}
         if request.what == "models":
             return self.state.models()

@@ -4,6 +4,10 @@ The registry here is the server's view of running instances: which tenant launch
 that only that tenant can see, signal or terminate it, whatever connection it comes back on.
 It also keeps the server-wide counts that bound what clients may hold: instances per tenant,
 client connections (in total and per peer address) and bytes of unfinished uploads.
+
+The server reaches the layers below only through the runtime it is given, plus what it is told
+about the model (`ServedModel`, `TextCodec`: the few facts and tokenizer methods the OpenAI API
+and the model listing need) and a callable that reads live component counters for /metrics.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,8 +24,7 @@ import trio
 from pie_trio import protocol
 from pie_trio.config import Config
 from pie_trio.protocol import ProtocolError
-from pie_trio.runtime.programs import ProgramError, UnknownProgram
-from pie_trio.runtime.runtime import CapacityError
+from pie_trio.runtime import CapacityError, Instance, ProgramError, Runtime, UnknownProgram
 from pie_trio.server.auth import Authenticator
 from pie_trio.server.metrics import Metrics
 from pie_trio.server.uploads import UploadBudget
@@ -36,11 +40,41 @@ class Closable(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
+class ServedModel(Protocol):
+    """What clients are told about the served model (the model runner's info satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def page_size(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_position(self) -> int: ...
+
+
+class TextCodec(Protocol):
+    """The tokenizer methods the OpenAI API needs: counting tokens and rendering chats."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> str: ...
+
+
+# Live counters of the components below the runtime (KV pages, executor ticks...), read at each
+# /metrics scrape; the keys are those metrics.StateCollector recognises.
+ComponentStats = Callable[[], Mapping[str, Any]]
+
+
 @dataclass
 class Running:
     """One running instance as the server sees it."""
 
-    instance: Any  # pie_trio.runtime Instance
+    instance: Instance
     tenant: str
     program: str
     args: list[str]
@@ -57,8 +91,8 @@ class Running:
 
 
 class ServerState:
-    def __init__(self, config: Config, runtime: Any, model_info: Any, tokenizer: Any,
-                 stats: Any = None):
+    def __init__(self, config: Config, runtime: Runtime, model_info: ServedModel,
+                 tokenizer: TextCodec, stats: ComponentStats | None = None):
         self.config = config
         self.runtime = runtime
         self.model_info = model_info
@@ -80,7 +114,7 @@ class ServerState:
         self._no_sessions.set()
         self._idle = trio.Event()  # set while no instance is running
         self._idle.set()
-        self._stats = stats  # callable → dict of live component stats, for /metrics
+        self._stats = stats
         self.metrics.watch(self.snapshot)
 
     # -- instances --------------------------------------------------------------------------

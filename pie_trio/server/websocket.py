@@ -33,6 +33,7 @@ from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.events import CloseConnection
 
 from pie_trio import protocol
+from pie_trio.server.asgi import Receive, Scope, Send
 from pie_trio.server.sessions import CLOSE_POLICY, CLOSE_TOO_LARGE, CLOSE_UNSUPPORTED, Violation
 
 ABORT = "pie_trio.abort"  # ASGI extension and message type: drop the connection now
@@ -172,8 +173,9 @@ class GuardedWSStream(WSStream):
             await self._send_wsproto_event(CloseConnection(code=close_code,
                                                            reason=_short(reason)))
         await self._drop()
-        await self.app_put({"type": "websocket.disconnect", "code": close_code,
-                            "reason": reason, VIOLATION: error})
+        if self.app_put is not None:  # set once the app runs, which it does before any frame
+            await self.app_put({"type": "websocket.disconnect", "code": close_code,
+                                "reason": reason, VIOLATION: error})
 
     async def _drop(self) -> None:
         """Close the TCP connection now. `closed` first, so that hypercorn's own clean-up (which
@@ -195,14 +197,15 @@ def install() -> None:
         if not hasattr(WSStream, name):
             raise RuntimeError(f"hypercorn's WSStream has no {name}: this hypercorn version "
                                "is not supported (pie-trio needs 0.17 or 0.18)")
-    h11.WSStream = GuardedWSStream  # type: ignore[misc]
-    h2.WSStream = GuardedWSStream  # type: ignore[misc]
+    # Replacing a name hypercorn's modules import but do not export: what install() is for.
+    h11.WSStream = GuardedWSStream  # type: ignore[attr-defined]
+    h2.WSStream = GuardedWSStream  # type: ignore[attr-defined]
 
 
 class WebSocketTransport:
     """A session's connection over ASGI WebSocket messages."""
 
-    def __init__(self, scope: dict[str, Any], receive: Any, send: Any):
+    def __init__(self, scope: Scope, receive: Receive, send: Send):
         self._scope = scope
         self._receive = receive
         self._send = send
@@ -216,7 +219,8 @@ class WebSocketTransport:
         if message.get("bytes") is None:
             raise Violation(protocol.MALFORMED, "text frames are not supported: send msgpack "
                             "in binary frames", CLOSE_UNSUPPORTED)
-        return message["bytes"]
+        data: bytes = message["bytes"]
+        return data
 
     async def send(self, frames: list[bytes]) -> None:
         for frame in frames:

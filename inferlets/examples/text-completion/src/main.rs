@@ -2,13 +2,17 @@
 //!
 //! ```text
 //! text-completion [--prompt] TEXT [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
-//!                 [--seed S] [--chat] [--system TEXT] [--ignore-eos] [--stop TEXT]
+//!                 [--seed S] [--chat] [--system TEXT] [--ignore-eos] [--stop TEXT]...
 //! ```
 //!
 //! The prompt goes through one forward pass and every further token through one more, each
 //! sampled on the host (temperature 0, the default, is greedy) — the same tokens as a plain
 //! host-side loop. `--chat` wraps the prompt in the model's ChatML template (as a user turn).
 //! Each piece of decoded text is sent as a `message`; the full text is the return value.
+//!
+//! `--stop` may be given any number of times: generation ends at the earliest match of any of
+//! them, and neither the stop string nor anything after it is sent or returned. Text that might
+//! be the start of a stop string is held back until the next tokens tell.
 
 use inferlet::{Args, Message, Model, Result, Sampler, StopCondition};
 
@@ -29,7 +33,7 @@ fn parse(mut args: Args) -> Result<Options> {
     let top_k: Option<u32> = args.value("--top-k")?;
     let seed: Option<u64> = args.value("--seed")?;
     let system: Option<String> = args.value("--system")?;
-    let stop: Option<String> = args.value("--stop")?;
+    let stop: Vec<String> = args.values("--stop")?;
     let chat = args.flag("--chat");
     let ignore_eos = args.flag("--ignore-eos");
     let prompt = args.option_or_words("--prompt")?;
@@ -42,15 +46,7 @@ fn parse(mut args: Args) -> Result<Options> {
     sampler.top_p = top_p;
     sampler.top_k = top_k;
     sampler.seed = seed;
-    Ok(Options {
-        prompt,
-        max_tokens,
-        sampler,
-        chat,
-        system,
-        ignore_eos,
-        stop: stop.into_iter().collect(),
-    })
+    Ok(Options { prompt, max_tokens, sampler, chat, system, ignore_eos, stop })
 }
 
 fn main() {

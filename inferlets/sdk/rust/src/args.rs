@@ -32,7 +32,24 @@ impl Args {
     where
         T::Err: std::fmt::Display,
     {
-        let mut found: Option<String> = None;
+        match self.take_all(name)?.pop() {
+            None => Ok(None),
+            Some(text) => parse_value(text, name).map(Some),
+        }
+    }
+
+    /// Every value of an option given several times (`--stop A --stop=B`), in order; removes
+    /// them all.
+    pub fn values<T: FromStr>(&mut self, name: &str) -> Result<Vec<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.take_all(name)?.into_iter().map(|text| parse_value(text, name)).collect()
+    }
+
+    /// Removes every `--name VALUE` and `--name=VALUE`; returns their values in order.
+    fn take_all(&mut self, name: &str) -> Result<Vec<String>> {
+        let mut found = Vec::new();
         let prefix = format!("{}=", name);
         let mut i = 0;
         while i < self.items.len() {
@@ -40,22 +57,16 @@ impl Args {
                 if i + 1 >= self.items.len() {
                     return Err(Error::usage(format!("{} needs a value", name)));
                 }
-                found = Some(self.items.remove(i + 1));
+                found.push(self.items.remove(i + 1));
                 self.items.remove(i);
             } else if let Some(value) = self.items[i].strip_prefix(&prefix) {
-                found = Some(value.to_string());
+                found.push(value.to_string());
                 self.items.remove(i);
             } else {
                 i += 1;
             }
         }
-        match found {
-            None => Ok(None),
-            Some(text) => text
-                .parse()
-                .map(Some)
-                .map_err(|err| Error::usage(format!("bad value {:?} for {}: {}", text, name, err))),
-        }
+        Ok(found)
     }
 
     /// `value` with a default.
@@ -90,6 +101,14 @@ impl Args {
     }
 }
 
+/// `text` as a `T`; a usage error naming the option when it does not parse.
+fn parse_value<T: FromStr>(text: String, name: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(|err| Error::usage(format!("bad value {:?} for {}: {}", text, name, err)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +137,16 @@ mod tests {
         assert!(a.value::<u64>("--seed").unwrap_err().to_string().contains("needs a value"));
         let err = args(&["--bogus"]).positional().unwrap_err().to_string();
         assert!(err.contains("--bogus"), "{}", err);
+    }
+
+    #[test]
+    fn repeated_options_keep_every_value_in_order() {
+        let mut a = args(&["--stop", "a", "hi", "--stop=b", "--stop", "--c"]);
+        assert_eq!(a.values::<String>("--stop").unwrap(), vec!["a", "b", "--c"]);
+        assert_eq!(a.positional().unwrap(), vec!["hi"]);
+        let mut a = args(&["--seed", "1", "--seed", "2"]);
+        assert_eq!(a.value::<u64>("--seed").unwrap(), Some(2));
+        assert!(args(&["--stop"]).values::<String>("--stop").is_err());
     }
 
     #[test]

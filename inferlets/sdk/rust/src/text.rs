@@ -204,6 +204,26 @@ mod tests {
     }
 
     #[test]
+    fn only_text_that_cannot_begin_a_stop_string_is_released() {
+        let cases: [(&str, &[&str], &str, Option<&str>, &str); 5] = [
+            ("hello world", &[], "hello world", None, ""),
+            ("hello world", &["lo w"], "hel", Some("lo w"), ""),
+            ("hello wo", &["world"], "hello ", None, "wo"), // "wo" may still become "world"
+            ("abc", &["x", "bc"], "a", Some("bc"), ""),
+            ("ab", &["bcd", "abz"], "", None, "ab"),
+        ];
+        for (text, stops, released, stop, held) in cases {
+            let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+            let mut scanner = StopScanner::new(&stops);
+            let pushed = scanner.push(text);
+            assert_eq!(pushed, (released.to_string(), stop.map(str::to_string)), "{:?}", text);
+            if stop.is_none() {
+                assert_eq!(scanner.finish(), held, "{:?}", text);
+            }
+        }
+    }
+
+    #[test]
     fn token_text_streams_vocab_bytes() {
         let euro = "€".as_bytes();
         let vocab = Vocab::from_token_bytes(vec![

@@ -1,7 +1,8 @@
 """`run_local`: one inferlet on an in-process model, for `pie-trio run PROGRAM --local -- ARGS`.
 
-Everything a server would run — model, executor, controller, runtime — starts in this trio run,
-the program runs once, and its events are printed as they come:
+Everything a server would run — the model and the stack on it (`pie_trio/stack.py`: executor,
+controller, runtime) — starts in this trio run, the program runs once, and its events are
+printed as they come:
 
 - `message` events go to stdout exactly as sent (no newline added: a generation streams; one
   newline ends the output if the text did not);
@@ -26,9 +27,10 @@ from typing import Any, TextIO
 
 import trio
 
-from pie_trio.runtime.programs import ProgramError, ProgramStore, UnknownProgram
+from pie_trio.runtime.instance import Instance
+from pie_trio.runtime.programs import ProgramError, UnknownProgram
 from pie_trio.runtime.runtime import Runtime
-from pie_trio.runtime.sandbox import InstanceLimits
+from pie_trio.stack import InstanceLimits, ProgramStore, ServedRunner, load_runner, open_stack
 
 EXIT_FINISHED, EXIT_ENDED, EXIT_BAD_PROGRAM, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -37,7 +39,7 @@ async def run_local(program: str | Path, args: Sequence[str] = (), *, model: str
                     device: str | None = None, dtype: str | None = None,
                     kv_memory: int | None = None, page_size: int = 16,
                     limits: InstanceLimits | None = None, cache_dir: str | Path | None = None,
-                    runner: Any = None, out: TextIO | None = None,
+                    runner: ServedRunner | None = None, out: TextIO | None = None,
                     err: TextIO | None = None) -> int:
     """Run `program` (a .wasm path or a built-in name) with `args`; the exit code.
 
@@ -58,21 +60,8 @@ async def run_local(program: str | Path, args: Sequence[str] = (), *, model: str
     # Everything alive now (model, tokenizer, modules) lives until exit: keep the cyclic GC's
     # full passes from walking it, each of which would otherwise stall the guest for ~0.3 s.
     gc.freeze()
-    async with trio.open_nursery() as lower:
-        from pie_trio.control.controller import Controller
-        from pie_trio.executor.executor import Executor
-
-        executor = Executor(runner)
-        await lower.start(executor.run)
-        controller = Controller(executor, runner.info, runner.tokenizer)
-        await lower.start(controller.run)
-        runtime = Runtime(controller, programs, limits or InstanceLimits())
-        async with trio.open_nursery() as upper:
-            await upper.start(runtime.run)
-            code = await _run_one(runtime, program_id, list(args), out, err)
-            upper.cancel_scope.cancel()
-        lower.cancel_scope.cancel()
-    return code
+    async with open_stack(runner, programs=programs, instance_limits=limits) as stack:
+        return await _run_one(stack.runtime, program_id, list(args), out, err)
 
 
 def _load_program(programs: ProgramStore, program: str | Path) -> str:
@@ -84,11 +73,9 @@ def _load_program(programs: ProgramStore, program: str | Path) -> str:
 
 
 def _load_model(model: str, device: str | None, dtype: str | None, kv_memory: int | None,
-                page_size: int) -> Any:
-    from pie_trio.model import ModelRunner
-
-    return ModelRunner.load(model, device=device, dtype=dtype, kv_memory=kv_memory,
-                            page_size=page_size)
+                page_size: int) -> ServedRunner:
+    return load_runner(model, device=device, dtype=dtype, kv_memory=kv_memory,
+                       page_size=page_size)
 
 
 async def _run_one(runtime: Runtime, program: str, args: list[str], out: TextIO,
@@ -108,7 +95,7 @@ async def _run_one(runtime: Runtime, program: str, args: list[str], out: TextIO,
     return EXIT_FINISHED if printer.reason == "finished" else EXIT_ENDED
 
 
-async def _kill_on_interrupt(instance: Any, interrupted: trio.Event) -> None:
+async def _kill_on_interrupt(instance: Instance, interrupted: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT) as signals:
         async for _ in signals:
             interrupted.set()

@@ -1,0 +1,141 @@
+"""The dispatch table: every op of docs/abi.md the control layer answers, its handler and the
+fields it takes; and `answer`, which turns one request into one response.
+
+A response is `{"ok": value}` or `{"error": message}`. Every failure becomes an error response
+for the requesting instance only: a refused field (`ControlError`), a call the executor rejected
+(`CallError`), even a bug in a handler, which is logged. Requests may carry fields only from
+their op's list (plus `op` and `queue`), so a misspelt optional field is reported instead of
+silently ignored. Handlers receive the instance's `InstanceContext`, the request's `Fields` and
+the priority of the queue it runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pie_trio.control import clock, inference, kv, messaging, model_view, queues, store
+from pie_trio.control.context import InstanceContext
+from pie_trio.control.fields import ControlError, Fields, is_int, type_name
+from pie_trio.control.interface import RUNTIME_OPS, Response
+from pie_trio.control.queues import Queue, QueuedRequest, Queues
+from pie_trio.model.calls import CallError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[InstanceContext, Fields, int], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Op:
+    handler: Handler
+    fields: tuple[str, ...] = ()
+
+
+OPS: dict[str, Op] = {
+    "subscribe": Op(messaging.subscribe, ("topic",)),
+    "broadcast": Op(messaging.broadcast, ("topic", "message")),
+    "topic_receive": Op(messaging.topic_receive, ("topic",)),
+    "store_get": Op(store.store_get, ("key",)),
+    "store_set": Op(store.store_set, ("key", "value")),
+    "store_delete": Op(store.store_delete, ("key",)),
+    "store_list": Op(store.store_list, ("prefix",)),
+    "sleep": Op(clock.sleep, ("ms",)),
+    "clock": Op(clock.clock),
+    "ping": Op(clock.ping, ("payload",)),
+    "model_info": Op(model_view.model_info),
+    "create_queue": Op(queues.create_queue, ("priority",)),
+    "set_priority": Op(queues.set_priority, ("priority",)),
+    "synchronize": Op(queues.synchronize),
+    "alloc_pages": Op(kv.alloc_pages, ("count",)),
+    "free_pages": Op(kv.free_pages, ("pages",)),
+    "share_pages": Op(kv.share_pages, ("pages",)),
+    "alloc_slots": Op(kv.alloc_slots, ("count",)),
+    "free_slots": Op(kv.free_slots, ("slots",)),
+    "export_pages": Op(kv.export_pages, ("name", "pages", "persistent")),
+    "unexport": Op(kv.unexport, ("name",)),
+    "import_pages": Op(kv.import_pages, ("name",)),
+    "list_exports": Op(kv.list_exports),
+    "copy_kv": Op(inference.copy_kv,
+                  ("src_page", "dst_page", "src_offset", "dst_offset", "count")),
+    "mask_kv": Op(inference.mask_kv, ("page", "slots", "masked")),
+    "forward": Op(inference.forward,
+                  ("pages", "last_page_len", "positions", "tokens", "slots", "masks", "outputs",
+                   "top_k", "sampler", "vocab_mask", "logit_bias")),
+    "embed": Op(inference.embed, ("tokens", "slots")),
+    "tokenize": Op(model_view.tokenize, ("text",)),
+    "detokenize": Op(model_view.detokenize, ("tokens",)),
+    "vocab": Op(model_view.vocab),
+}
+
+
+def queue_for(request: Any, instance_queues: Queues) -> Queue | None:
+    """The queue a request waits in line on, or None to run it at once.
+
+    A request naming no queue, or one the instance does not hold, runs at once (`answer` then
+    explains a bad queue field). `set_priority` names the queue it changes, not one to wait on.
+    """
+    if not isinstance(request, dict) or request.get("op") == "set_priority":
+        return None
+    queue_id = request.get("queue")
+    return instance_queues.find(queue_id) if is_int(queue_id) else None
+
+
+async def run(ctx: InstanceContext, item: QueuedRequest, queue: Queue | None) -> None:
+    """Run one request (on `queue`, or at once when None) and hand its response back."""
+    item.finish(await answer(ctx, item.request, queue))
+
+
+async def answer(ctx: InstanceContext, request: Any, queue: Queue | None) -> Response:
+    """The response to one request; `queue` is the queue it ran on (None: run at once)."""
+    try:
+        name, op = _lookup(request)
+    except ControlError as exc:
+        return {"error": str(exc)}
+    try:
+        _check_known_fields(op, request)
+        if queue is None:
+            _check_queue_field(request)
+        priority = queue.priority if queue is not None else 0
+        value = await op.handler(ctx, Fields(request), priority)
+    except (ControlError, CallError) as exc:
+        return {"error": f"{name}: {exc}"}
+    except Exception as exc:
+        logger.exception("op %r of instance %s failed", name, ctx.instance_id)
+        return {"error": f"{name}: internal error ({type(exc).__name__}: {exc})"}
+    return {"ok": value}
+
+
+def _lookup(request: Any) -> tuple[str, Op]:
+    if not isinstance(request, dict):
+        raise ControlError(f"a request must be a map, got {type_name(request)}")
+    name = request.get("op")
+    if name is None:
+        raise ControlError("missing field 'op'")
+    if not isinstance(name, str):
+        raise ControlError(f"field 'op' must be a str, got {type_name(name)}")
+    if name in RUNTIME_OPS:
+        raise ControlError(f"op {name!r} is answered by the runtime, not the control layer")
+    op = OPS.get(name)
+    if op is None:
+        raise ControlError(f"unknown op {name!r}")
+    return name, op
+
+
+def _check_known_fields(op: Op, request: dict[str, Any]) -> None:
+    unknown = sorted(str(k) for k in request if k not in op.fields and k not in ("op", "queue"))
+    if unknown:
+        expected = ", ".join(op.fields + ("queue",))
+        raise ControlError(f"unknown field {unknown[0]!r}; expected some of: {expected}")
+
+
+def _check_queue_field(request: dict[str, Any]) -> None:
+    """A request that ran at once although it names a queue: say what is wrong."""
+    queue_id = request.get("queue")
+    if queue_id is None or request["op"] == "set_priority":
+        return
+    if not is_int(queue_id):
+        raise ControlError(f"field 'queue' must be an int, got {type_name(queue_id)}")
+    raise ControlError(f"queue {queue_id} is not held by this instance")

@@ -1,0 +1,65 @@
+"""The executor's face to the control layer: `CallExecutor`, the Protocol control types against.
+
+Only what control uses is here: submitting a call (with its priority) and reading how many page
+and slot ids the executor's pools hold and can still hand out. `Executor` (`executor.py`)
+satisfies it structurally; control imports this module, never the executor's implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, overload
+
+from pie_trio.model.calls import (
+    AllocPages,
+    AllocSlots,
+    Call,
+    CallResult,
+    CopyKv,
+    Embed,
+    Forward,
+    ForwardResult,
+    FreePages,
+    FreeSlots,
+    MaskKv,
+)
+
+
+class PoolCapacity(Protocol):
+    """One of the executor's id pools (KV pages or embedding slots), read-only."""
+
+    @property
+    def capacity(self) -> int:
+        """Ids the pool holds in all."""
+        ...
+
+    @property
+    def num_free(self) -> int:
+        """Ids the pool can hand out now."""
+        ...
+
+
+class CallExecutor(Protocol):
+    """What control needs from the executor."""
+
+    @property
+    def pages(self) -> PoolCapacity:
+        """The KV page pool."""
+        ...
+
+    @property
+    def slots(self) -> PoolCapacity:
+        """The embedding slot pool."""
+        ...
+
+    # The result's type follows the call's: the ids of an allocation, a `ForwardResult` for a
+    # forward, None for the rest. A rejected call raises `CallError` for its caller only.
+    @overload
+    async def submit(self, call: AllocPages | AllocSlots, priority: int = 0) -> list[int]: ...
+    @overload
+    async def submit(self, call: Forward, priority: int = 0) -> ForwardResult: ...
+    @overload
+    async def submit(
+        self, call: FreePages | FreeSlots | Embed | CopyKv | MaskKv, priority: int = 0
+    ) -> None: ...
+    @overload
+    async def submit(self, call: Call, priority: int = 0) -> CallResult: ...
