@@ -12,18 +12,20 @@ everything else, and the fp32 LM head, is dense.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from pie_trio.kernels import dispatch
 from pie_trio.kernels import torch_ops as ops
+from pie_trio.kernels.dispatch import PagedContext
 from pie_trio.model.batch import AttentionGroup, ForwardBatch
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.kv_cache import KvCache
-from pie_trio.model.quant import Q4Weight, pack_q4
-
-Weight = torch.Tensor | Q4Weight
+from pie_trio.model.quant import Q4Weight, Weight, pack_q4
 
 
 @dataclass
@@ -53,7 +55,7 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> tor
     raise ValueError(f"RoPE scaling {kind!r} is not supported")
 
 
-def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     original = float(scaling["original_max_position_embeddings"])
@@ -65,33 +67,44 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(middle, blended, scaled)
 
 
+def _dense_tensor(tensors: Mapping[str, Weight], name: str) -> torch.Tensor:
+    """A tensor that is never int4 (embeddings, norms, biases, RoPE factors)."""
+    tensor = tensors[name]
+    if isinstance(tensor, Q4Weight):
+        raise ValueError(f"{name} came as int4 blocks; only projections may be int4")
+    return tensor
+
+
 class LlamaModel:
     """Weights and forward pass; the KV cache is passed in, the model keeps no sequence state."""
 
     def __init__(
         self,
         config: ModelConfig,
-        tensors: dict[str, Weight],
+        tensors: Mapping[str, Weight],
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
+        self.kernels = dispatch.select(device)
 
         def take(name: str) -> torch.Tensor:
-            return tensors[name].to(device=device, dtype=dtype).contiguous()
+            return _dense_tensor(tensors, name).to(device=device, dtype=dtype).contiguous()
 
         self.embed_tokens = take("model.embed_tokens.weight")
         # The final norm and the LM head run in fp32 whatever `dtype` is: at a logit of ~25 bf16
         # resolves only 0.125, so near-tied candidates (0.09 apart in the default model's answer
         # to a reference question) would come out equal and greedy decoding would pick by index.
-        self.norm = tensors["model.norm.weight"].to(device=device, dtype=torch.float32)
+        norm = _dense_tensor(tensors, "model.norm.weight")
+        self.norm = norm.to(device=device, dtype=torch.float32)
         tied = config.tie_embeddings or "lm_head.weight" not in tensors
-        head = tensors["model.embed_tokens.weight" if tied else "lm_head.weight"]
+        head = _dense_tensor(tensors, "model.embed_tokens.weight" if tied else "lm_head.weight")
         self.lm_head = ops.pack_linear(head.to(device=device, dtype=torch.float32).contiguous())
         self.layers = [self._layer(tensors, i, take) for i in range(config.num_layers)]
-        inv_freq = rope_inv_freq(config, tensors.get("rope_freqs"))
+        freq_factors = _dense_tensor(tensors, "rope_freqs") if "rope_freqs" in tensors else None
+        inv_freq = rope_inv_freq(config, freq_factors)
         self.rope_cos, self.rope_sin = ops.rotary_tables(
             inv_freq.to(device), config.max_position, dtype
         )
@@ -100,7 +113,9 @@ class LlamaModel:
         self._gather_k = torch.empty(0, dtype=dtype, device=device)
         self._gather_v = torch.empty(0, dtype=dtype, device=device)
 
-    def _layer(self, tensors: dict[str, Weight], i: int, take) -> LayerWeights:
+    def _layer(
+        self, tensors: Mapping[str, Weight], i: int, take: Callable[[str], torch.Tensor]
+    ) -> LayerWeights:
         prefix = f"model.layers.{i}."
         attn = prefix + "self_attn."
         bias = None
@@ -125,8 +140,9 @@ class LlamaModel:
         Int4 when every part is a `Q4Weight` and the device is the CPU (the only kernel packed
         here), with a dense copy in the compute dtype for large batches; dense otherwise.
         """
-        if self.device.type == "cpu" and all(isinstance(p, Q4Weight) for p in parts):
-            weight = Q4Weight.cat(parts)
+        quantised = [p for p in parts if isinstance(p, Q4Weight)]
+        if self.device.type == "cpu" and len(quantised) == len(parts):
+            weight = Q4Weight.cat(quantised)
             dense = ops.pack_linear(self._dense(weight), bias)
             return pack_q4(weight, bias, dense)
         return ops.pack_linear(torch.cat([self._dense(p) for p in parts]), bias)
@@ -157,6 +173,8 @@ class LlamaModel:
         hidden = torch.empty(
             batch.num_rows, self.config.hidden_size, dtype=self.dtype, device=self.device
         )
+        # Without `token_ids`, the batch mixes inputs and gives both (rows, ids) pairs.
+        assert batch.input_tokens is not None and batch.input_slots is not None
         token_rows, token_ids = batch.input_tokens
         slot_rows, slot_ids = batch.input_slots
         if len(token_rows):
@@ -213,6 +231,7 @@ class LlamaModel:
             if group.valid is None:
                 out[group.rows] = result
             else:
+                assert isinstance(group.rows, torch.Tensor)  # padding implies indexed rows
                 out[group.rows[group.valid]] = result[group.valid]
         return out
 
@@ -224,10 +243,16 @@ class LlamaModel:
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         """Attention of one group; `q` holds exactly its (padded) query rows."""
+        if self.kernels.cuda:  # reads K/V straight from the pages, no gather
+            context = PagedContext.from_slots(group.slots, group.span)
+            return self.kernels.paged_attention(q, k_cache, v_cache, context, group.batch,
+                                                group.queries, group.mask, group.causal,
+                                                self.scale)
         if group.span is not None:
             k = k_cache[:, group.span[0] : group.span[1]].unsqueeze(1)
             v = v_cache[:, group.span[0] : group.span[1]].unsqueeze(1)
         else:
+            assert group.slots is not None  # a group without a span gathers its slots
             k = ops.gather_kv(k_cache, group.slots, self._gather_k)
             v = ops.gather_kv(v_cache, group.slots, self._gather_v)
         if group.queries > 1 and group.batch == 1 and group.valid is None:

@@ -1,4 +1,4 @@
-"""`ModelRunner`: the model layer's one face to the executor (see docs/layers.md).
+"""`ModelRunner`: the model layer's `Runner` (see `interface.py` and docs/layers.md).
 
 It owns the weights, the tokenizer and the KV pool, checks calls against them, and runs batches
 of calls synchronously. The executor calls `forward`/`embed`/`copy_kv`/`mask_kv` from its single
@@ -7,7 +7,7 @@ worker thread and `check` from the trio thread; nothing here blocks on anything 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from pie_trio.model.batch import build_batch
 from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv
 from pie_trio.model.checks import ModelLimits, check_call
 from pie_trio.model.config import ModelConfig
+from pie_trio.model.cuda_graphs import DecodeGraphs
 from pie_trio.model.hardware import (
     choose_dtype,
     choose_weights,
@@ -23,6 +24,7 @@ from pie_trio.model.hardware import (
     log_choice,
     resolve_device,
 )
+from pie_trio.model.interface import ModelInfo
 from pie_trio.model.kv_cache import (
     DEFAULT_EMBED_SLOTS,
     KvCache,
@@ -30,35 +32,10 @@ from pie_trio.model.kv_cache import (
     pages_for_budget,
 )
 from pie_trio.model.llama import LlamaModel
-from pie_trio.model.quant import Q4Weight
+from pie_trio.model.quant import Weight
 from pie_trio.model.sampling import results_for
 from pie_trio.model.tokenizer import Tokenizer
 from pie_trio.model.weights import load_model_files, projection_types
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What clients and inferlets may know about the served model.
-
-    `bos_token` / `eos_token` are the tokens' text (as chat templates use them); their ids are
-    `bos_token_id` / `eos_token_id`.
-    """
-
-    name: str
-    page_size: int
-    vocab_size: int
-    stop_tokens: list[int]
-    chat_template: str | None
-    bos_token: str | None
-    eos_token: str | None
-    max_position: int
-    num_pages: int
-    num_slots: int
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    dtype: str = ""
-    device: str = ""
-    weights: str = ""  # "int4", or the dtype of dense projection weights
 
 
 class ModelRunner:
@@ -68,7 +45,7 @@ class ModelRunner:
         self,
         name: str,
         config: ModelConfig,
-        tensors: dict[str, torch.Tensor | Q4Weight],
+        tensors: Mapping[str, Weight],
         tokenizer: Tokenizer,
         *,
         device: torch.device,
@@ -90,6 +67,7 @@ class ModelRunner:
             budget = kv_memory if kv_memory is not None else default_kv_budget(device)
             num_pages = pages_for_budget(config, budget, page_size, dtype)
         self.kv = KvCache(config, num_pages, page_size, num_slots, dtype, device)
+        self.graphs = DecodeGraphs.for_device(self.model, self.kv, self.model.kernels)
         self.generator = torch.Generator(device=device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -180,6 +158,10 @@ class ModelRunner:
     def logits(self, calls: list[Forward]) -> torch.Tensor:
         """The forward pass alone: raw fp32 logits `[outputs, vocab]` of every call's output
         indices, in call order (no vocabulary mask, bias or sampling applied)."""
+        if self.graphs is not None:  # a plain decode batch replays its captured graph
+            logits = self.graphs.logits(calls)
+            if logits is not None:
+                return logits
         batch = build_batch(calls, self.kv)
         return self.model.forward(batch, self.kv)
 
