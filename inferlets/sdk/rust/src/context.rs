@@ -25,6 +25,8 @@ use crate::runtime;
 use crate::sampler::Sampler;
 use crate::tokenizer;
 
+mod draft;
+
 /// One token of the sequence: its id, its position (RoPE), and whether it is masked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Slot {
