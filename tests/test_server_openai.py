@@ -40,11 +40,31 @@ async def http(server):
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content"),
+    # Parameters the server does not implement are refused by name, never silently ignored.
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "'frobnicate'"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt": "x"},
+     400, "'prompt'"),
 ])
 async def test_bad_requests_get_openai_errors(http, path, body, status, words):
     response = await http.post(path, json=body)
     assert response.status_code == status
     assert words in response.json()["error"]["message"]
+
+
+async def test_parameters_at_their_neutral_values_are_accepted(http):
+    response = await http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+        "logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+        "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "user": "u", "n": 1})
+    assert response.status_code == 200, response.text
 
 
 async def completion(http, **body) -> dict:

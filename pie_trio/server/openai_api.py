@@ -120,9 +120,38 @@ def parse_params(body: Any, state: ServerState, chat: bool) -> Params:
     params.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     if _number(body, "n", int, 1, low=1, high=1) != 1:
         raise HttpError(400, "only n=1 is supported")
-    if body.get("logprobs") or body.get("echo") or body.get("tools"):
-        raise HttpError(400, "logprobs, echo and tools are not supported")
+    _refuse_unimplemented(body, chat)
     return params
+
+
+# Parameters this server implements, by endpoint; `user` is metadata and needs nothing.
+_IMPLEMENTED = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                          "stream_options", "ignore_eos", "user", "n"})
+_IMPLEMENTED_BY_ENDPOINT = {True: frozenset({"messages", "max_completion_tokens"}),
+                            False: frozenset({"prompt"})}
+# Parameters accepted only at the value that asks for nothing: the answer a client gets is then
+# exactly what it asked for. Any other value is refused rather than silently ignored.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+    "tools": ((),), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},), "frequency_penalty": (0,), "presence_penalty": (0,),
+    "logit_bias": ({},), "suffix": ("",), "store": (False,), "metadata": ({},),
+}
+
+
+def _refuse_unimplemented(body: dict[str, Any], chat: bool) -> None:
+    """A 400 naming the first parameter this server would otherwise ignore."""
+    for key, value in body.items():
+        if key in _IMPLEMENTED or key in _IMPLEMENTED_BY_ENDPOINT[chat]:
+            continue
+        if key in _NEUTRAL:
+            neutral = _NEUTRAL[key]
+            if value is None or value in neutral or (isinstance(value, list) and not value):
+                continue
+            raise HttpError(400, f"{key}={json.dumps(value)[:80]} is not supported by this "
+                                 "server; leave it out (or at its default) to get plain text")
+        raise HttpError(400, f"unknown or unsupported parameter {key!r} for "
+                             f"{'/v1/chat/completions' if chat else '/v1/completions'}")
 
 
 def _completion_prompt(body: dict[str, Any]) -> str:
