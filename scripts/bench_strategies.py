@@ -12,7 +12,9 @@ sequence at a time (batch 1), with the modules the build script makes:
 2. prefix caching: time to first token (launch to end at one output token) of
    `prefix-caching` importing a ~1,000-token shared prompt against `--no-cache`, which prefills
    it every time.
-3. skeleton-of-thought: its points expanded in parallel forks against `--sequential`.
+3. skeleton-of-thought: its points expanded in parallel forks against `--sequential`, and
+   tree-of-thought (breadth = the points, 2 kept, depth 2) against `--sequential`, its levels'
+   thoughts generated one after another.
 4. attention sink: tokens per second generating 1x against 4x the KV budget.
 
 After one short warm-up run of each program, each configuration runs `repeats` times (1 with
@@ -40,7 +42,7 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_inferlets.py"
 PROGRAMS = ("text-completion", "speculative-decoding", "prefix-caching", "skeleton-of-thought",
-            "attention-sink")
+            "attention-sink", "tree-of-thought")
 
 COPY_PROMPTS = (
     "Repeat this text exactly: The quick brown fox jumps over the lazy dog. A journey of a "
@@ -67,8 +69,8 @@ def log(message: str) -> None:
 class Sizes:
     max_tokens: int  # speculative decoding, per prompt
     shared_tokens: int  # prefix caching: about this many tokens of shared prompt
-    points: int  # skeleton-of-thought
-    point_tokens: int
+    points: int  # skeleton-of-thought; tree-of-thought's breadth
+    point_tokens: int  # and its thought tokens
     budget_pages: int  # attention sink
     repeats: int
 
@@ -198,6 +200,23 @@ async def bench_skeleton(runtime: Any, programs: dict[str, str], sizes: Sizes,
             "sequential_s": round(median_seconds(alone), 3), "speedup": round(ratio, 3)}
 
 
+async def bench_tree(runtime: Any, programs: dict[str, str], sizes: Sizes) -> dict[str, Any]:
+    args = ["--breadth", sizes.points, "--keep", 2, "--depth", 2, "--thought-tokens",
+            sizes.point_tokens, "--ignore-eos", QUESTION]
+    program = programs["tree-of-thought"]
+    together, alone = await alternate(
+        sizes.repeats,
+        partial(run_program, runtime, program, *args),
+        partial(run_program, runtime, program, "--sequential", *args),
+    )
+    ratio = median_seconds(alone) / median_seconds(together)
+    forks = together[-1].report()["forks"]
+    log(f"  {forks} thoughts: levels in parallel {median_seconds(together):.2f} s, one after "
+        f"another {median_seconds(alone):.2f} s (x{ratio:.2f})")
+    return {"forks": forks, "parallel_s": round(median_seconds(together), 3),
+            "sequential_s": round(median_seconds(alone), 3), "speedup": round(ratio, 3)}
+
+
 async def bench_sink(runtime: Any, programs: dict[str, str], sizes: Sizes,
                      page_size: int) -> dict[str, Any]:
     budget_tokens = sizes.budget_pages * page_size
@@ -222,6 +241,7 @@ WARM_UP_ARGS = {
     "prefix-caching": ["--no-cache", "--prefix", "Hi", "--max-tokens", 1, "Hi"],
     "skeleton-of-thought": ["--outline", "a", "--point-tokens", 1, "Hi"],
     "attention-sink": ["--max-tokens", 1, "Hi"],
+    "tree-of-thought": ["--breadth", 1, "--depth", 1, "--thought-tokens", 1, "Hi"],
 }
 
 
@@ -255,6 +275,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             runtime, programs, sizes, lambda text: len(runner.tokenizer.encode(text)))
         log("skeleton-of-thought against expanding its points one after another:")
         record["skeleton_of_thought"] = await bench_skeleton(runtime, programs, sizes, args.quick)
+        log("tree-of-thought against generating each level's thoughts one after another:")
+        record["tree_of_thought"] = await bench_tree(runtime, programs, sizes)
         log("attention sink at 1x and 4x its KV budget:")
         record["attention_sink"] = await bench_sink(runtime, programs, sizes,
                                                     runner.info.page_size)

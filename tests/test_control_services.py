@@ -324,7 +324,7 @@ async def test_forward_returns_only_what_was_asked(stack):
         ({"op": "forward", "pages": [0], "last_page_len": 1, "positions": [0], "tokens": [1],
           "sampler": {"temp": 1}},
          "forward: sampler: unknown field 'temp'; expected some of "
-         "['temperature', 'top_k', 'top_p', 'min_p', 'seed']"),
+         "['temperature', 'top_k', 'top_p', 'min_p', 'seed', 'matcher']"),
         ({"op": "forward", "pages": [0], "last_page_len": 1, "positions": [0], "tokens": [1],
           "logit_bias": {"7": 1.0}},
          "forward: field 'logit_bias' keys must be token ids (int), got str"),

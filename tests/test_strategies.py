@@ -213,3 +213,160 @@ async def test_skeleton_of_thought_expands_points_together(tiny_runner,
     # Unshared, each fork would allocate its whole span; shared, the outline's pages once.
     assert allocated <= sum(spans) - (len(points) - 1) * shared + 1
     assert stats["pages_in_use"] == 0
+
+
+# --- tree-of-thought -------------------------------------------------------------------------
+
+PROBLEM = ("A farmer has seventeen sheep, and all but nine run away through a hole in the fence. "
+           "How many sheep does the farmer have left, and what should the farmer fix first? "
+           "Explain the reasoning carefully before giving the final answer.")
+
+
+async def test_tree_of_thought_levels_advance_together_and_share_pages(tiny_runner,
+                                                                       built_modules):
+    """Every level's thoughts step in the same forward batches and share the prompt's pages
+    (and their parents'); generated one after another they are the same thoughts."""
+    breadth, keep, tokens = 3, 2, 8
+    args = ["--breadth", breadth, "--keep", keep, "--depth", 2, "--thought-tokens", tokens,
+            "--ignore-eos", PROBLEM]
+    # The executor waits (briefly) for the widest level's forwards, so batching does not
+    # depend on how fast the guest thread submits.
+    policy = make_policy("kort", k=breadth * keep, t=0.2)
+    async with running_stack(tiny_runner, policy=policy) as stack:
+        meter = PageMeter(stack)
+        forwards = stack.executor.stats.recent_forwards
+        forwards.clear()
+        together = await _run(stack, built_modules, "tree-of-thought", *args)
+        batches = [len(record.owners) for record in forwards]
+        allocated = meter.allocated
+        stats = stack.controller.stats()
+    async with running_stack(tiny_runner) as stack:
+        alone = await _run(stack, built_modules, "tree-of-thought", "--sequential", *args)
+    assert together.return_value == alone.return_value
+    levels = [json.loads(m) for m in _messages(together)]
+    assert [len(level["thoughts"]) for level in levels] == [breadth, breadth * keep]
+    assert [len(level["kept"]) for level in levels] == [keep, keep]
+    assert {t["parent"] for t in levels[1]["thoughts"]} == set(range(keep))
+    # Each thought's tokens: one forward batch per token for the whole level.
+    assert batches.count(breadth) >= tokens and batches.count(breadth * keep) >= tokens
+    report = _report(together)
+    shared, spans = report["shared_pages"], report["fork_pages"]
+    assert report["forks"] == len(spans) == breadth + breadth * keep and shared >= 2
+    # Unshared, every fork would allocate its whole span; shared, the prompt's pages once and
+    # each fork only the pages past what it shares.
+    assert allocated <= sum(spans) - (len(spans) - 1) * shared + 1
+    assert 2 * allocated < sum(spans)
+    assert stats["pages_in_use"] == 0
+
+
+# --- prefix-tree -----------------------------------------------------------------------------
+
+LIBRARY_DESK = SYSTEM_PROMPT[:len(SYSTEM_PROMPT) // 2]  # two copies of the desk's prompt
+FEW_SHOT = ["Example: Q: Is the library open on Sunday? A: No, it is closed on Sundays.",
+            "Example: Q: How much is a late fee? A: Ten cents a day for every late item."]
+QUESTIONS = ["Q: When do you open on Saturday? A:", "Q: How long is a film loan? A:",
+             "Q: Can I renew a book? A:"]
+
+
+async def test_prefix_tree_shares_every_level_and_steps_leaves_together(tiny_runner,
+                                                                        built_modules):
+    """Every leaf of system prompt → few-shot variant → question generates in the same forward
+    batches; the root's pages are allocated once for all leaves, each variant's once for its
+    questions."""
+    tokens, leaves = 8, len(FEW_SHOT) * len(QUESTIONS)
+    args = ["--system", LIBRARY_DESK, "--max-tokens", tokens, "--ignore-eos"]
+    for variant in FEW_SHOT:
+        args += ["--variant", variant]
+    for question in QUESTIONS:
+        args += ["--question", question]
+    policy = make_policy("kort", k=leaves, t=0.2)
+    async with running_stack(tiny_runner, policy=policy) as stack:
+        meter = PageMeter(stack)
+        forwards = stack.executor.stats.recent_forwards
+        forwards.clear()
+        together = await _run(stack, built_modules, "prefix-tree", *args)
+        batches = [len(record.owners) for record in forwards]
+        allocated = meter.allocated
+        stats = stack.controller.stats()
+    async with running_stack(tiny_runner) as stack:
+        alone = await _run(stack, built_modules, "prefix-tree", "--sequential", *args)
+    assert together.return_value == alone.return_value
+    assert len(json.loads(together.return_value)) == leaves
+    assert batches.count(leaves) >= tokens
+    report = _report(together)
+    root, variants, spans = report["root_pages"], report["variant_pages"], report["leaf_pages"]
+    assert report["leaves"] == len(spans) == leaves
+    assert root >= 2 and all(pages > root for pages in variants)
+    # The root allocates its pages (and a partial one), each variant what lies past the root's
+    # full pages, each leaf what lies past its variant's.
+    per_leaf = [variants[i // len(QUESTIONS)] for i in range(leaves)]
+    bound = (root + 1 + sum(pages - root + 1 for pages in variants)
+             + sum(span - shared for span, shared in zip(spans, per_leaf, strict=True)))
+    assert allocated <= bound
+    assert 2 * allocated < sum(spans)  # unshared, each leaf would allocate its whole span
+    assert stats["pages_in_use"] == 0
+
+
+# --- windowed-attention ----------------------------------------------------------------------
+
+async def test_windowed_attention_attends_a_window_in_bounded_pages(tiny_runner, built_modules):
+    """Four windows' worth generated with no sinks while the pages in use stay at the window's
+    pages plus one; the attended tokens are exactly the window; until the window first slides
+    the text is plain greedy decoding's."""
+    page_size = tiny_runner.info.page_size
+    window, tokens = 2 * page_size, 8 * page_size
+    prompt = "Once upon a time there was a fox"
+    prompt_tokens = len(tiny_runner.tokenizer.encode(prompt))
+    async with running_stack(tiny_runner) as stack:
+        meter = PageMeter(stack)
+        plain = await _run(stack, built_modules, "text-completion", "--max-tokens",
+                           window - prompt_tokens, "--ignore-eos", prompt)
+        meter.reset()
+        windowed = await _run(stack, built_modules, "windowed-attention", "--window", window,
+                              "--max-tokens", tokens, "--ignore-eos", prompt)
+        stats = stack.controller.stats()
+    report = _report(windowed)
+    assert report["tokens"] == tokens
+    bound = window // page_size + 1
+    assert meter.peak <= bound and report["peak_pages"] <= bound
+    assert meter.allocated >= tokens // page_size  # pages were freed and allocated again
+    assert report["attended"] == window
+    # Everything forwarded (the last sampled token stays pending) but the window is masked.
+    assert report["masked"] == prompt_tokens + tokens - 1 - window
+    assert windowed.return_value.startswith(plain.return_value.rstrip("\ufffd"))
+    assert stats["pages_in_use"] == 0
+
+
+# --- graph-of-thought ------------------------------------------------------------------------
+
+async def test_graph_of_thought_drafts_together_and_merges_off_the_shared_prompt(tiny_runner,
+                                                                                 built_modules):
+    """The drafts step in the same forward batches; drafts and merge share the question's
+    pages, and the merge prefills only what follows them (the drafts' text)."""
+    branches, tokens = 3, 8
+    args = ["--branches", branches, "--branch-tokens", tokens, "--merge-tokens", tokens,
+            "--ignore-eos", PROBLEM]
+    policy = make_policy("kort", k=branches, t=0.2)
+    async with running_stack(tiny_runner, policy=policy) as stack:
+        meter = PageMeter(stack)
+        forwards = stack.executor.stats.recent_forwards
+        forwards.clear()
+        together = await _run(stack, built_modules, "graph-of-thought", *args)
+        batches = [len(record.owners) for record in forwards]
+        allocated = meter.allocated
+        stats = stack.controller.stats()
+    async with running_stack(tiny_runner) as stack:
+        alone = await _run(stack, built_modules, "graph-of-thought", "--sequential", *args)
+    assert together.return_value == alone.return_value
+    messages = [json.loads(m) for m in _messages(together)]
+    assert [m.get("branch") for m in messages[:branches]] == list(range(branches))
+    assert messages[-1] == {"merged": together.return_value}
+    assert batches.count(branches) >= tokens
+    report = _report(together)
+    shared, page_size = report["shared_pages"], tiny_runner.info.page_size
+    spans = [*report["branch_pages"], report["merge_pages"]]
+    assert shared >= 2 and len(spans) == branches + 1
+    # Unshared, each fork would allocate its whole span; shared, the question's pages once.
+    assert allocated <= sum(spans) - (len(spans) - 1) * shared + 1
+    assert report["merge_prefilled"] <= (report["merge_pages"] - shared) * page_size
+    assert stats["pages_in_use"] == 0

@@ -2,7 +2,8 @@
 
 That is the instance's own state — its virtual page and slot ids and its queues — and the
 services all instances share, each reached directly: the physical pools, exports, topics, the
-store, the model's description and tokenizer, and the executor (with pinning). The instance's
+store, the model's description and tokenizer, the grammar compiler, and the executor (with
+pinning). Its grammars and matchers are the instance's own too. The instance's
 lifecycle (its nursery, its pending answers, closing) is not here: handlers cannot reach it.
 The service modules' ops declare the one service they use as a small Protocol, which this
 class satisfies; the resource and model ops (`kv.py`, `inference.py`) take it whole.
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 
 from pie_trio.control.execution import ExecutorAccess
 from pie_trio.control.exports import ExportRegistry
+from pie_trio.control.grammar import GrammarCompiler, InstanceGrammars
 from pie_trio.control.messaging import Topics
 from pie_trio.control.model_view import ModelView
 from pie_trio.control.queues import Queues
 from pie_trio.control.resources import PhysicalPool, VirtualIds
 from pie_trio.control.store import KeyValueStore
+from pie_trio.control.tools import InstanceTools
 
 
 @dataclass(frozen=True)
@@ -28,14 +31,17 @@ class InstanceContext:
     pages: VirtualIds  # the instance's names for physical pages
     slots: VirtualIds  # ... and for physical embedding slots
     queues: Queues
+    grammars: InstanceGrammars  # the instance's compiled grammars and matchers
     physical_pages: PhysicalPool
     physical_slots: PhysicalPool
     exports: ExportRegistry
     topics: Topics
     store: KeyValueStore
     model: ModelView
+    grammar_compiler: GrammarCompiler
     executor: ExecutorAccess
     tenant_of: Callable[[str], str]  # instance id → tenant, asked at each use (it may change)
+    tools: InstanceTools  # the tool policy and the instance's HTTP requests in flight
 
     def tenant(self) -> str:
         """The tenant this instance runs for: whom its allocations and exports belong to."""
@@ -48,3 +54,4 @@ class InstanceContext:
         self.exports.remove_owned_by(self.instance_id)
         self.topics.unsubscribe_all(self.instance_id)
         self.queues.clear()
+        self.grammars.clear()

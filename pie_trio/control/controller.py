@@ -1,10 +1,10 @@
 """`Controller`: the control layer between the runtime's instances and the executor.
 
 It builds what instances share — the physical page and slot pools with their reference counts,
-the export registry, the pub/sub topics, the key-value store, the model's view — and gives each
-attached instance an `InstanceContext` over them and an `InstanceControl` to run in. All of it
-runs in the controller's nursery on the trio thread, so the shared state is only ever touched by
-one task at a time between checkpoints.
+the export registry, the pub/sub topics, the key-value store, the model's view, the grammar
+compiler — and gives each attached instance an `InstanceContext` over them and an
+`InstanceControl` to run in. All of it runs in the controller's nursery on the trio thread, so
+the shared state is only ever touched by one task at a time between checkpoints.
 
 Out of capacity is refused, never queued: an allocation (or a copy-on-write) that needs more
 pages than are free fails at once with ``out of KV pages: N requested, M free`` (and likewise
@@ -24,12 +24,14 @@ import trio
 from pie_trio.control.context import InstanceContext
 from pie_trio.control.execution import ExecutorAccess
 from pie_trio.control.exports import ExportPolicy, ExportRegistry
+from pie_trio.control.grammar import GrammarCompiler, InstanceGrammars
 from pie_trio.control.instance import InstanceControl
 from pie_trio.control.messaging import Topics
 from pie_trio.control.model_view import ModelView
 from pie_trio.control.queues import Queues
 from pie_trio.control.resources import PAGES, SLOTS, PhysicalPool, Releaser, VirtualIds
 from pie_trio.control.store import KeyValueStore
+from pie_trio.control.tools import InstanceTools, ToolPolicy, Tools
 from pie_trio.executor.interface import CallExecutor
 from pie_trio.model.interface import ModelInfo
 from pie_trio.model.tokenizer import Tokenizer
@@ -43,6 +45,9 @@ class ControlLimits:
     store_max_key_bytes: int = 1024
     store_max_value_bytes: int = 1 << 20
     store_max_total_bytes: int = 64 << 20
+    max_grammars: int = 32  # per instance: compiled grammars held
+    max_matchers: int = 256  # per instance: one per constrained sequence
+    grammar_cache: int = 64  # compiled grammars kept for reuse by content, all instances
 
 
 def _no_tenant(instance_id: str) -> str:
@@ -64,7 +69,8 @@ class Controller:
     """The runtime's control layer (`control.interface.ControlService`)."""
 
     def __init__(self, executor: CallExecutor, runner_info: ModelInfo, tokenizer: Tokenizer,
-                 limits: ControlLimits | None = None, tenancy: Tenancy | None = None):
+                 limits: ControlLimits | None = None, tenancy: Tenancy | None = None,
+                 tools: ToolPolicy | None = None):
         self.info = runner_info
         self.limits = limits or ControlLimits()
         self.tenancy = tenancy or Tenancy()
@@ -79,6 +85,10 @@ class Controller:
                                    self.limits.store_max_value_bytes,
                                    self.limits.store_max_total_bytes)
         self.model = ModelView(runner_info, tokenizer)
+        self.tools = Tools(tools)  # outbound HTTP for inferlets: off unless the policy allows
+        self.grammar_compiler = GrammarCompiler(tokenizer, runner_info.vocab_size,
+                                                runner_info.stop_tokens,
+                                                cache_size=self.limits.grammar_cache)
         self._executor_access = ExecutorAccess(executor, self.pages, self.slots)
         self._instances: dict[str, InstanceControl] = {}
         self._nursery: trio.Nursery | None = None
@@ -121,14 +131,18 @@ class Controller:
             pages=VirtualIds("page"),
             slots=VirtualIds("slot"),
             queues=Queues(self.limits.max_queues),
+            grammars=InstanceGrammars(self.info.vocab_size, self.limits.max_grammars,
+                                      self.limits.max_matchers),
             physical_pages=self.pages,
             physical_slots=self.slots,
             exports=self.exports,
             topics=self.topics,
             store=self.store,
             model=self.model,
+            grammar_compiler=self.grammar_compiler,
             executor=self._executor_access,
             tenant_of=self.tenant_of,
+            tools=InstanceTools(self.tools),
         )
 
     def tenant_of(self, instance_id: str) -> str:
@@ -149,4 +163,5 @@ class Controller:
             "instances": len(self._instances),
             "subscriptions": self.topics.subscription_count(),
             "store_keys": len(self.store),
+            "grammars_cached": len(self.grammar_compiler),
         }

@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pie_trio.control import clock, inference, kv, messaging, model_view, queues, store
+from pie_trio.control import clock, grammar, inference, kv, messaging, model_view, queues, store
 from pie_trio.control.context import InstanceContext
 from pie_trio.control.fields import ControlError, Fields, is_int, type_name
 from pie_trio.control.interface import RUNTIME_OPS, Response
 from pie_trio.control.queues import Queue, QueuedRequest, Queues
+from pie_trio.control.tools import http_request
 from pie_trio.model.calls import CallError
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ OPS: dict[str, Op] = {
     "tokenize": Op(model_view.tokenize, ("text",)),
     "detokenize": Op(model_view.detokenize, ("tokens",)),
     "vocab": Op(model_view.vocab),
+    "grammar_compile": Op(grammar.grammar_compile, ("kind", "source")),
+    "grammar_free": Op(grammar.grammar_free, ("grammar",)),
+    "matcher_create": Op(grammar.matcher_create, ("grammar",)),
+    "matcher_free": Op(grammar.matcher_free, ("matcher",)),
+    "matcher_consume": Op(grammar.matcher_consume, ("matcher", "tokens")),
+    "http_request": Op(http_request,
+                        ("method", "url", "headers", "body", "json", "timeout_ms",
+                         "follow_redirects", "parse_json")),
 }
 
 

@@ -7,6 +7,10 @@ error before anything runs), makes every page it is about to write private to th
 the model — token ids, positions, page fill, masks, output indices, sampler values, vocabulary
 masks, offsets within a page — are the model's to check (`model/checks.py`, through the
 executor); its `CallError` comes back to the guest as an error response.
+
+A forward whose sampler names a grammar matcher (grammar.py) is constrained: its vocabulary
+mask is the matcher's, computed just before the call is submitted, and the sampled token
+advances the matcher when the result comes back; the answer says whether the matcher is done.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from pie_trio.control.context import InstanceContext
-from pie_trio.control.fields import Fields, distinct, is_int, type_name
+from pie_trio.control.fields import ControlError, Fields, distinct, is_int, type_name
 from pie_trio.control.kv import make_private
 from pie_trio.control.resources import OWNER
 from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
 
-SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed")
+SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed")  # how a token is drawn
+MATCHER_FIELD = "matcher"  # which grammar matcher constrains the draw (grammar.py)
 
 
 def written_pages(num_pages: int, last_page_len: int, num_inputs: int,
@@ -67,18 +72,60 @@ async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, A
         vocab_mask=f.blob("vocab_mask", None),
         logit_bias=_logit_bias(f),
     )
+    matcher_id = _matcher_id(f, call)
     # Every id must be held before anything is copied; resolve again after the copies, which
     # may remap pages (and a concurrent request of the instance may have freed something).
     ctx.pages.resolve(vids)
     ctx.slots.resolve(slot_vids or [])
+    if matcher_id is not None:
+        ctx.grammars.matcher(matcher_id)  # held, likewise
     for index, keep_rows in written_pages(len(vids), last_page_len, num_inputs, page_size):
         await make_private(ctx, vids[index], keep_rows, priority)
     call.kv_pages = ctx.pages.resolve(vids)
     if slot_vids is not None:
         call.embed_slots = ctx.slots.resolve(slot_vids)
-    result = await ctx.executor.run(call, priority, pages=call.kv_pages,
-                                    slots=call.embed_slots or [])
-    return _result_value(result)
+    if matcher_id is not None:
+        return await _run_constrained(ctx, call, matcher_id, priority)
+    return _result_value(await _run_forward(ctx, call, priority))
+
+
+async def _run_forward(ctx: InstanceContext, call: Forward, priority: int) -> ForwardResult:
+    return await ctx.executor.run(call, priority, pages=call.kv_pages,
+                                  slots=call.embed_slots or [])
+
+
+async def _run_constrained(ctx: InstanceContext, call: Forward, matcher_id: int,
+                           priority: int) -> dict[str, Any]:
+    """Run `call` with the matcher's mask and advance the matcher by the sampled token.
+
+    The mask is computed on the trio thread (tens of microseconds) right before submitting,
+    and the matcher is held meanwhile: no other forward may mask with it until its token is in.
+    """
+    with ctx.grammars.using(matcher_id) as matcher:
+        call.vocab_mask = matcher.mask()
+        result = await _run_forward(ctx, call, priority)
+        value = _result_value(result)
+        tokens = result.tokens or []
+        if len(tokens) != 1:  # the call had one output and a sampler (`_matcher_id`)
+            raise ControlError(f"expected one sampled token, got {len(tokens)}")
+        value["done"] = matcher.advance(tokens[0])
+    return value
+
+
+def _matcher_id(f: Fields, call: Forward) -> int | None:
+    """The matcher the sampler names, if any; it needs one output and no mask of the guest's."""
+    raw = f.mapping("sampler", None)
+    if raw is None:
+        return None
+    matcher_id = Fields(raw, prefix="sampler: ").integer(MATCHER_FIELD, None)
+    if matcher_id is None:
+        return None
+    if len(call.output_indices) != 1:
+        raise f.error("a sampler naming a matcher needs exactly one output, "
+                      f"got {len(call.output_indices)}")
+    if call.vocab_mask is not None:
+        raise f.error("give either 'vocab_mask' or a sampler naming a matcher, not both")
+    return matcher_id
 
 
 def _inputs(f: Fields) -> tuple[list[int] | None, list[int] | None]:
@@ -97,9 +144,10 @@ def _sampler(f: Fields) -> Sampler | None:
     if raw is None:
         return None
     s = Fields(raw, prefix="sampler: ")
-    unknown = sorted(str(k) for k in raw if k not in SAMPLER_FIELDS)
+    unknown = sorted(str(k) for k in raw if k not in SAMPLER_FIELDS and k != MATCHER_FIELD)
     if unknown:
-        raise s.error(f"unknown field {unknown[0]!r}; expected some of {list(SAMPLER_FIELDS)}")
+        raise s.error(f"unknown field {unknown[0]!r}; expected some of "
+                      f"{[*SAMPLER_FIELDS, MATCHER_FIELD]}")
     return Sampler(
         temperature=s.number("temperature", 0.0),
         top_k=s.integer("top_k", 0),

@@ -2,8 +2,9 @@
 reference, chosen once per device.
 
 `select(device)` returns a `Kernels`: on CUDA with CuPy importable, and the kernels enabled
-(`PIE_TRIO_CUDA_KERNELS=1`), it runs the raw kernels wherever their shape limits allow and the torch references elsewhere; on the CPU (or without
-CuPy) it is the torch references throughout, so the CPU path is the very code it always was.
+(`PIE_TRIO_CUDA_KERNELS=1`), it runs the raw kernels wherever their shape limits allow and the
+torch references elsewhere; on the CPU (or without CuPy) it is the torch references throughout,
+so the CPU path is the very code it always was.
 Each op's reference is written here beside its dispatch, from the functions of `torch_ops`, and
 the GPU tests hold every kernel to it.
 """

@@ -74,6 +74,8 @@ pub struct StepOutput {
     pub token: Option<u32>,
     /// The top-k distribution, when asked for.
     pub dist: Option<Distribution>,
+    /// When the sampler names a matcher: whether its grammar is complete after this token.
+    pub done: bool,
 }
 
 /// A forward pass prepared against the context's state: pages allocated, request built.
@@ -403,6 +405,7 @@ impl Context {
             let token = output.token()?;
             self.fill_token(token);
             result.token = Some(token);
+            result.done = output.done.unwrap_or(false);
         }
         if plan.request.top_k > 0 {
             result.dist = Some(output.dist()?);

@@ -93,6 +93,9 @@ pub struct ForwardOutput {
     pub dists: Option<Vec<Distribution>>,
     #[serde(default)]
     pub tokens: Option<Vec<u32>>,
+    /// With a sampler naming a matcher: whether its grammar is complete after this token.
+    #[serde(default)]
+    pub done: Option<bool>,
 }
 
 impl ForwardOutput {

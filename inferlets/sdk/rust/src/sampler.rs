@@ -1,5 +1,7 @@
 use serde::Serialize;
 
+use crate::grammar::Matcher;
+
 /// How the host turns a next-token distribution into a token. Every field is optional; an
 /// absent one takes the host's default. Temperature 0 is greedy (argmax).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -14,6 +16,10 @@ pub struct Sampler {
     pub min_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// A grammar matcher's id: sample only what the grammar allows, and advance the matcher
+    /// (see [`crate::grammar`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<u32>,
 }
 
 impl Sampler {
@@ -43,6 +49,12 @@ impl Sampler {
 
     pub fn with_seed(mut self, seed: u64) -> Sampler {
         self.seed = Some(seed);
+        self
+    }
+
+    /// Constrain sampling to what `matcher`'s grammar allows next.
+    pub fn with_matcher(mut self, matcher: &Matcher) -> Sampler {
+        self.matcher = Some(matcher.id());
         self
     }
 
