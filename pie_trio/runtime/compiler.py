@@ -18,9 +18,13 @@ Before the child is even started, `scan` walks the module's section headers (a f
 section ids, sizes and the function and code counts are read) and the store refuses modules past
 its limits on function count and code size, and modules with a start function.
 
-Run as a script (`python -I compiler.py MEMORY_BYTES CPU_SECONDS`) it is the child: WebAssembly
-on stdin, the serialised module on stdout, exit status 2 and a one-line reason on stderr for an
-invalid module.
+Components (docs/abi.md, "Components") are compiled the same way, in the same bounded child;
+their nested core modules are not scanned (a CPython component is ~40 MB and compiles for several
+seconds), so the program store gives them limits of their own (`ProgramLimits`).
+
+Run as a script (`python -I compiler.py MEMORY_BYTES CPU_SECONDS [component]`) it is the child:
+WebAssembly on stdin, the serialised module (or component) on stdout, exit status 2 and a
+one-line reason on stderr for an invalid one.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ import sys
 from dataclasses import dataclass
 
 import wasmtime
+import wasmtime.component
 
 WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\0\0\0"
+COMPONENT_VERSION = b"\x0d\0\x01\0"  # version 0xd, layer 1: a component
 FUNCTION_SECTION, START_SECTION, CODE_SECTION = 3, 8, 10
 EXIT_INVALID = 2  # the child's status for a module wasmtime refused
 MIN_COMPILE_MEMORY = 64 << 20  # Python and wasmtime alone need ~30 MB before any compiling
@@ -67,6 +73,11 @@ class Sections:
     functions: int  # functions the module defines (not imports)
     code_bytes: int  # size of the code section: the function bodies
     has_start: bool  # a start function, which would run during instantiation
+
+
+def is_component(wasm: bytes) -> bool:
+    """Whether the bytes claim to be a WebAssembly component (the preamble only)."""
+    return wasm[:4] == WASM_MAGIC and wasm[4:8] == COMPONENT_VERSION
 
 
 def scan(wasm: bytes) -> Sections:
@@ -114,8 +125,10 @@ def _leb128(data: bytes, offset: int) -> tuple[int, int]:
 # -- the compile, in a child process ---------------------------------------------------------
 
 
-def compile_in_child(wasm: bytes, *, timeout: float, memory_bytes: int) -> bytes:
-    """Validate and compile `wasm` in a child process; its serialised code.
+def compile_in_child(wasm: bytes, *, timeout: float, memory_bytes: int,
+                     component: bool = False) -> bytes:
+    """Validate and compile `wasm` (a core module, or a component) in a child process; its
+    serialised code.
 
     Raises ProgramError for an invalid module, or one whose compile would take longer than
     `timeout` seconds or more than `memory_bytes` of memory.
@@ -123,7 +136,7 @@ def compile_in_child(wasm: bytes, *, timeout: float, memory_bytes: int) -> bytes
     memory_bytes = max(memory_bytes, MIN_COMPILE_MEMORY)
     cpu_seconds = int(timeout * (os.cpu_count() or 1)) + 5  # a backstop if we are gone
     command = [sys.executable, "-I", os.path.abspath(__file__), str(memory_bytes),
-               str(cpu_seconds)]
+               str(cpu_seconds), *(["component"] if component else [])]
     try:
         child = subprocess.run(command, input=wasm, capture_output=True, timeout=timeout,
                                check=False)
@@ -160,20 +173,24 @@ def short_message(exc: Exception) -> str:
     return " ".join(part.strip() for part in (head, cause) if part.strip()).replace("\n", " ")
 
 
-def _child_main(memory_bytes: int, cpu_seconds: int) -> int:
+def _child_main(memory_bytes: int, cpu_seconds: int, component: bool) -> int:
     resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     _die_with_parent()
     os.nice(10)  # the server's own threads (the model, the event loop) come first
     wasm = sys.stdin.buffer.read()
     engine = make_engine()
+    compiled: wasmtime.Module | wasmtime.component.Component
     try:
-        wasmtime.Module.validate(engine, wasm)
-        module = wasmtime.Module(engine, wasm)
+        if component:
+            compiled = wasmtime.component.Component(engine, wasm)  # validates as it compiles
+        else:
+            wasmtime.Module.validate(engine, wasm)
+            compiled = wasmtime.Module(engine, wasm)
     except wasmtime.WasmtimeError as exc:
         sys.stderr.write(short_message(exc))
         return EXIT_INVALID
-    sys.stdout.buffer.write(module.serialize())
+    sys.stdout.buffer.write(compiled.serialize())
     return 0
 
 
@@ -188,4 +205,4 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["component"]))

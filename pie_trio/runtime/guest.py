@@ -1,8 +1,9 @@
 """The guest thread: one per instance, owning the instance's wasmtime Store from birth to death.
 
 A Store must only be touched by the thread running it, so this thread creates it, runs the
-program's `_start` to completion, reads how it ended, deletes the store and, as its very last
-act, tells the trio thread it is done (through the bridge, behind every request it posted).
+program's `_start` to completion (a component's `run`: component.py), reads how it ended,
+deletes the store and, as its very last act, tells the trio thread it is done (through the
+bridge, behind every request it posted).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import wasmtime
 
 from pie_trio.runtime.abi import HostCalls
 from pie_trio.runtime.bridge import Bridge
+from pie_trio.runtime.component import run_component
 from pie_trio.runtime.programs import Program
 from pie_trio.runtime.sandbox import Guard, InstanceLimits, MiB, Termination, limit_hit
 
 log = logging.getLogger(__name__)
 
 OnExit = Callable[[Termination, "str | None"], None]
+# A component is several core instances (CPython, its libc, the WASI adapter and shims), each
+# with its tables and memories; a core module is one instance with one memory.
+COMPONENT_INSTANCES, COMPONENT_TABLES, COMPONENT_MEMORIES = 64, 64, 16
 
 
 class GuestThread:
@@ -68,9 +73,13 @@ class GuestThread:
 
     def _new_store(self) -> wasmtime.Store:
         store = wasmtime.Store(self.program.engine)
+        if self.program.component is None:
+            counts = {"instances": 1, "tables": 4, "memories": 1}
+        else:
+            counts = {"instances": COMPONENT_INSTANCES, "tables": COMPONENT_TABLES,
+                      "memories": COMPONENT_MEMORIES}
         store.set_limits(memory_size=self.limits.memory_bytes,
-                         table_elements=self.limits.table_elements,
-                         instances=1, tables=4, memories=1)
+                         table_elements=self.limits.table_elements, **counts)
         wasi = wasmtime.WasiConfig()
         wasi.argv = self.argv
         wasi.stdout_custom = lambda data: self.calls.output("stdout", data)
@@ -80,8 +89,11 @@ class GuestThread:
         return store
 
     def _run(self, store: wasmtime.Store) -> Termination:
+        if self.program.component is not None:
+            return self._run_component(store)
         memory: wasmtime.Memory | None = None
         try:
+            assert self.program.pre is not None  # a core module's
             instance = self.program.pre.instantiate(store)
             exports = instance.exports(store)
             exported, start = exports["memory"], exports["_start"]
@@ -101,6 +113,33 @@ class GuestThread:
                 return self._instantiation_failed(exc)
             return Termination("trap", self._describe_trap(exc, store, memory))
         return Termination("finished")
+
+    def _run_component(self, store: wasmtime.Store) -> Termination:
+        program = self.program
+        assert program.component is not None and program.component_linker is not None
+        try:
+            return run_component(program.component, program.component_linker, store,
+                                 self.calls)
+        except wasmtime.ExitTrap as exc:  # `sys.exit(n)` in the guest
+            if exc.code == 0:
+                return Termination("finished")
+            return Termination("error", f"the program exited with code {exc.code}")
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            if self.guard.termination is not None:
+                return self.guard.termination
+            if not self.calls.bound:
+                return self._instantiation_failed(exc)
+            return Termination("trap", self._describe_component_trap(exc))
+
+    def _describe_component_trap(self, exc: Exception) -> str:
+        text = str(exc).strip()
+        backtrace, _, cause = text.partition("Caused by:")
+        detail = f"{cause.strip()}\n{backtrace.strip()}" if cause else text
+        if "unreachable" in detail:
+            # CPython aborts (`unreachable`) when malloc fails under the memory limit.
+            detail += (f"\n(an allocation may have failed: the memory limit is "
+                       f"{self.limits.memory_bytes / MiB:.0f} MiB)")
+        return detail
 
     def _instantiation_failed(self, exc: Exception) -> Termination:
         message = str(exc).strip()

@@ -23,6 +23,13 @@ Locking. One lock guards the bookkeeping and is never held while compiling, load
 files, so a compile in one worker thread never stalls a launch on the trio thread. Two adds of
 the same bytes compile once (the second waits for the first).
 
+Components. A WebAssembly component (a Python inferlet: docs/abi.md, "Components") is stored,
+cached and bounded the same way; it is compiled with limits of its own (`component_*` in
+`ProgramLimits`: a CPython component is ~40 MB and compiles for several seconds, where a Rust
+module takes a fraction of one), its imports must be `pie:inferlet/*` or `wasi:*`, and it must
+export `run`. Its compiled code is serialised like a module's, so it is compiled once per
+program, never per launch.
+
 Built-in programs (`pie_trio/builtin/*.wasm`, shipped with the package) resolve by their file
 stem, e.g. `text-completion`, and are compiled on first use like any upload.
 
@@ -49,15 +56,22 @@ from typing import Any, TypeVar
 
 import blake3
 import wasmtime
+import wasmtime.component as wc
 
 from pie_trio.runtime.abi import IMPORTS, make_linker
 from pie_trio.runtime.compiler import (
     ProgramError,
     Sections,
     compile_in_child,
+    is_component,
     make_engine,
     scan,
     short_message,
+)
+from pie_trio.runtime.component import (
+    ALLOWED_IMPORT_PREFIXES,
+    RUN_EXPORT,
+    make_component_linker,
 )
 from pie_trio.runtime.sandbox import MiB
 
@@ -84,6 +98,10 @@ class ProgramLimits:
     compile_timeout: float = 30.0  # seconds one compile may take
     compile_memory: int = 1024 * MiB  # memory one compile may use
     compile_workers: int = 2  # compiles at once; more uploads wait their turn
+    # Components (Python inferlets) instead of compile_timeout and compile_memory: compiling
+    # CPython takes ~8-35 s and ~1 GB, depending on the machine.
+    component_compile_timeout: float = 180.0
+    component_compile_memory: int = 3072 * MiB
     max_programs: int = 1024  # programs stored
     max_stored_bytes: int = 1024 * MiB  # bytes stored: modules and compiled code
     max_loaded: int = 64  # programs kept compiled in memory, in use ones aside
@@ -98,11 +116,20 @@ class ProgramLimits:
 
 @dataclass(frozen=True, eq=False)
 class Program:
+    """A compiled program: a core module (`module`, `pre`) or a component (`component`,
+    `component_linker`)."""
+
     hash: str
     engine: wasmtime.Engine
-    module: wasmtime.Module
-    pre: wasmtime.InstancePre  # linked against the host: instantiation is all a launch does
+    module: wasmtime.Module | None
+    pre: wasmtime.InstancePre | None  # linked against the host: a launch only instantiates
     size: int
+    component: wc.Component | None = None
+    component_linker: wc.Linker | None = None
+
+    @property
+    def kind(self) -> str:
+        return "component" if self.component is not None else "module"
 
 
 @dataclass(eq=False)
@@ -114,6 +141,7 @@ class _Stored:
     cost: int  # bytes it takes in the store: the module on disk, and its compiled code
     owners: set[str] = field(default_factory=set)
     code: bytes | None = None  # memory-only stores: the serialised code, to load it again
+    component: bool = False  # a component, not a core module
 
 
 def default_cache_dir() -> Path:
@@ -129,6 +157,7 @@ class ProgramStore:
                  limits: ProgramLimits | None = None):
         self.engine = make_engine()
         self.linker = make_linker(self.engine)
+        self.component_linker = make_component_linker(self.engine)
         self.max_bytes = max_bytes  # largest module accepted
         self.limits = limits or ProgramLimits()
         self.cache_dir = None if memory_only else Path(cache_dir or default_cache_dir())
@@ -233,15 +262,31 @@ class ProgramStore:
 
     def _build(self, program_hash: str, wasm: bytes) -> tuple[Program, bytes]:
         """Check, compile (in a bounded child process) and link; the program and its code."""
-        self._check_sections(scan(wasm))
-        with self._compile_slots:
-            code = compile_in_child(wasm, timeout=self.limits.compile_timeout,
-                                    memory_bytes=self.limits.compile_memory)
+        component = is_component(wasm)
+        limits = self.limits
+        if not component:
+            self._check_sections(scan(wasm))
+        try:
+            with self._compile_slots:
+                code = compile_in_child(
+                    wasm, component=component,
+                    timeout=(limits.component_compile_timeout if component
+                             else limits.compile_timeout),
+                    memory_bytes=(limits.component_compile_memory if component
+                                  else limits.compile_memory))
+        except ProgramError as exc:
+            if component:  # say which kind it was taken for
+                raise ProgramError(f"not a core WebAssembly module but a component: {exc}") \
+                    from None
+            raise
         with self._lock:
             self.compiles += 1
-        module = self._deserialize(lambda: wasmtime.Module.deserialize(self.engine, code))
-        _check_shape(module)
-        return self._program(program_hash, module, len(wasm)), code
+        compiled = self._deserialize(code, component)
+        if isinstance(compiled, wc.Component):
+            _check_component_shape(compiled, self.engine)
+        else:
+            _check_shape(compiled)
+        return self._program(program_hash, compiled, len(wasm)), code
 
     def _check_sections(self, sections: Sections) -> None:
         limits = self.limits
@@ -261,11 +306,11 @@ class ProgramStore:
         """Compile-free load of a stored program (a recompile if its cached code is unusable);
         None if it is gone."""
         code = stored.code
-        module: wasmtime.Module | None
+        module: wasmtime.Module | wc.Component | None
         if code is not None:
-            module = self._deserialize(lambda: wasmtime.Module.deserialize(self.engine, code))
+            module = self._deserialize(code, stored.component)
         else:
-            module = self._load_from_disk(stored.hash)
+            module = self._load_from_disk(stored)
             if module is None:
                 with self._lock:
                     self._forget(stored.hash)
@@ -278,20 +323,28 @@ class ProgramStore:
                 self._trim_loaded()
         return program
 
-    def _deserialize(self, load: Callable[[], wasmtime.Module]) -> wasmtime.Module:
+    def _deserialize(self, code: bytes, component: bool) -> wasmtime.Module | wc.Component:
         try:
-            return load()
+            if component:
+                return wc.Component.deserialize(self.engine, code)
+            return wasmtime.Module.deserialize(self.engine, code)
         except wasmtime.WasmtimeError as exc:
             raise ProgramError(f"the compiled program could not be loaded: "
                                f"{short_message(exc)}") from None
 
-    def _program(self, program_hash: str, module: wasmtime.Module, size: int) -> Program:
+    def _program(self, program_hash: str, compiled: wasmtime.Module | wc.Component,
+                 size: int) -> Program:
+        if isinstance(compiled, wc.Component):
+            # wasmtime-py has no component InstancePre: imports were checked by name, and
+            # instantiating links them (in a few ms, most of a launch's cost).
+            return Program(program_hash, self.engine, None, None, size, compiled,
+                           self.component_linker)
         try:
-            pre = self.linker.instantiate_pre(module)
+            pre = self.linker.instantiate_pre(compiled)
         except wasmtime.WasmtimeError as exc:
             raise ProgramError(f"the program does not link against pie-trio: "
                                f"{short_message(exc)}") from None
-        return Program(program_hash, self.engine, module, pre, size)
+        return Program(program_hash, self.engine, compiled, pre, size)
 
     def _add_builtin(self, name: str) -> str:
         program_hash = self.add(self.builtins[name].read_bytes())
@@ -324,7 +377,8 @@ class ProgramStore:
         """Store a freshly built program, making room for it; ProgramError if there is none."""
         memory_only = self.cache_dir is None
         stored = _Stored(program.hash, len(wasm), len(code) + (0 if memory_only else len(wasm)),
-                         code=code if memory_only else None)
+                         code=code if memory_only else None,
+                         component=program.component is not None)
         with self._lock:
             if program.hash in self._stored:  # another upload of the same bytes won the race
                 evicted = self._claim(program.hash, owner)
@@ -450,7 +504,8 @@ class ProgramStore:
                 code = compiled.stat().st_size if compiled.exists() else 0
                 stat = path.stat()
                 found.append((stat.st_mtime, _Stored(path.stem, stat.st_size,
-                                                     stat.st_size + code)))
+                                                     stat.st_size + code,
+                                                     component=_is_component_file(path))))
         evicted = []
         for _, stored in sorted(found, key=lambda item: item[0]):
             if (len(self._stored) >= self.limits.max_programs
@@ -475,15 +530,18 @@ class ProgramStore:
             for path in (self._wasm_path(program_hash), self._compiled_path(program_hash)):
                 path.unlink(missing_ok=True)
 
-    def _load_from_disk(self, program_hash: str) -> wasmtime.Module | None:
-        """The compiled module from disk if usable, else recompiled from its bytes; None if
-        the files are gone."""
+    def _load_from_disk(self, stored: _Stored) -> wasmtime.Module | wc.Component | None:
+        """The compiled module (or component) from disk if usable, else recompiled from its
+        bytes; None if the files are gone."""
+        program_hash = stored.hash
         wasm_path, compiled_path = self._wasm_path(program_hash), self._compiled_path(program_hash)
         if not wasm_path.exists():
             return None
         os.utime(wasm_path)  # its age orders evictions after a restart
         if compiled_path.exists():
             try:
+                if stored.component:
+                    return wc.Component.deserialize_file(self.engine, str(compiled_path))
                 return wasmtime.Module.deserialize_file(self.engine, str(compiled_path))
             except wasmtime.WasmtimeError as exc:
                 log.warning("recompiling %s: its cached code is unusable (%s)", program_hash,
@@ -494,7 +552,7 @@ class ProgramStore:
             return None
         program, code = self._build(program_hash, wasm)
         self._save(program_hash, wasm, code)
-        return program.module
+        return program.component or program.module
 
 
 def _check_shape(module: wasmtime.Module) -> None:
@@ -514,6 +572,25 @@ def _check_shape(module: wasmtime.Module) -> None:
                            "WASI command, e.g. a Rust binary with `fn main`)")
     if not isinstance(exports.get("memory"), wasmtime.MemoryType):
         raise ProgramError("the program does not export its linear memory as `memory`")
+
+
+def _check_component_shape(component: wc.Component, engine: wasmtime.Engine) -> None:
+    """Refuse components pie-trio cannot run, with a message that says what to change."""
+    ty = component.type
+    imports, exports = list(ty.imports(engine)), list(ty.exports(engine))
+    for name in imports:
+        if not name.startswith(ALLOWED_IMPORT_PREFIXES):
+            raise ProgramError(f"the component imports {name}: only pie:inferlet/host and "
+                               "WASI preview 2 (wasi:*) are available")
+    if RUN_EXPORT not in exports:
+        raise ProgramError(f"not a core WebAssembly module but a component, and it does not "
+                           f"export `{RUN_EXPORT}` (build a Python inferlet with `pie-trio "
+                           "build`, or a Rust one for wasm32-wasip1)")
+
+
+def _is_component_file(path: Path) -> bool:
+    with path.open("rb") as file:
+        return is_component(file.read(8))
 
 
 def _is_hash(text: str) -> bool:

@@ -1,0 +1,269 @@
+"""A context: a token sequence and the KV pages that hold it (the Rust SDK's `Context`).
+
+Tokens are *pending* until a forward pass writes them into the KV cache. A step runs every
+pending token through one forward pass and, when asked, samples the next token (which becomes
+pending) or returns the distribution. Pages are allocated as the KV grows; `fork` shares the
+full pages with the child (copy-on-write on the host) and re-runs the partial page's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from inferlet import wire
+from inferlet.host import Task, request, spawn
+from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tokenize
+from inferlet.runtime import send, store_delete, store_get, store_set
+
+Slot = tuple[int, int, bool]  # token, position, masked
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    text: str
+    finish: str  # "max_tokens", "stop_token" or "stop_string"
+
+
+class Context:
+    def __init__(self, model: Model, queue: Queue):
+        self.model = model
+        self.queue = queue
+        self.page_size = model.page_size
+        self.pages: list[int] = []
+        self.kv: list[Slot] = []
+        self.pending: list[Slot] = []
+        self.next_position = 0
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    async def fill(self, text: str) -> None:
+        self.fill_tokens(await tokenize(text))
+
+    def fill_tokens(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.fill_token(token)
+
+    def fill_token(self, token: int) -> None:
+        self.pending.append((token, self.next_position, False))
+        self.next_position += 1
+
+    def tokens(self) -> list[int]:
+        return [token for token, _, masked in self.kv + self.pending if not masked]
+
+    def used_pages(self) -> list[int]:
+        return self.pages[:-(-len(self.kv) // self.page_size)]
+
+    # -- forward passes -------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write all pending tokens but the last into the KV cache (the last one is the input
+        of the next step)."""
+        if len(self.pending) >= 2:
+            await self._forward(len(self.pending) - 1, None)
+
+    async def step(self, sampler: Sampler | None = None, top_k: int = 0,
+                   vocab_mask: bytes | None = None,
+                   logit_bias: dict[int, float] | None = None) -> dict[str, Any]:
+        """One forward pass over every pending token; the `forward` op's answer."""
+        if not self.pending:
+            raise ValueError("nothing to decode: fill at least one token first")
+        options: dict[str, Any] = {"top_k": top_k}
+        if sampler is not None:
+            options["sampler"] = sampler.to_wire()
+        if vocab_mask is not None:
+            options["vocab_mask"] = bytes(vocab_mask)
+        if logit_bias:
+            options["logit_bias"] = dict(logit_bias)
+        output = await self._forward(len(self.pending), options)
+        if sampler is not None:
+            self.fill_token(output["tokens"][0])
+        return output
+
+    async def decode_step(self, sampler: Sampler) -> int:
+        """Sample the next token (it becomes pending); the token."""
+        output = await self.step(sampler)
+        return int(output["tokens"][0])
+
+    async def next_dist(self, top_k: int) -> tuple[list[int], list[float]]:
+        output = await self.step(top_k=top_k)
+        ids, probs = output["dists"][0]
+        return list(ids), list(probs)
+
+    async def _forward(self, consumed: int, options: dict[str, Any] | None) -> dict[str, Any]:
+        new_len = len(self.kv) + consumed
+        needed = -(-new_len // self.page_size)
+        if len(self.pages) < needed:
+            self.pages += await request("alloc_pages", count=needed - len(self.pages))
+        inputs = self.pending[:consumed]
+        fields: dict[str, Any] = {
+            "queue": self.queue.id, "pages": self.pages[:needed],
+            "last_page_len": new_len - (needed - 1) * self.page_size,
+            "positions": [position for _, position, _ in inputs],
+            "tokens": [token for token, _, _ in inputs],
+        }
+        if options is not None:
+            fields["outputs"] = [consumed - 1]
+            fields.update(options)
+        output: dict[str, Any] = await request("forward", **fields)
+        del self.pending[:consumed]
+        self.kv += inputs
+        return output
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def generate(self, sampler: Sampler, stop: StopCondition,
+                       stream: bool = False) -> Generated:
+        """Decode until `stop`; with `stream`, each new piece of text is sent to the client."""
+        if stream and not stop.stop_strings:
+            return await self._generate_streaming(sampler, stop)
+        tokens: list[int] = []
+        finish = "max_tokens"
+        sent = ""
+        while len(tokens) < stop.max_tokens:
+            token = await self.decode_step(sampler.for_step(len(tokens)))
+            if token in stop.stop_tokens:
+                finish = "stop_token"
+                break
+            tokens.append(token)
+            if stream or stop.stop_strings:
+                text = await detokenize(tokens)
+                cut = _stop_at(text, stop.stop_strings)
+                if cut is not None:
+                    text, finish = text[:cut], "stop_string"
+                ready = _stable(text, stop.stop_strings) if cut is None else text
+                if stream and len(ready) > len(sent):
+                    await send(ready[len(sent):])
+                    sent = ready
+                if cut is not None:
+                    return Generated(tokens, text, finish)
+        text = await detokenize(tokens) if tokens else ""
+        if stream and len(text) > len(sent):
+            await send(text[len(sent):])
+        return Generated(tokens, text, finish)
+
+    async def _generate_streaming(self, sampler: Sampler, stop: StopCondition) -> Generated:
+        """`generate` with `stream` and no stop strings: the text of token i is detokenized
+        and sent while token i+1 is computed, so streaming adds no round trip per token."""
+        tokens: list[int] = []
+        finish = "max_tokens"
+        sent = ""
+        streaming: Task | None = None
+        while len(tokens) < stop.max_tokens:
+            step = spawn(self.decode_step(sampler.for_step(len(tokens))))
+            if streaming is not None:  # sends stay in order: one streaming task at a time
+                sent = await streaming
+            token = await step
+            if token in stop.stop_tokens:
+                finish = "stop_token"
+                break
+            tokens.append(token)
+            streaming = spawn(_stream_more(list(tokens), sent))
+        if streaming is not None:
+            sent = await streaming
+        text = await detokenize(tokens) if tokens else ""
+        if len(text) > len(sent):
+            await send(text[len(sent):])
+        return Generated(tokens, text, finish)
+
+    # -- sharing --------------------------------------------------------------------------
+
+    async def fork(self, queue: Queue | None = None) -> Context:
+        """A child with the same tokens: the full pages shared, the partial page's tokens
+        pending again."""
+        full = len(self.kv) // self.page_size
+        child = Context(self.model, queue or self.queue)
+        if full:
+            child.pages = list(await request("share_pages", pages=self.pages[:full]))
+        child.kv = self.kv[:full * self.page_size]
+        child.pending = [s for s in self.kv[full * self.page_size:] if not s[2]] + self.pending
+        child.next_position = self.next_position
+        return child
+
+    async def mask_tokens(self, start: int, end: int, masked: bool = True) -> None:
+        """Hide (or show again) KV tokens [start, end) from attention."""
+        if end > len(self.kv) or start > end:
+            raise ValueError(f"cannot mask tokens {start}..{end}: the KV cache holds "
+                             f"{len(self.kv)} (flush first)")
+        size = self.page_size
+        while start < end:
+            page = start // size
+            stop = min(end, (page + 1) * size)
+            await request("mask_kv", queue=self.queue.id, page=self.pages[page],
+                          slots=[i - page * size for i in range(start, stop)], masked=masked)
+            for i in range(start, stop):
+                token, position, _ = self.kv[i]
+                self.kv[i] = (token, position, masked)
+            start = stop
+
+    async def export(self, name: str, persistent: bool = False) -> None:
+        """Export the KV pages under `name` and the context's state to the store."""
+        await request("export_pages", name=name, pages=self.used_pages(),
+                      persistent=persistent)
+        state = {"page_size": self.page_size, "kv": self.kv, "pending": self.pending,
+                 "next_position": self.next_position}
+        await store_set(_state_key(name), wire.pack(state).hex())
+
+    @classmethod
+    async def import_(cls, model: Model, name: str, queue: Queue | None = None) -> Context:
+        text = await store_get(_state_key(name))
+        if text is None:
+            raise ValueError(f"no context state was exported as {name!r}")
+        state = wire.unpack(bytes.fromhex(text))
+        if state["page_size"] != model.page_size:
+            raise ValueError(f"context {name!r} was exported with another page size")
+        ctx = cls(model, queue or Queue(0))
+        ctx.pages = list(await request("import_pages", name=name))
+        ctx.kv = [tuple(slot) for slot in state["kv"]]  # type: ignore[misc]
+        ctx.pending = [tuple(slot) for slot in state["pending"]]  # type: ignore[misc]
+        ctx.next_position = state["next_position"]
+        # The partial page is shared too: re-run its tokens into a page of our own.
+        full = len(ctx.kv) // ctx.page_size
+        if len(ctx.pages) > full:
+            await request("free_pages", pages=ctx.pages[full:])
+            del ctx.pages[full:]
+        ctx.pending = [s for s in ctx.kv[full * ctx.page_size:] if not s[2]] + ctx.pending
+        del ctx.kv[full * ctx.page_size:]
+        return ctx
+
+    @staticmethod
+    async def unexport(name: str) -> None:
+        await store_delete(_state_key(name))
+        await request("unexport", name=name)
+
+    async def free(self) -> None:
+        """Give the pages back now (the host frees them at exit anyway)."""
+        pages, self.pages = self.pages, []
+        if pages:
+            await request("free_pages", pages=pages)
+
+
+def _state_key(name: str) -> str:
+    return f"inferlet.context.py:{name}"
+
+
+async def _stream_more(tokens: list[int], sent: str) -> str:
+    """Send the text of `tokens` past `sent` (whole characters only); the text sent now."""
+    ready = _stable(await detokenize(tokens), [])
+    if len(ready) > len(sent):
+        await send(ready[len(sent):])
+        return ready
+    return sent
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    found = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(found) if found else None
+
+
+def _stable(text: str, stops: list[str]) -> str:
+    """The text that can be sent: not an incomplete character, nor a possible stop prefix."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:length]):
+                hold = max(hold, length)
+                break
+    return text[:len(text) - hold]
