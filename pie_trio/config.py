@@ -163,6 +163,10 @@ class Config:
         _choice("auto", "int4", "bf16", "fp32"))
     kv_memory: int | None = setting(
         None, "bytes for the paged KV cache, e.g. 512MiB (default: auto)", _optional(parse_size))
+    model_process: bool = setting(
+        False, "run the model in a process of its own, so that its Python does not hold the "
+        "GIL the inferlets' threads need (docs/model.md, 'Model in its own process')",
+        parse_bool)
     page_size: int = setting(16, "tokens per KV page", int)
     batch_policy: str = setting("adaptive", "when a forward batch fires: adaptive, k, t, kort",
                                 _choice("adaptive", "k", "t", "kort"))
@@ -248,6 +252,22 @@ class Config:
         64, "most persistent KV exports one tenant may own", _positive(int))
     max_chat_messages: int = setting(
         1024, "most messages in one chat completion request", _positive(int))
+    # -- tool I/O: outbound HTTP from inferlets (docs/agents.md, "The tool policy") ---------
+    tool_io: bool = setting(
+        False, "let inferlets make HTTP requests (the http_request op) to tool_allow hosts",
+        parse_bool)
+    tool_allow: list[str] = setting(
+        [], "hosts inferlets may reach, comma-separated: HOST[:PORT], *.DOMAIN[:PORT] or "
+        "ADDRESS[/BITS][:PORT] ([v6]:PORT); loopback only when listed as an address",
+        parse_names)
+    tool_timeout: float = setting(
+        30.0, "seconds one tool HTTP request may take, redirects included", _positive(float))
+    tool_max_response_size: int = setting(
+        "1MiB", "largest tool HTTP response body", _positive(parse_size))
+    tool_max_concurrent: int = setting(
+        16, "most tool HTTP requests one inferlet may have in flight", _positive(int))
+    tool_max_redirects: int = setting(
+        5, "most redirects one tool HTTP request follows (each re-checked)", int)
     program_cache_dir: str | None = setting(
         None, "directory for uploaded programs and compiled modules (default: memory only)",
         _optional(str))

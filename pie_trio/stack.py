@@ -24,9 +24,11 @@ import trio
 
 from pie_trio.control.controller import Controller, ControlLimits, Tenancy
 from pie_trio.control.exports import ExportPolicy
+from pie_trio.control.tools import ToolPolicy
 from pie_trio.executor.executor import Executor
 from pie_trio.executor.policies import BatchPolicy
 from pie_trio.model.interface import Runner
+from pie_trio.model.remote import RemoteRunner
 from pie_trio.model.runner import ModelRunner
 from pie_trio.model.tokenizer import Tokenizer
 from pie_trio.runtime.programs import ProgramLimits, ProgramStore
@@ -35,7 +37,8 @@ from pie_trio.runtime.sandbox import InstanceLimits
 
 # What the code above the stack configures it with, so that it need not reach past the stack.
 __all__ = ["BatchPolicy", "ControlLimits", "ExportPolicy", "InstanceLimits", "ProgramLimits",
-           "ProgramStore", "ServedRunner", "Stack", "Tenancy", "load_runner", "open_stack"]
+           "ProgramStore", "ServedRunner", "Stack", "Tenancy", "ToolPolicy", "close_runner",
+           "load_runner", "open_stack"]
 
 TINY_PAGES = 256  # KV pages of the `tiny` test model unless asked otherwise
 
@@ -59,9 +62,18 @@ class Stack:
 
 def load_runner(model: str | Path = "default", *, device: str | None = None,
                 dtype: str | None = None, kv_memory: int | None = None, page_size: int = 16,
-                num_pages: int | None = None, weights: str = "auto") -> ServedRunner:
+                num_pages: int | None = None, weights: str = "auto",
+                model_process: bool = False) -> ServedRunner:
     """The model the stack stands on: `ModelRunner.load`'s (see docs/model.md), or `tiny`, the
-    random-weight test model, which loads in a second (for tests and smoke runs)."""
+    random-weight test model, which loads in a second (for tests and smoke runs).
+
+    `model_process`: run the model in a child process (`model/remote.py`), so that its Python
+    does not hold the GIL the inferlets need; stop it with `close_runner` when done."""
+    if model_process:
+        if model == "tiny":
+            return RemoteRunner.tiny(num_pages=num_pages or TINY_PAGES, page_size=page_size)
+        return RemoteRunner.load(model, device=device, dtype=dtype, kv_memory=kv_memory,
+                                 page_size=page_size, num_pages=num_pages, weights=weights)
     if model == "tiny":
         from pie_trio.model.tiny import tiny_runner  # only tests and smoke runs need it
 
@@ -70,23 +82,31 @@ def load_runner(model: str | Path = "default", *, device: str | None = None,
                             page_size=page_size, num_pages=num_pages, weights=weights)
 
 
+def close_runner(runner: ServedRunner) -> None:
+    """Stop the runner's model process, if it runs in one (in-process runners need nothing)."""
+    if isinstance(runner, RemoteRunner):
+        runner.close()
+
+
 @asynccontextmanager
 async def open_stack(runner: ServedRunner, *, programs: ProgramStore | None = None,
                      instance_limits: InstanceLimits | None = None, max_instances: int = 4096,
                      policy: str | BatchPolicy = "adaptive",
                      control_limits: ControlLimits | None = None,
-                     tenancy: Tenancy | None = None) -> AsyncIterator[Stack]:
+                     tenancy: Tenancy | None = None,
+                     tools: ToolPolicy | None = None) -> AsyncIterator[Stack]:
     """Run executor, controller and runtime on `runner` for the duration of the block.
 
     `policy` is the executor's batch policy (a name, or a policy built with
     `executor.policies.make_policy` for other `k`/`t`). `tenancy` caps what one tenant holds in
     the control layer; the stack tells it who each instance's tenant is (the owner the runtime
-    launched it for). `programs`, `instance_limits` and `max_instances` are the runtime's.
+    launched it for). `tools` is the policy for inferlets' outbound HTTP (default: none).
+    `programs`, `instance_limits` and `max_instances` are the runtime's.
     """
     executor = Executor(runner, policy)
     async with _running(executor.run):
         controller = Controller(executor, runner.info, runner.tokenizer, limits=control_limits,
-                                tenancy=tenancy)
+                                tenancy=tenancy, tools=tools)
         async with _running(controller.run):
             runtime = Runtime(controller, programs, instance_limits, max_instances=max_instances)
             if tenancy is not None:

@@ -2,9 +2,11 @@
 
     python scripts/bench_runtime.py            real model (SmolLM2-135M), full sizes
     python scripts/bench_runtime.py --quick    tiny random model, small sizes (seconds)
+    python scripts/bench_runtime.py --model-process   the model in a process of its own
 
 Three measurements, each on the server's stack (pie_trio/stack.py: executor, controller,
-runtime) in one process:
+runtime) in one process, the model in it too unless --model-process puts it in a child process
+(pie_trio/model/remote.py, as `pie-trio serve --model-process` does):
 
 1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
    control layer answers: one guest→trio→guest round trip each. For comparison, N `call`s of
@@ -231,13 +233,22 @@ def _mean_batch(sizes: Counter[int]) -> float:
 # -- main -----------------------------------------------------------------------------------
 
 async def main_async(args: argparse.Namespace) -> dict:
-    from pie_trio.executor.policies import make_policy
-    from pie_trio.stack import ProgramStore, load_runner, open_stack
+    from pie_trio.stack import ProgramStore, close_runner, load_runner
 
     model = "tiny" if args.quick else args.model
     log(f"loading model {model!r} ...")
-    runner = load_runner(model, device="cpu", num_pages=args.pages)
-    programs = ProgramStore(memory_only=True)
+    runner = load_runner(model, device="cpu", num_pages=args.pages,
+                         model_process=args.model_process)
+    try:
+        return await measure(args, runner, ProgramStore(memory_only=True))
+    finally:
+        close_runner(runner)
+
+
+async def measure(args: argparse.Namespace, runner, programs) -> dict:
+    from pie_trio.executor.policies import make_policy
+    from pie_trio.stack import open_stack
+
     guests = {name: programs.add(wasmtime.wat2wasm((GUESTS / f"{name}.wat").read_text()))
               for name in ("ping", "local", "exit", "spin")}
     log("compiling text-completion ...")
@@ -253,14 +264,19 @@ async def main_async(args: argparse.Namespace) -> dict:
     record: dict = {"model": runner.info.name, "device": runner.info.device,
                     "dtype": runner.info.dtype, "quick": args.quick}
     record["policy"] = args.policy
+    record["model_process"] = args.model_process
     policy = make_policy(args.policy, k=args.k, t=args.t)
     async with open_stack(runner, programs=programs, policy=policy) as stack:
         executor, runtime = stack.executor, stack.runtime
-        log("per-call overhead:")
-        record["calls"] = await bench_calls(runtime, guests, calls)
-        record["cpu_limit"] = await bench_cpu_limit(runtime, guests, 0.5)
-        log("spawn time (launch to terminated, all at once):")
-        record["spawn"] = await bench_spawn(runtime, guests, counts)
+        if args.only in (None, "calls"):
+            log("per-call overhead:")
+            record["calls"] = await bench_calls(runtime, guests, calls)
+            record["cpu_limit"] = await bench_cpu_limit(runtime, guests, 0.5)
+        if args.only in (None, "spawn"):
+            log("spawn time (launch to terminated, all at once):")
+            record["spawn"] = await bench_spawn(runtime, guests, counts)
+        if args.only not in (None, "programmability"):
+            return record
         log(f"cost of programmability ({max_tokens} tokens per sequence, greedy):")
         record["programmability"] = await bench_programmability(
             executor, runtime, runner.tokenizer, max_tokens, (1, 32), repeats)
@@ -287,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the executor's batching policy (default adaptive, as served)")
     parser.add_argument("--k", type=int, default=32, help="k of the k/kort policies")
     parser.add_argument("--t", type=float, default=0.002, help="t (seconds) of the t/kort policies")
+    parser.add_argument("--model-process", action="store_true",
+                        help="run the model in a process of its own (as `pie-trio serve "
+                        "--model-process`)")
+    parser.add_argument("--only", choices=("calls", "spawn", "programmability"),
+                        help="run only this measurement (default: all three)")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
     args = parser.parse_args(argv)
     record = trio.run(main_async, args)

@@ -16,12 +16,19 @@ context length `ctx_len - n + i + 1`. A leading skip is written as a first run o
 
 Vocabulary masks (constrained decoding) are packed bitmasks: `bytes` of ceil(vocab/8), bit
 `t % 8` of byte `t // 8` set when token t is allowed.
+
+On the wire (`to_msg`, `call_from_msg`, `result_from_msg`) a record is a map of its fields, a
+call's `kind` naming its type; msgpack carries it as is (with `strict_map_key=False`, for the
+integer keys of `logit_bias`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TypeAlias
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 class CallError(Exception):
@@ -144,3 +151,55 @@ CallResult: TypeAlias = list[int] | ForwardResult | None
 # Calls that are coalesced across callers and run as one batched kernel in the worker thread.
 BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv"})
 
+
+
+# -- the wire form: records as maps of their fields -------------------------------------------
+
+_CALL_TYPES: dict[str, type[Call]] = {
+    cls.kind: cls  # `kind` is each record's dataclass default
+    for cls in (AllocPages, FreePages, AllocSlots, FreeSlots, Forward, Embed, CopyKv, MaskKv)
+}
+
+
+def to_msg(record: Call | ForwardResult) -> dict[str, Any]:
+    """A call or a forward's result as a map of its fields, ready for msgpack."""
+    msg = {f.name: getattr(record, f.name) for f in fields(record)}
+    if isinstance(record, Forward) and record.sampler is not None:
+        msg["sampler"] = {f.name: getattr(record.sampler, f.name) for f in fields(Sampler)}
+    return msg
+
+
+def call_from_msg(msg: Any) -> Call:
+    """The call `msg` (from `to_msg`) describes; `CallError` if it describes none."""
+    kind = msg.get("kind") if isinstance(msg, dict) else None
+    if not isinstance(kind, str) or kind not in _CALL_TYPES:
+        raise CallError(f"not a call record: kind {kind!r}")
+    values = dict(msg)
+    if kind == "forward" and values.get("sampler") is not None:
+        values["sampler"] = _record(Sampler, values["sampler"])
+    return _record(_CALL_TYPES[kind], values)
+
+
+def result_from_msg(msg: Any) -> ForwardResult:
+    """The `ForwardResult` `msg` (from `to_msg`) describes; `CallError` if it is malformed."""
+    result = _record(ForwardResult, msg)
+    if result.dists is not None:
+        if not all(isinstance(d, list | tuple) and len(d) == 2 for d in result.dists):
+            raise CallError("a forward result's dists must be (ids, probs) pairs")
+        result.dists = [(list(ids), list(probs)) for ids, probs in result.dists]
+    return result
+
+
+_Record = TypeVar("_Record", bound="DataclassInstance")
+
+
+def _record(cls: type[_Record], values: Any) -> _Record:
+    if not isinstance(values, dict):
+        raise CallError(f"a {cls.__name__} record must be a map, got {type(values).__name__}")
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise CallError(f"a {cls.__name__} record has unknown fields {sorted(map(str, unknown))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise CallError(f"malformed {cls.__name__} record: {exc}") from None

@@ -21,7 +21,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from pie_trio.config import Config
+from pie_trio.config import Config, ConfigError
 from pie_trio.server.app import App
 from pie_trio.server.openai_api import PROGRAM as OPENAI_PROGRAM
 from pie_trio.server.state import ServerState
@@ -37,6 +37,8 @@ from pie_trio.stack import (
     ServedRunner,
     Stack,
     Tenancy,
+    ToolPolicy,
+    close_runner,
     load_runner,
     open_stack,
 )
@@ -73,7 +75,7 @@ def load_configured_runner(config: Config) -> ServedRunner:
     """The configured model (`tiny`, undocumented, is the random-weight test model)."""
     return load_runner(config.model, device=config.device, dtype=config.dtype,
                        kv_memory=config.kv_memory, page_size=config.page_size,
-                       weights=config.weights)
+                       weights=config.weights, model_process=config.model_process)
 
 
 async def serve(config: Config, *, runner: ServedRunner | None = None,
@@ -88,6 +90,7 @@ async def serve(config: Config, *, runner: ServedRunner | None = None,
     async with trio.open_nursery() as everything:
         if handle_signals:  # first, so that a signal while the model loads is handled too
             everything.start_soon(_set_on_signal, shutdown, everything.cancel_scope)
+        loaded = runner is None
         if runner is None:
             log.info("loading model=%s", config.model)
             runner = await trio.to_thread.run_sync(load_configured_runner, config,
@@ -97,7 +100,11 @@ async def serve(config: Config, *, runner: ServedRunner | None = None,
             # ~0.3 s.
             gc.collect()
             gc.freeze()
-        await _serve_components(config, runner, shutdown, task_status)
+        try:
+            await _serve_components(config, runner, shutdown, task_status)
+        finally:
+            if loaded:  # a model process stops last, once the stack has let go of it
+                close_runner(runner)
         everything.cancel_scope.cancel()
     log.info("stopped")
 
@@ -110,7 +117,8 @@ async def _serve_components(config: Config, runner: ServedRunner, shutdown: trio
             runner, programs=_program_store(config), instance_limits=_limits(config),
             max_instances=config.max_instances, policy=config.batch_policy,
             control_limits=ControlLimits(topic_bytes=config.instance_topic_bytes),
-            tenancy=_tenancy(config, runner.info.num_pages)) as stack:
+            tenancy=_tenancy(config, runner.info.num_pages),
+            tools=tool_policy(config)) as stack:
         state = ServerState(config, stack.runtime, runner.info, runner.tokenizer,
                             stats=lambda: _component_stats(stack))
         async with trio.open_nursery() as nursery:
@@ -175,6 +183,19 @@ def _tenancy(config: Config, pages_total: int) -> Tenancy:
     quota = None if share >= 1.0 else max(1, int(pages_total * share))
     return Tenancy(page_quota=quota, exports=ExportPolicy(
         max_persistent=config.max_persistent_exports, operators=frozenset(config.operators)))
+
+
+def tool_policy(config: Config) -> ToolPolicy:
+    """The tool I/O settings as the control layer's policy; a bad allow-list entry is a
+    configuration error."""
+    try:
+        return ToolPolicy(enabled=config.tool_io, allow=tuple(config.tool_allow),
+                          timeout=config.tool_timeout,
+                          max_response_bytes=config.tool_max_response_size,
+                          max_concurrent=config.tool_max_concurrent,
+                          max_redirects=config.tool_max_redirects)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _hypercorn_config(config: Config) -> hypercorn.config.Config:
