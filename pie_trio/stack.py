@@ -91,6 +91,7 @@ def close_runner(runner: ServedRunner) -> None:
 @asynccontextmanager
 async def open_stack(runner: ServedRunner, *, programs: ProgramStore | None = None,
                      instance_limits: InstanceLimits | None = None, max_instances: int = 4096,
+                     max_instances_per_owner: int | None = None,
                      policy: str | BatchPolicy = "adaptive",
                      control_limits: ControlLimits | None = None,
                      tenancy: Tenancy | None = None,
@@ -101,14 +102,16 @@ async def open_stack(runner: ServedRunner, *, programs: ProgramStore | None = No
     `executor.policies.make_policy` for other `k`/`t`). `tenancy` caps what one tenant holds in
     the control layer; the stack tells it who each instance's tenant is (the owner the runtime
     launched it for). `tools` is the policy for inferlets' outbound HTTP (default: none).
-    `programs`, `instance_limits` and `max_instances` are the runtime's.
+    `programs`, `instance_limits`, `max_instances` and `max_instances_per_owner` (children an
+    inferlet launches count against its owner) are the runtime's.
     """
     executor = Executor(runner, policy)
     async with _running(executor.run):
         controller = Controller(executor, runner.info, runner.tokenizer, limits=control_limits,
                                 tenancy=tenancy, tools=tools)
         async with _running(controller.run):
-            runtime = Runtime(controller, programs, instance_limits, max_instances=max_instances)
+            runtime = Runtime(controller, programs, instance_limits, max_instances=max_instances,
+                              max_instances_per_owner=max_instances_per_owner)
             if tenancy is not None:
                 tenancy.tenant_of = _owner_lookup(runtime)
             async with _running(runtime.run):

@@ -1,7 +1,9 @@
 """Agents as inferlets (inferlets/examples/agent-*) against the local tool service: agent-react
 completes a multi-turn episode on the real model with real HTTP tool calls, forwarding every
 token of the episode exactly once (its KV pages only grow: no turn prefills again); killing an
-agent in the middle of a tool call cancels the call and frees everything."""
+agent in the middle of a tool call cancels the call and frees everything. agent-swarm's planner
+launches its workers as child instances and composes their answers; agent-codeact runs the
+model's code through the tool service's /run."""
 
 from __future__ import annotations
 
@@ -72,3 +74,68 @@ async def test_killing_an_agent_mid_call_cancels_it_and_frees_everything(built_m
         assert stats["pages_in_use"] == 0 and stats["instances"] == 0, stats
         await trio.sleep(0.05)
         assert live_trio_tasks() <= baseline
+
+
+async def test_agent_swarm_plans_launches_workers_and_composes(built_modules,  # noqa: F811
+                                                              tiny_runner):
+    async with running_stack(tiny_runner) as stack:
+        program = stack.runtime.programs.add(built_modules["agent-swarm"].read_bytes())
+        launched = stack.runtime.launched
+        outcome = await finish(await stack.launch(
+            program, "--program", program, "--workers", 3, "--step-tokens", 4, "--task", TASK))
+        assert outcome.reason == "finished", outcome.text("stderr") or outcome.detail
+        # The planner's client sees the planner's messages only: one per worker, each worker's
+        # own answer having come to the planner through `child_receive`.
+        turns = _turns(outcome)
+        assert [t["worker"] for t in turns] == [0, 1, 2]
+        assert all(t["reason"] == "finished" for t in turns), turns
+        result = json.loads(outcome.return_value)
+        assert len(result["subtasks"]) == 3 and result["answers"] == [t["answer"] for t in turns]
+        assert [t["subtask"] for t in turns] == result["subtasks"]
+        assert stack.runtime.launched - launched == 4  # the planner and its three workers
+        assert stack.runtime.stats()["ended"]["finished"] == 4
+        assert stack.runtime.instances == {}
+        stats = stack.controller.stats()
+        assert stats["pages_in_use"] == 0 and stats["instances"] == 0, stats
+
+
+async def test_agent_swarm_workers_end_with_a_killed_planner(built_modules,  # noqa: F811
+                                                            tiny_runner):
+    async with running_stack(tiny_runner) as stack:
+        program = stack.runtime.programs.add(built_modules["agent-swarm"].read_bytes())
+        baseline = live_trio_tasks()
+        planner = await stack.launch(program, "--program", program, "--workers", 4,
+                                     "--step-tokens", 4, "--worker-tokens", 120,
+                                     "--task", TASK)
+        with trio.fail_after(60):
+            while len(stack.runtime.instances) < 5:  # every worker is running
+                await trio.sleep(0.01)
+        planner.kill()
+        assert (await finish(planner)).reason == "killed"
+        assert stack.runtime.stats()["ended"]["parent_gone"] == 4
+        stats = stack.controller.stats()
+        assert stats["pages_in_use"] == 0 and stats["instances"] == 0, stats
+        await trio.sleep(0.05)
+        assert live_trio_tasks() <= baseline
+
+
+async def test_agent_codeact_runs_the_models_code_in_the_tool_service(built_modules,  # noqa: F811
+                                                                      tiny_runner):
+    async with open_tool_service() as service, \
+            running_stack(tiny_runner, tools=LOCAL_TOOLS) as stack:
+        program = stack.runtime.programs.add(built_modules["agent-codeact"].read_bytes())
+        outcome = await finish(await stack.launch(
+            program, "--tools", service.url, "--max-turns", 3, "--step-tokens", 8,
+            "--task", "What is 17 * 23? Compute it."))
+        assert outcome.reason == "finished", outcome.text("stderr") or outcome.detail
+        turns = _turns(outcome)
+        result = json.loads(outcome.return_value)
+        assert stack.controller.stats()["pages_in_use"] == 0
+    assert result["turns"] == len(turns) <= 3
+    # Every turn that wrote code (the tiny model writes no final answer) reached /run, in order,
+    # and what the program printed or its error came back as the observation.
+    coded = [t for t in turns if "code" in t]
+    runs = service.calls("run")
+    assert [r["argument"] for r in runs] == [t["code"] for t in coded]
+    assert all(t["observation"] for t in coded)
+    assert result["finished"] == (len(coded) < len(turns))

@@ -29,7 +29,7 @@ import itertools
 import logging
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import Any, Protocol, TypeAlias
 
@@ -45,8 +45,11 @@ from pie_trio.runtime.sandbox import Guard, InstanceLimits, Stopped, Termination
 log = logging.getLogger(__name__)
 
 # Ops the runtime answers itself (the rest goes to the control layer), here in the guest's
-# thread: all but `receive`, which waits for the client, so the instance's trio task answers it.
-LOCAL_OPS = RUNTIME_OPS - {"receive"}
+# thread: all but those that wait (for the client, or for child instances), which the
+# instance's trio task answers.
+TRIO_OPS = frozenset({"receive", "launch", "send_to", "child_receive", "child_wait",
+                      "child_kill"})
+LOCAL_OPS = RUNTIME_OPS - TRIO_OPS
 OUTPUT_CHUNK = 64 * 1024  # characters per stdout/stderr event, so no event is unbounded
 HELD_EVENTS_LIMIT = 64  # events held for a crossing before they are sent on their own
 EVENT_OVERHEAD = 64  # bytes an event costs beyond its text: empty messages are not free
@@ -129,6 +132,12 @@ class HostCalls:
         self.guard.on_tick = self.flush
         self.bound = True
 
+    def bind_messages(self) -> None:
+        """A component's host calls carry whole messages (component.py): unlike `bind`, no
+        view of its memory is needed."""
+        self.guard.on_tick = self.flush
+        self.bound = True
+
     def unbind(self) -> None:
         """The store is going away: drop our view of its memory."""
         self.bound = False
@@ -139,7 +148,40 @@ class HostCalls:
     # -- the five imports -----------------------------------------------------------------
 
     def call(self, req_ptr: int, req_len: int, resp_ptr: int, resp_cap: int) -> int:
-        request, _ = self._read_request(req_ptr, req_len)  # one at a time: not charged
+        encoded = self.call_message(*self._read_request(req_ptr, req_len))
+        if len(encoded) > _unsigned(resp_cap):
+            self._kept = encoded
+        else:
+            self._write(resp_ptr, encoded)
+        return len(encoded)
+
+    def submit(self, req_ptr: int, req_len: int) -> int:
+        return self.submit_message(*self._read_request(req_ptr, req_len))
+
+    def wait(self, handles_ptr: int, count: int, mode: int) -> int:
+        if not 0 <= count <= self.limits.max_outstanding:
+            raise Misuse(f"wait: {count} handles (at most {self.limits.max_outstanding})")
+        handles = struct.unpack(f"<{count}I", self._read(handles_ptr, 4 * count))
+        return self.wait_handles(handles, mode)
+
+    def take(self, handle: int, resp_ptr: int, resp_cap: int) -> int:
+        encoded = self._ready_encoding(handle)
+        if len(encoded) > _unsigned(resp_cap):
+            if handle not in self._encoded:  # kept for the retry with a larger buffer
+                self._encoded[handle] = encoded
+                self._encoded_bytes += len(encoded)
+            return len(encoded)
+        self._write(resp_ptr, encoded)
+        self._release(handle)
+        return len(encoded)
+
+    # -- the same operations on whole messages ----------------------------------------------
+    # The core imports above only move bytes in and out of guest memory; components
+    # (component.py) receive and return the messages themselves. Every rule lives here, once.
+
+    def call_message(self, request: Any, cost: int) -> bytes:  # noqa: ARG002
+        """A decoded request answered at once; the encoded response. (`cost` is not charged:
+        a `call` holds one request at a time.)"""
         response = self._answer_locally(request)
         if response is None:
             handle = self._next_call
@@ -148,15 +190,22 @@ class HostCalls:
             self._post(self.host.handle_request, handle, request)
             self._block_until(lambda: handle in ready)  # one crossing: both go in one batch
             response = ready.pop(handle)
-        encoded = _encode(response)
-        if len(encoded) > _unsigned(resp_cap):
-            self._kept = encoded
-        else:
-            self._write(resp_ptr, encoded)
-        return len(encoded)
+        return _encode(response)
 
-    def submit(self, req_ptr: int, req_len: int) -> int:
-        request, cost = self._read_request(req_ptr, req_len)
+    def take_message(self, handle: int) -> bytes:
+        """Block until `handle` is ready; its encoded response (the handle is released)."""
+        encoded = self._ready_encoding(handle)
+        self._release(handle)
+        return encoded
+
+    def _ready_encoding(self, handle: int) -> bytes:
+        if handle not in self.issued:
+            raise Misuse(f"take: unknown handle {handle}")
+        self._await_handle(handle)
+        return self._encoded.get(handle) or _encode(self.ready[handle])
+
+    def submit_message(self, request: Any, cost: int) -> int:
+        """Submit a decoded request that costs the host about `cost` bytes; its handle."""
         if len(self.issued) >= self.limits.max_outstanding:
             raise Stopped(limit_hit(
                 "outstanding", f"more than {self.limits.max_outstanding} submitted requests "
@@ -175,12 +224,14 @@ class HostCalls:
             self.ready[handle] = response
         return handle
 
-    def wait(self, handles_ptr: int, count: int, mode: int) -> int:
+    def wait_handles(self, handles: Sequence[int], mode: int) -> int:
+        """Block until any (WAIT_ANY: the index of a ready one) or all (WAIT_ALL: their count)
+        of `handles` are ready."""
         if mode not in (WAIT_ANY, WAIT_ALL):
             raise Misuse(f"wait: mode must be 0 (any) or 1 (all), got {mode}")
-        if not 0 <= count <= self.limits.max_outstanding:
+        count = len(handles)
+        if count > self.limits.max_outstanding:
             raise Misuse(f"wait: {count} handles (at most {self.limits.max_outstanding})")
-        handles = struct.unpack(f"<{count}I", self._read(handles_ptr, 4 * count))
         for handle in handles:
             if handle not in self.issued:
                 raise Misuse(f"wait: unknown handle {handle}")
@@ -194,20 +245,6 @@ class HostCalls:
         if not any(h in ready for h in handles):
             self._block_until(lambda: any(h in ready for h in handles))
         return next(i for i, h in enumerate(handles) if h in ready)
-
-    def take(self, handle: int, resp_ptr: int, resp_cap: int) -> int:
-        if handle not in self.issued:
-            raise Misuse(f"take: unknown handle {handle}")
-        self._await_handle(handle)
-        encoded = self._encoded.get(handle) or _encode(self.ready[handle])
-        if len(encoded) > _unsigned(resp_cap):
-            if handle not in self._encoded:  # kept for the retry with a larger buffer
-                self._encoded[handle] = encoded
-                self._encoded_bytes += len(encoded)
-            return len(encoded)
-        self._write(resp_ptr, encoded)
-        self._release(handle)
-        return len(encoded)
 
     def _release(self, handle: int) -> None:
         """The guest has taken `handle`'s response: forget it and what it cost."""
@@ -352,10 +389,18 @@ class HostCalls:
     def _read_request(self, ptr: int, length: int) -> tuple[Any, int]:
         """The decoded request and an estimate of the bytes it takes decoded."""
         length = _unsigned(length)
+        self.check_message_size(length)
+        return self.decode_request(self._span(ptr, length))
+
+    def check_message_size(self, length: int) -> None:
+        """Stop the guest if a request of `length` bytes is past the message-size limit."""
         if length > self.limits.max_message_bytes:
             raise Stopped(limit_hit(
                 "message_size", f"a {length}-byte request (limit {self.limits.max_message_bytes})"))
-        data = self._span(ptr, length)
+
+    def decode_request(self, data: memoryview | bytes) -> tuple[Any, int]:
+        """A request within the size limit, decoded, and an estimate of what it takes decoded."""
+        length = len(data)
         if length <= SMALL_REQUEST:  # cannot decode to much: no counting
             try:
                 return unpackb(data, raw=False, strict_map_key=False), length * WORST_EXPANSION
@@ -394,6 +439,11 @@ class HostCalls:
 
     def trap(self, exc: BaseException) -> int:
         """Record why the guest must stop and return a wasm trap for wasmtime to raise."""
+        termination = self.record_stop(exc)
+        return _new_trap((termination.detail or termination.reason).encode())
+
+    def record_stop(self, exc: BaseException) -> Termination:
+        """Record why a failed host call stops the guest; the instance's termination."""
         if isinstance(exc, Stopped):
             self.guard.request_stop(exc.termination)
         elif isinstance(exc, Misuse):
@@ -403,7 +453,7 @@ class HostCalls:
             self.guard.request_stop(Termination("trap", f"host error: {exc!r}"))
         termination = self.guard.termination
         assert termination is not None
-        return _new_trap((termination.detail or termination.reason).encode())
+        return termination
 
 
 class _Malformed:
@@ -446,7 +496,7 @@ class _DecodeCost:
                           "max_outstanding_bytes)")
 
 
-def _decode(data: memoryview, cost: _DecodeCost) -> Any:
+def _decode(data: memoryview | bytes, cost: _DecodeCost) -> Any:
     try:
         return unpackb(data, raw=False, strict_map_key=False, list_hook=cost.array,
                        object_hook=cost.map)
@@ -528,6 +578,13 @@ _memory_data_size.restype = ctypes.c_size_t
 # -- the trampolines ---------------------------------------------------------------------
 # Each guest thread runs one instance, so the thread names the HostCalls.
 _local = threading.local()
+
+
+def current_calls() -> HostCalls | None:
+    """The HostCalls of the instance the calling guest thread runs (None before `attach`)."""
+    calls: HostCalls | None = getattr(_local, "calls", None)
+    return calls
+
 # What wasmtime passes a host function (ctypes pointers are generic only to type checkers).
 _CallerPointer: TypeAlias = "ctypes._Pointer[ffi.wasmtime_caller_t]"
 _ValuesPointer: TypeAlias = "ctypes._Pointer[ffi.wasmtime_val_raw_t]"

@@ -17,6 +17,10 @@ always be sent, but the guest cannot outrun its client: once more than
 `InstanceLimits.output_backlog_bytes` of its output is unread, its next `send` or print waits until
 the client has caught up by half. A client that closes its end of `events` ends the instance with
 `client_gone`.
+
+Children. An instance may launch child instances (`children.py`); it alone addresses them, and
+they end with it: whenever the instance ends, its children are killed (`parent_gone`) and have
+ended before its own `terminated` event is sent.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import pie_trio
 from pie_trio.control.interface import AttachedInstance
 from pie_trio.runtime.abi import EVENT_OVERHEAD, HostCalls
 from pie_trio.runtime.bridge import Bridge, Mailbox
+from pie_trio.runtime.children import CHILD_OPS, Children, Launch
 from pie_trio.runtime.guest import GuestThread, ThreadStarter
 from pie_trio.runtime.programs import Program
 from pie_trio.runtime.sandbox import Guard, InstanceLimits, Termination, limit_hit
 
 log = logging.getLogger(__name__)
 
-KILL_REASONS = ("killed", "evicted", "client_gone")
+KILL_REASONS = ("killed", "evicted", "client_gone", "parent_gone")
 BACKLOG_POLL = 0.005  # seconds between checks of how far a congested client has read
 CONTROL_CLOSE_TIMEOUT = 10.0  # seconds the control layer gets to release an ended instance
 
@@ -59,7 +64,7 @@ class Instance:
     def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
                  args: Sequence[str], limits: InstanceLimits, ctl: AttachedInstance,
                  models: Sequence[str], on_end: Callable[[Instance], None],
-                 starter: ThreadStarter, mailbox: Mailbox):
+                 starter: ThreadStarter, mailbox: Mailbox, launch: Launch | None = None):
         self.id = instance_id
         self.owner = owner
         self.program = program.hash
@@ -81,6 +86,7 @@ class Instance:
         self._receivers: deque[int] = deque()  # handles of `receive` requests waiting
         self._unread: deque[int] = deque()  # sizes of emitted events the client has not read
         self._watching_backlog = False
+        self.children = Children(launch, limits.max_children)
         self.guard = Guard(limits, program.engine)
         self.bridge = Bridge(mailbox, self.guard)
         answers = {"version": pie_trio.__version__, "instance_id": instance_id,
@@ -104,7 +110,8 @@ class Instance:
         if self._exited.is_set():
             return
         default = {"killed": "killed by its owner", "evicted": "evicted by the server",
-                   "client_gone": "the client went away"}[reason]
+                   "client_gone": "the client went away",
+                   "parent_gone": "its parent ended"}[reason]
         if self.guard.request_stop(Termination(reason, detail or default)):
             self.bridge.interrupt()
 
@@ -144,6 +151,9 @@ class Instance:
                 self._thread_started = True
                 task_status.started()
                 await self._wait_for_exit()
+                # Before the nursery goes: the children's pumps stop with it, and the first
+                # stop request wins, so the children end as `parent_gone`.
+                self.children.kill_all()
                 nursery.cancel_scope.cancel()  # a backlog watcher may still be polling
         finally:
             with trio.CancelScope(shield=True):
@@ -167,6 +177,9 @@ class Instance:
                 await self._exited.wait()
             # The guest posted its exit as its thread's last act: this join returns at once.
             self.guest.join()
+        self.children.kill_all()  # (again: the runtime may be shutting down)
+        with trio.move_on_after(CONTROL_CLOSE_TIMEOUT):
+            await self.children.wait_ended()
         # Bounded: this runs shielded, and a control layer stopped before the runtime (a wrong
         # shutdown order) must not hang the instance forever.
         with trio.move_on_after(CONTROL_CLOSE_TIMEOUT) as scope:
@@ -195,7 +208,13 @@ class Instance:
     # -- called by the guest thread through the bridge ------------------------------------
 
     def handle_request(self, handle: int, request: dict[str, Any]) -> None:
-        """A request the control layer (or `receive`) answers; the answer lands in `ready`."""
+        """A request the control layer (or `receive`, or a child op) answers; the answer lands
+        in `ready`."""
+        if request.get("op") in CHILD_OPS:
+            assert self._nursery is not None  # the guest runs only inside `run`
+            self.children.handle(self._nursery, request,
+                                 lambda response: self._complete(handle, response))
+            return
         if request.get("op") == "receive":
             if self._inbox:
                 message = self._inbox.popleft()

@@ -9,10 +9,15 @@
 budgets. Cancelling it stops every instance (reason `evicted`), waits for their guest threads to
 exit and frees what they held, before it returns. `pie_trio/stack.py` builds the runtime on its
 controller and stops it before the layers below.
+
+Instances launch instances too (the `launch` op, children.py): a child is launched here like
+any other instance, under its parent's owner and limits, and counts against `max_instances`
+and `max_instances_per_owner` like any other.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -22,26 +27,30 @@ import trio
 
 from pie_trio.control.interface import ControlService
 from pie_trio.runtime.bridge import Mailbox
+from pie_trio.runtime.children import LaunchRefused
 from pie_trio.runtime.guest import ThreadStarter
 from pie_trio.runtime.instance import Instance
-from pie_trio.runtime.programs import ProgramStore
+from pie_trio.runtime.programs import ProgramError, ProgramStore, UnknownProgram
 from pie_trio.runtime.sandbox import InstanceLimits, tick_epochs
 
 LOADING_THREADS = 8  # programs loaded (or built-ins compiled) for launches at once
 
 
 class CapacityError(RuntimeError):
-    """The runtime already runs its maximum number of instances."""
+    """The runtime already runs its maximum number of instances (in all, or of one owner)."""
 
 
 class Runtime:
     def __init__(self, controller: ControlService, program_store: ProgramStore | None = None,
-                 limits: InstanceLimits | None = None, *, max_instances: int = 4096):
+                 limits: InstanceLimits | None = None, *, max_instances: int = 4096,
+                 max_instances_per_owner: int | None = None):
         self.controller = controller
         self.programs = program_store if program_store is not None else ProgramStore()
         self.limits = limits or InstanceLimits()
         self.models = list(controller.model_names)  # what the guest's `models` op answers
         self.max_instances = max_instances
+        self.max_instances_per_owner = max_instances_per_owner  # None: no cap per owner
+        self._launching: Counter[str] = Counter()  # launches in progress, by owner
         self.instances: dict[str, Instance] = {}
         self.launched = 0
         self.ended: Counter[str] = Counter()  # terminations by reason
@@ -78,7 +87,17 @@ class Runtime:
         if len(self.instances) >= self.max_instances:
             raise CapacityError(f"the runtime already runs {len(self.instances)} instances, "
                                 "its maximum")
-        args = [str(arg) for arg in args]
+        self._check_owner_cap(owner)
+        self._launching[owner] += 1  # counted while it loads: concurrent launches cannot pass
+        try:
+            return await self._start(program, [str(arg) for arg in args], owner, limits)
+        finally:
+            self._launching[owner] -= 1
+            if not self._launching[owner]:
+                del self._launching[owner]
+
+    async def _start(self, program: str, args: list[str], owner: str,
+                     limits: InstanceLimits | None) -> Instance:
         compiled = self.programs.loaded(program)
         if compiled is None:  # compiling (a built-in's first use) or loading: off the trio thread
             # (its own limiter: uploads compiling in trio's default one never delay launches)
@@ -87,11 +106,14 @@ class Runtime:
         if self._nursery is None or self._starter is None or self._mailbox is None:
             raise RuntimeError("the runtime stopped")
         instance_id = uuid.uuid4().hex
+        limits = limits or self.limits
+        # The child launcher holds the owner and limits, never the instance: no reference cycle.
+        launch_child = functools.partial(self._launch_child, owner, limits)
         instance = Instance(
             instance_id=instance_id, owner=owner, program=compiled, program_name=program,
-            args=args, limits=limits or self.limits, ctl=self.controller.attach(instance_id),
+            args=args, limits=limits, ctl=self.controller.attach(instance_id),
             models=self.models, on_end=self._forget, starter=self._starter,
-            mailbox=self._mailbox)
+            mailbox=self._mailbox, launch=launch_child)
         self.instances[instance_id] = instance
         self.programs.hold(compiled.hash)  # not evicted while it runs; released by _forget
         self.launched += 1
@@ -102,6 +124,24 @@ class Runtime:
                 self.programs.release(compiled.hash)
             raise
         return instance
+
+    async def _launch_child(self, owner: str, limits: InstanceLimits, program: str,
+                            args: list[str]) -> Instance:
+        """An instance's `launch`: the same launch as a client's, under the parent's owner and
+        limits; every refusal is the guest's answer (LaunchRefused)."""
+        try:
+            return await self.launch(program, args, owner, limits)
+        # (RuntimeError: a cap reached, CapacityError, or the runtime is not running any more)
+        except (UnknownProgram, ProgramError, RuntimeError) as exc:
+            raise LaunchRefused(str(exc)) from None
+
+    def _check_owner_cap(self, owner: str) -> None:
+        cap = self.max_instances_per_owner
+        if cap is None:
+            return
+        mine = sum(i.owner == owner for i in self.instances.values()) + self._launching[owner]
+        if mine >= cap:
+            raise CapacityError(f"owner {owner!r} already runs {mine} instances, its maximum")
 
     def get(self, instance_id: str) -> Instance | None:
         return self.instances.get(instance_id)

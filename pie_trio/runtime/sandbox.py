@@ -48,7 +48,8 @@ HOST_CALL_OVERHEAD = 3e-6
 MiB = 1 << 20
 
 # The reasons an instance can end with (docs/abi.md, "Termination reasons").
-REASONS = ("finished", "error", "trap", "killed", "limit", "evicted", "client_gone")
+REASONS = ("finished", "error", "trap", "killed", "limit", "evicted", "client_gone",
+           "parent_gone")
 LIMIT_NAMES = ("cpu_time", "wall_time", "memory", "outstanding", "message_size")
 
 
@@ -75,6 +76,7 @@ class InstanceLimits:
     output_backlog_bytes: int = 1 * MiB  # events the client has not read yet; the guest waits
     max_inbox: int = 1024  # client messages delivered but not yet received by the guest
     max_inbox_bytes: int = 16 * MiB  # their size
+    max_children: int = 16  # child instances launched and not yet waited for
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "table_elements", "max_outstanding", "max_message_bytes",
@@ -82,6 +84,8 @@ class InstanceLimits:
                      "max_inbox_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"InstanceLimits.{name} must be a positive integer")
+        if not isinstance(self.max_children, int) or self.max_children < 0:
+            raise ValueError("InstanceLimits.max_children must be a non-negative integer")
         if not self.cpu_time > 0:
             raise ValueError("InstanceLimits.cpu_time must be positive seconds")
         for name in ("wall_time", "cpu_total"):

@@ -115,7 +115,8 @@ async def _serve_components(config: Config, runner: ServedRunner, shutdown: trio
     release their pages through a controller and an executor that are still running)."""
     async with open_stack(
             runner, programs=_program_store(config), instance_limits=_limits(config),
-            max_instances=config.max_instances, policy=config.batch_policy,
+            max_instances=config.max_instances,
+            max_instances_per_owner=config.max_instances_per_tenant, policy=config.batch_policy,
             control_limits=ControlLimits(topic_bytes=config.instance_topic_bytes),
             tenancy=_tenancy(config, runner.info.num_pages),
             tools=tool_policy(config)) as stack:

@@ -35,6 +35,7 @@ mod generate;
 pub mod grammar;
 pub mod http;
 pub mod json;
+pub mod launch;
 mod model;
 mod pending;
 mod queue;
