@@ -72,8 +72,14 @@ STAGES = ("embed", "copy_kv", "mask_kv", "forward")
 STAGE_OF = {kind: i for i, kind in enumerate(STAGES)}
 
 RECENT_BATCHES = 256  # forward batches kept in `stats.recent_forwards` for inspection
-# Scheduling passes a tick waits after answering its callers, for their next calls (see _settle).
-SETTLE_PASSES = 8
+# After answering its callers a tick waits for their next calls (see _settle): until every one
+# is back, or no call has arrived for a quiet gap (SETTLE_QUIET_SHARE of the time the batch took,
+# at least SETTLE_QUIET_MIN seconds), or SETTLE_SHARE of that time has passed, whichever comes
+# first. Shares, not fixed times, because guests come back more slowly on a loaded machine, and
+# the wait must stay small beside the batch it follows.
+SETTLE_QUIET_MIN = 0.002
+SETTLE_QUIET_SHARE = 0.1
+SETTLE_SHARE = 0.25
 
 
 @dataclass(eq=False)
@@ -394,26 +400,36 @@ class Executor:
             work = [(kind, [r.call for r in group]) for kind, group in plan]
             fresh = (sorted(self._fresh_pages), sorted(self._fresh_slots))
             self._fresh_pages, self._fresh_slots = set(), set()
+            started = trio.current_time()
             results = await trio.to_thread.run_sync(
                 self._execute, fresh, work, limiter=self._limiter
             )
+            took = trio.current_time() - started
             resolved, self._in_flight = len(self._in_flight), []
             self._resolve(plan, results)
-            await self._settle(resolved)
+            await self._settle(resolved, took)
 
-    async def _settle(self, resolved: int) -> None:
-        """Give the callers just answered a few scheduling passes to submit their next calls.
+    async def _settle(self, resolved: int, took: float) -> None:
+        """Give the callers just answered the time to submit their next calls.
 
-        A caller answered now typically submits its next forward within two or three passes (a
-        few more when it allocates a page first). Planning at once would split the callers into
-        two groups that then alternate forever, each forward half full. Waiting for passes, not
-        for time, costs microseconds, and stops as soon as every answered caller is back.
+        Planning at once would split the callers into two groups that then alternate forever,
+        each forward half full. An inferlet answered now needs its guest thread to run before it
+        submits again, and with many guests sharing the GIL and few cores they come back one
+        after another over milliseconds, so counting scheduling passes is too short. The wait
+        ends as soon as every answered caller is back; a pause in arrivals (a caller that is
+        not coming back soon: it finished, or it is talking to its client) ends it early, and it
+        never exceeds a share of the batch it follows, so a lone caller loses nothing.
         """
-        admitted_before = self._admitted
-        for _ in range(SETTLE_PASSES):
-            if self._admitted - admitted_before >= resolved:
+        target = self._admitted + resolved
+        deadline = trio.current_time() + SETTLE_SHARE * took
+        quiet = max(SETTLE_QUIET_MIN, SETTLE_QUIET_SHARE * took)
+        while self._admitted < target:
+            self._arrived = trio.Event()
+            quiet_until = min(deadline, trio.current_time() + quiet)
+            with trio.move_on_at(quiet_until) as waited:
+                await self._arrived.wait()
+            if waited.cancelled_caught:
                 return
-            await trio.lowlevel.checkpoint()
 
     # ---- planning (trio thread) --------------------------------------------------------------
 
