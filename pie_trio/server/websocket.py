@@ -170,8 +170,15 @@ class GuardedWSStream(WSStream):
         if self.closed:
             return
         with trio.move_on_after(CLOSE_GRACE):
-            await self._send_wsproto_event(CloseConnection(code=close_code,
-                                                           reason=_short(reason)))
+            try:
+                await self._send_wsproto_event(CloseConnection(code=close_code,
+                                                               reason=_short(reason)))
+            except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+                # The watcher can fire while the app is sending on the same stream (a response
+                # still being written to this slow client) or after the peer went away. The
+                # close frame is a courtesy; dropping the connection is what must happen, and
+                # an error escaping here would end the whole server, not this connection.
+                pass
         await self._drop()
         if self.app_put is not None:  # set once the app runs, which it does before any frame
             await self.app_put({"type": "websocket.disconnect", "code": close_code,
