@@ -370,3 +370,56 @@ async def test_graph_of_thought_drafts_together_and_merges_off_the_shared_prompt
     assert allocated <= sum(spans) - (len(spans) - 1) * shared + 1
     assert report["merge_prefilled"] <= (report["merge_pages"] - shared) * page_size
     assert stats["pages_in_use"] == 0
+
+
+# --- recursion-of-thought --------------------------------------------------------------------
+
+SUBPROBLEMS = [["How many sheep ran away?", "How many sheep stayed?", "What let them out?"],
+               ["What is known?", "What is asked?"]]
+
+
+async def test_recursion_of_thought_solves_subproblems_together_in_shared_forks(tiny_runner,
+                                                                                built_modules):
+    """Every depth's sub-problems step in the same forward batches, each in a fork of its
+    parent's context that shares the parent's pages; solved one after another they give the
+    same answers."""
+    tokens = 8
+    widths = [1, len(SUBPROBLEMS[0]), len(SUBPROBLEMS[0]) * len(SUBPROBLEMS[1])]
+    args = ["--subproblems", ";".join("|".join(level) for level in SUBPROBLEMS), "--depth", 2,
+            "--answer-tokens", tokens, "--ignore-eos", PROBLEM]
+    policy = make_policy("kort", k=widths[-1], t=0.2)
+    async with running_stack(tiny_runner, policy=policy) as stack:
+        meter = PageMeter(stack)
+        forwards = stack.executor.stats.recent_forwards
+        forwards.clear()
+        together = await _run(stack, built_modules, "recursion-of-thought", *args)
+        batches = [len(record.owners) for record in forwards]
+        allocated = meter.allocated
+        stats = stack.controller.stats()
+    async with running_stack(tiny_runner) as stack:
+        alone = await _run(stack, built_modules, "recursion-of-thought", "--sequential", *args)
+    assert _messages(together) == _messages(alone)
+    assert together.return_value == alone.return_value
+    messages = [json.loads(m) for m in _messages(together)]
+    assert messages[:2] == [{"depth": 0, "subproblems": SUBPROBLEMS[:1]},
+                            {"depth": 1, "subproblems": SUBPROBLEMS[1:] * widths[1]}]
+    answers = messages[2:]
+    assert [m["depth"] for m in answers] == [2] * widths[2] + [1] * widths[1] + [0]
+    assert [m["parent"] for m in answers[:widths[2]]] == [0, 0, 1, 1, 2, 2]
+    assert answers[-1] == {"depth": 0, "parent": None, "question": PROBLEM,
+                           "answer": together.return_value}
+    # Each depth's answers: one forward batch per token for all its nodes.
+    assert batches.count(widths[2]) >= tokens and batches.count(widths[1]) >= tokens
+    report = _report(together)
+    shared, spans, root = report["shared_pages"], report["fork_pages"], report["root_pages"]
+    assert report["forks"] == len(spans) == widths[1] + widths[2]
+    assert report["depth"] == 2 and report["nodes"] == widths
+    assert report["tokens"] == sum(widths) * tokens
+    # Deepest forks first: they share their parent's pages, which hold the root's.
+    assert min(shared[:widths[2]]) > max(shared[widths[2]:]) >= 2
+    # Unshared, every context would allocate its whole span; shared, each fork allocates only
+    # the pages past its parent's.
+    assert allocated <= root + sum(span - pages for span, pages in zip(spans, shared,
+                                                                      strict=True)) + 1
+    assert 2 * allocated < root + sum(spans)
+    assert stats["pages_in_use"] == 0
