@@ -60,10 +60,14 @@ async def inferlet_episode(ws_url: str, program: str, tools: str, k: int, t: int
         instance = await client.launch(program, ["--tools", tools, "--max-turns", str(k),
                                                  "--step-tokens", str(t), "--no-finish",
                                                  "--task", TASK])
+        stderr: list[str] = []
         async for event in instance.events():
+            if event.kind == "stderr":
+                stderr.append(event.text or "")
             if event.kind == "terminated":
                 if event.reason != "finished":
-                    raise RuntimeError(f"agent ended {event.reason}: {event.detail}")
+                    raise RuntimeError(f"agent ended {event.reason}: {event.detail}; stderr: "
+                                       f"{''.join(stderr)[-500:]}")
                 break
     return time.perf_counter() - started
 
