@@ -111,7 +111,7 @@ async def run_side(n: int, episode: Any) -> dict[str, float]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    runner = load_runner(args.model)
+    runner = load_runner(args.model, num_pages=args.pages)
     tool_service = _tool_service()
     config = Config.load(env={}, overrides={
         "http_port": 0, "tcp_port": "off", "tool_io": True, "tool_allow": "127.0.0.1",
@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="tool calls per episode")
     parser.add_argument("--t", type=int, default=16, help="tokens generated per step")
     parser.add_argument("--d", type=float, default=100.0, help="tool latency, ms")
+    parser.add_argument("--pages", type=int, default=2048,
+                        help="KV pages (default 2048: every inferlet agent keeps its whole "
+                        "transcript's KV, 32 of them about 1,800 pages)")
     parser.add_argument("--quick", action="store_true", help="N = 1, 2; K = 2; T = 4")
     parser.add_argument("--out", help="also write the JSON record here")
     args = parser.parse_args()
