@@ -23,7 +23,7 @@ async def make_private(ctx: InstanceContext, vid: int, keep_rows: int, priority:
         old = ctx.pages.physical(vid)  # raises if a concurrent request freed it
         if not pool.shared(old):
             return
-        [new] = await pool.allocate(1, priority, ctx.tenant())
+        [new] = await pool.allocate(1, priority, ctx.tenant(), ctx.instance_id)
         try:
             if keep_rows:
                 call = CopyKv(OWNER, src_page=old, dst_page=new, src_offset=0, dst_offset=0,
@@ -46,7 +46,8 @@ def _add_pages(ctx: InstanceContext, physical: list[int]) -> list[int]:
 
 async def alloc_pages(ctx: InstanceContext, f: Fields, priority: int) -> list[int]:
     count = f.integer("count", low=0)
-    return _add_pages(ctx, await ctx.physical_pages.allocate(count, priority, ctx.tenant()))
+    physical = await ctx.physical_pages.allocate(count, priority, ctx.tenant(), ctx.instance_id)
+    return _add_pages(ctx, physical)
 
 
 async def free_pages(ctx: InstanceContext, f: Fields, priority: int) -> None:
@@ -62,7 +63,8 @@ async def share_pages(ctx: InstanceContext, f: Fields, priority: int) -> list[in
 
 async def alloc_slots(ctx: InstanceContext, f: Fields, priority: int) -> list[int]:
     count = f.integer("count", low=0)
-    physical = await ctx.physical_slots.allocate(count, priority, ctx.tenant())
+    physical = await ctx.physical_slots.allocate(count, priority, ctx.tenant(),
+                                                 ctx.instance_id)
     return [ctx.slots.add(s) for s in physical]
 
 

@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import trio
 
@@ -102,6 +103,16 @@ class Releaser:
             self.pending[kind] -= len(ids)
 
 
+class Reclaimer(Protocol):
+    """Something that can give physical ids back when an allocation finds too few free: a cache
+    dropping entries nobody uses, a policy moving a victim's pages to host memory. A pool asks
+    its reclaimers in order, and stops as soon as enough ids are free."""
+
+    async def reclaim(self, count: int, requester: str | None) -> None:
+        """Try to free `count` more ids (fewer is allowed) for instance `requester` (None:
+        the controller itself)."""
+
+
 class PhysicalPool:
     """The controller's share of one executor pool (KV pages or embedding slots).
 
@@ -124,6 +135,7 @@ class PhysicalPool:
         self._refs: dict[int, int] = {}  # kept while refs > 0 or pins > 0
         self._pins: Counter[int] = Counter()
         self._reserved = 0  # being allocated right now
+        self.reclaimers: list[Reclaimer] = []  # asked in order when too few ids are free
 
     @property
     def in_use(self) -> int:
@@ -134,12 +146,19 @@ class PhysicalPool:
         """Ids the executor can hand out now, less those being allocated already."""
         return self._executor_pool.num_free - self._reserved
 
-    async def allocate(self, count: int, priority: int = 0, tenant: str = "") -> list[int]:
+    async def allocate(self, count: int, priority: int = 0, tenant: str = "",
+                       requester: str | None = None) -> list[int]:
         """`count` fresh ids with one reference each, charged to `tenant`, or the documented
-        out-of-capacity error (the tenant's quota counts as capacity)."""
+        out-of-capacity error (the tenant's quota counts as capacity). When too few are free,
+        the reclaimers are asked first, on behalf of instance `requester`."""
         if count > self.free():
             await self._releaser.flushed()  # freed-but-not-yet-returned ids count as free
         self._check_quota(count, tenant)
+        for reclaimer in self.reclaimers:
+            if count <= self.free():
+                break
+            await reclaimer.reclaim(count - self.free(), requester)
+            await self._releaser.flushed()
         free = self.free()
         if count > free:
             raise ControlError(f"out of {self.noun}: {count} requested, {free} free")
