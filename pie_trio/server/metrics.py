@@ -65,11 +65,24 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# State key → (counter name, help). Prometheus adds `_total` to each name.
+COUNTERS = {
+    "ticks": ("executor_ticks", "Executor ticks (batches fired)"),
+    "preemptions": ("kv_preemptions", "Instances whose KV pages were moved to host memory"),
+    "restores": ("kv_restores", "Preempted instances whose KV pages were brought back"),
+    "swap_bytes": ("kv_swap_bytes", "Bytes of KV moved between the pool and host memory"),
+    "prefix_cache_query_tokens": ("prefix_cache_query_tokens",
+                                  "Prompt tokens looked up in the automatic prefix cache"),
+    "prefix_cache_hit_tokens": ("prefix_cache_hit_tokens",
+                                "Prompt tokens whose KV the prefix cache supplied"),
+}
+
+
 class StateCollector(Collector):
     """Turns a snapshot dict into metrics at scrape time.
 
-    Recognised keys: `instances_running`, `sessions`, `kv_pages_in_use`, `kv_pages_total`,
-    `ticks`, `forward_batch_sizes` (a {batch size: count} histogram).
+    Recognised keys: the gauges and counters below, and `forward_batch_sizes` (a {batch size:
+    count} histogram).
     """
 
     def __init__(self, read_state: Callable[[], Mapping[str, Any]]):
@@ -82,13 +95,15 @@ class StateCollector(Collector):
             "sessions": "Client sessions (WebSocket and TCP) connected now",
             "kv_pages_in_use": "Physical KV cache pages allocated now",
             "kv_pages_total": "Physical KV cache pages in the pool",
+            "kv_pages_swapped": "KV pages of preempted instances held in host memory now",
+            "prefix_cache_pages": "KV pages held by the automatic prefix cache",
         }
         for key, doc in gauges.items():
             if state.get(key) is not None:
                 yield GaugeMetricFamily(f"pie_trio_{key}", doc, value=float(state[key]))
-        if state.get("ticks") is not None:
-            yield CounterMetricFamily("pie_trio_executor_ticks", "Executor ticks (batches fired)",
-                                      value=float(state["ticks"]))
+        for key, (name, doc) in COUNTERS.items():
+            if state.get(key) is not None:
+                yield CounterMetricFamily(f"pie_trio_{name}", doc, value=float(state[key]))
         sizes = state.get("forward_batch_sizes")
         if sizes:
             yield batch_size_histogram(sizes)
