@@ -27,6 +27,7 @@ UNKNOWN_TYPE = "unknown_type"
 UNAUTHENTICATED = "unauthenticated"  # a request before a successful authenticate
 AUTH_FAILED = "auth_failed"
 NOT_FOUND = "not_found"  # no such instance *of yours*
+ALREADY_ATTACHED = "already_attached"  # the instance's events already stream to a client
 UNKNOWN_PROGRAM = "unknown_program"
 INVALID_PROGRAM = "invalid_program"  # the uploaded bytes are not a usable module
 TOO_LARGE = "too_large"
@@ -93,6 +94,7 @@ class Launch:
     id: int
     program: str  # a BLAKE3 hash or a built-in name
     args: list[str] = field(default_factory=list)
+    detached: bool = False  # no connection streams its events until one attaches
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,20 @@ class Terminate:
     instance: str
 
 
-Request = Authenticate | Query | UploadBegin | UploadChunk | UploadEnd | Launch | Signal | Terminate
+@dataclass(frozen=True)
+class Detach:
+    id: int
+    instance: str
+
+
+@dataclass(frozen=True)
+class Attach:
+    id: int
+    instance: str
+
+
+Request = (Authenticate | Query | UploadBegin | UploadChunk | UploadEnd | Launch | Signal
+           | Terminate | Detach | Attach)
 
 QUERIES = ("program_exists", "models", "instances")
 
@@ -123,6 +138,7 @@ class Kind:
 
 STR = Kind("str", lambda v: isinstance(v, str))
 INT = Kind("int", lambda v: isinstance(v, int) and not isinstance(v, bool))
+BOOL = Kind("bool", lambda v: isinstance(v, bool))
 BIN = Kind("bin", lambda v: isinstance(v, bytes))
 STR_LIST = Kind("a list of str", lambda v: isinstance(v, list)
                 and all(isinstance(item, str) for item in v))
@@ -135,9 +151,12 @@ REQUESTS: dict[str, tuple[type, dict[str, tuple[Kind, bool]]]] = {
     "upload_begin": (UploadBegin, {"hash": (STR, True), "size": (INT, True)}),
     "upload_chunk": (UploadChunk, {"hash": (STR, True), "data": (BIN, True)}),
     "upload_end": (UploadEnd, {"hash": (STR, True)}),
-    "launch_instance": (Launch, {"program": (STR, True), "args": (STR_LIST, False)}),
+    "launch_instance": (Launch, {"program": (STR, True), "args": (STR_LIST, False),
+                                 "detached": (BOOL, False)}),
     "signal_instance": (Signal, {"instance": (STR, True), "message": (STR, True)}),
     "terminate_instance": (Terminate, {"instance": (STR, True)}),
+    "detach_instance": (Detach, {"instance": (STR, True)}),
+    "attach_instance": (Attach, {"instance": (STR, True)}),
 }
 
 
@@ -245,7 +264,8 @@ _EVENT_TEXT = {"message": "message", "stdout": "data", "stderr": "data", "return
 
 def event(instance_id: str, payload: dict[str, Any]) -> dict[str, Any]:
     """An instance event for its client: `message`, `stdout`, `stderr` and `return` carry their
-    text in `data`; `terminated` carries `reason`, `detail` and, for limits, `limit`."""
+    text in `data`; `terminated` carries `reason`, `detail` and, for limits, `limit`;
+    `detached` (this connection no longer streams the instance) carries nothing more."""
     kind = payload.get("event")
     message: dict[str, Any] = {"type": "event", "instance": instance_id, "event": kind}
     if kind in _EVENT_TEXT:
@@ -253,6 +273,11 @@ def event(instance_id: str, payload: dict[str, Any]) -> dict[str, Any]:
     else:
         message.update((k, v) for k, v in payload.items() if k != "event")
     return message
+
+
+def detached(instance_id: str) -> dict[str, Any]:
+    """The last event a connection gets of an instance that was detached from it."""
+    return event(instance_id, {"event": "detached"})
 
 
 def pack(message: dict[str, Any]) -> bytes:

@@ -17,7 +17,7 @@ from pie_trio.cli.serve import config_from_args
 from pie_trio.client import connect
 from pie_trio.model.tiny import tiny_runner
 
-CLIENT_VERBS = ["run", "upload", "ps", "kill", "models"]
+CLIENT_VERBS = ["run", "upload", "ps", "attach", "detach", "kill", "models"]
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,49 @@ def test_run_input_sends_stdin_lines_to_the_instance(server, tmp_path, capsys, m
         runner.join(timeout=60)
     assert codes == [1]  # killed, not finished
     assert "instance ended: killed" in capsys.readouterr().err
+
+
+def test_run_detached_then_ps_and_attach(server, tmp_path, capsys):
+    greet = tmp_path / "greet.wasm"
+    greet.write_bytes(wasm(GREET_WAT))
+    assert main(["run", "--detach", str(greet), "--server", server.addresses.ws]) == 0
+    instance_id = capsys.readouterr().out.strip()
+    deadline = time.monotonic() + 60  # a guard against hanging, not a measurement
+    row: list[str] = []
+    while row[2:3] != ["ended"]:  # it finished while detached; its end waits for an attach
+        assert time.monotonic() < deadline
+        assert main(["ps", "--server", server.addresses.tcp]) == 0
+        header, *lines = capsys.readouterr().out.splitlines()
+        assert header.split()[:3] == ["INSTANCE", "PROGRAM", "STATE"]
+        row = next((line.split() for line in lines if line.startswith(instance_id)), [])
+    assert main(["detach", instance_id, "--server", server.addresses.tcp]) == 0  # it is already
+    assert main(["attach", instance_id, "--server", server.addresses.tcp]) == 0
+    assert capsys.readouterr().out == "Hello, world!printed\n"  # kept, though it had ended
+    assert main(["attach", instance_id, "--server", server.addresses.ws]) == 1
+    assert "no instance" in capsys.readouterr().err
+
+
+def test_detach_lets_a_run_go_and_the_instance_run_on(server, tmp_path, capsys):
+    echo = tmp_path / "echo.wasm"
+    echo.write_bytes(wasm(ECHO_WAT))
+    before = set(trio.run(running_instances, server.addresses.tcp))
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(
+        main(["run", str(echo), "--server", server.addresses.ws])))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60  # a guard against hanging, not a measurement
+        while not set(trio.run(running_instances, server.addresses.tcp)) - before:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (instance_id,) = set(trio.run(running_instances, server.addresses.tcp)) - before
+        assert main(["detach", instance_id, "--server", server.addresses.tcp]) == 0
+    finally:
+        runner.join(timeout=60)
+    assert codes == [0]
+    assert f"pie-trio attach {instance_id}" in capsys.readouterr().err
+    assert instance_id in trio.run(running_instances, server.addresses.tcp)  # it runs on
+    assert main(["kill", instance_id, "--server", server.addresses.tcp]) == 0
 
 
 def test_run_local_runs_in_process(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,8 @@ from typing import TypeAlias
 # What each verb's `add_parser` receives: the registry its sub-parser is added to.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-VERBS = ["serve", "run", "complete", "upload", "ps", "kill", "models", "build"]
+VERBS = ["serve", "run", "complete", "upload", "ps", "attach", "detach", "kill", "models",
+         "build"]
 
 
 def build_parser() -> argparse.ArgumentParser:

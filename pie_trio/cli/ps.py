@@ -1,4 +1,4 @@
-"""`pie-trio ps`: list your running instances on a server."""
+"""`pie-trio ps`: list your instances on a server, attached, detached or ended while detached."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ def add_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "ps", help="list your running instances",
         description="List the instances your tenant (API key) is running on the server, "
-                    "launched from any connection or the HTTP API.")
+                    "launched from any connection or the HTTP API. STATE is `attached` (a "
+                    "client streams its output), `detached` (its output waits for "
+                    "`pie-trio attach`), or `ended` (it ended detached; attach to see how).")
     add_server_options(parser)
     parser.set_defaults(func=main)
 
@@ -27,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
             row["age"] = f"{now - row.get('started', now):.1f}s"
             row["program"] = _short(str(row.get("program", "")))
             row["args"] = " ".join(row.get("args") or [])[:40]
-        print_table(rows, ["instance", "program", "origin", "age", "args"])
+        print_table(rows, ["instance", "program", "state", "origin", "age", "args"])
         return 0
 
     return run_with_client(args, body)

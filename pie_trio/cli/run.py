@@ -3,7 +3,9 @@
 PROGRAM is a `.wasm` file (uploaded first unless the server has it), a BLAKE3 hash of an
 uploaded program, or a built-in name such as `text-completion`. Text the instance sends
 (`message` events) and its stdout go to stdout as they arrive; its stderr goes to stderr. The
-exit code is 0 when the instance finishes, 1 otherwise (the reason goes to stderr).
+exit code is 0 when the instance finishes (or is detached, see `pie-trio detach`), 1 otherwise
+(the reason goes to stderr). With `--detach` it prints the instance id and exits at once;
+`pie-trio attach ID` streams it later.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def add_parser(subparsers: Subparsers) -> None:
         description="Run an inferlet on a server (or in this process with --local) and stream "
                     "its output as it comes: messages it sends and its stdout to stdout, its "
                     "stderr to stderr. Options go before `--`; everything after `--` is passed "
-                    "to the inferlet as its arguments. Exit code 0 when the instance finishes, "
-                    "1 when it ends any other way (the reason is printed to stderr).",
+                    "to the inferlet as its arguments. Exit code 0 when the instance finishes (or "
+                    "is detached), 1 when it ends any other way (the reason is printed to "
+                    "stderr).",
         epilog="example: pie-trio run text-completion -- --prompt 'Once upon a time' "
                "--max-tokens 32")
     parser.add_argument("program", metavar="PROGRAM",
@@ -37,6 +40,9 @@ def add_parser(subparsers: Subparsers) -> None:
                         help="run in this process on the default model instead of on a server "
                              "(messages go to stdout; the program's stdout, stderr and its end "
                              "go to stderr, marked [stdout], [stderr], [terminated: ...])")
+    parser.add_argument("--detach", action="store_true",
+                        help="launch it detached: print its instance id and exit; the server "
+                             "holds its output until `pie-trio attach ID`")
     parser.add_argument("--input", action="store_true",
                         help="send each line of stdin to the instance as a message (what it "
                              "reads with `receive`); not with --local")
@@ -77,8 +83,10 @@ def main(args: argparse.Namespace) -> int:
     program_args = split_program_args(args)
     path = Path(args.program)
     is_file = args.program.endswith(".wasm") or path.is_file()
-    if args.local and args.input:
-        return fail("--input needs a server: it cannot be combined with --local")
+    if args.local and (args.input or args.detach):
+        return fail("--input and --detach need a server: they cannot be combined with --local")
+    if args.detach and args.input:
+        return fail("--input cannot be combined with --detach (use it with `pie-trio attach`)")
     if args.local:
         return run_local_program(path if is_file else args.program, program_args)
     wasm = None
@@ -90,17 +98,26 @@ def main(args: argparse.Namespace) -> int:
 
     async def body(client: Client) -> int:
         program = args.program if wasm is None else await client.upload(wasm)
-        instance = await client.launch(program, program_args)
-        printer = EventPrinter()
-        async with trio.open_nursery() as nursery:
-            if args.input:
-                nursery.start_soon(_forward_stdin, instance)
-            async for event in instance.events():
-                printer.show(event)
-            nursery.cancel_scope.cancel()
-        return printer.exit_code
+        instance = await client.launch(program, program_args, detached=args.detach)
+        if args.detach:
+            print(instance.id)
+            return 0
+        return await stream(instance, args.input)
 
     return run_with_client(args, body)
+
+
+async def stream(instance: RemoteInstance, forward_stdin: bool) -> int:
+    """Print the instance's events until it ends or is detached; the exit code (shared with
+    `pie-trio attach`)."""
+    printer = EventPrinter()
+    async with trio.open_nursery() as nursery:
+        if forward_stdin:
+            nursery.start_soon(_forward_stdin, instance)
+        async for event in instance.events():
+            printer.show(event)
+        nursery.cancel_scope.cancel()
+    return printer.exit_code
 
 
 def run_local_program(program: str | Path, program_args: list[str]) -> int:
@@ -133,6 +150,12 @@ class EventPrinter:
             sys.stderr.flush()
         elif event.kind == "return" and not self.printed:
             self._write(sys.stdout, event.text or "")  # only when nothing was streamed
+        elif event.kind == "detached":
+            if not self.at_line_start:
+                self._write(sys.stdout, "\n")
+            self.exit_code = 0
+            print(f"pie-trio: instance detached; it runs on (pie-trio attach {event.instance})",
+                  file=sys.stderr)
         elif event.kind == "terminated":
             if not self.at_line_start:
                 self._write(sys.stdout, "\n")

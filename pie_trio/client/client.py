@@ -6,6 +6,10 @@
         async for event in instance.events():
             print(event.kind, event.text)
 
+    # Detached: the server holds its output until some connection of the tenant attaches.
+    instance_id = (await client.launch(program, detached=True)).id
+    instance = await client.attach(instance_id)     # its backlog, then live events
+
 One background task reads the connection: responses resolve the request that carries their id,
 events go to the instance they name. Requests may be issued from several tasks at once.
 """
@@ -43,7 +47,8 @@ class ServerError(Exception):
 
 @dataclass
 class Event:
-    """One instance event: `message`, `stdout`, `stderr`, `return` or `terminated`."""
+    """One instance event: `message`, `stdout`, `stderr`, `return`, `terminated`, or `detached`
+    (this connection no longer receives the instance's events)."""
 
     kind: str
     instance: str
@@ -142,10 +147,26 @@ class Client:
             await chunk.result()
         return str((await self.request("upload_end", hash=program))["hash"])
 
-    async def launch(self, program: str, args: list[str] | None = None) -> RemoteInstance:
-        """Launch a program (BLAKE3 hash or built-in name); its events stream to the handle."""
-        result = await self.request("launch_instance", program=program, args=list(args or []))
-        return RemoteInstance(self, result["instance"])
+    async def launch(self, program: str, args: list[str] | None = None,
+                     detached: bool = False) -> RemoteInstance:
+        """Launch a program (BLAKE3 hash or built-in name); its events stream to the handle,
+        unless `detached`: then they wait on the server for an `attach`."""
+        result = await self.request("launch_instance", program=program, args=list(args or []),
+                                    detached=detached or None)
+        return RemoteInstance(self, result["instance"], detached=detached)
+
+    async def attach(self, instance: str) -> RemoteInstance:
+        """Attach to a detached instance of your tenant: its events stream to the handle, first
+        those it produced while detached (`backlog` of them), then live ones."""
+        result = await self.request("attach_instance", instance=instance)
+        attached = RemoteInstance(self, result["instance"])
+        attached.backlog = int(result.get("backlog", 0))
+        return attached
+
+    async def detach(self, instance: str) -> None:
+        """Detach an instance of your tenant from the connection streaming it (its handle there
+        ends with a `detached` event); it runs on, its output held for an attach."""
+        await self.request("detach_instance", instance=instance)
 
     async def signal(self, instance: str, message: str) -> None:
         await self.request("signal_instance", instance=instance, message=message)
@@ -182,8 +203,13 @@ class Client:
                 pending.response = message
                 pending.done.set()
         elif kind == "event":
-            send, _ = self._channel(str(message.get("instance")))
+            instance = str(message.get("instance"))
+            send, _ = self._channel(instance)
             send.send_nowait(message)
+            if message.get("event") == "detached":
+                # Its last event here: a later attach streams into a channel of its own.
+                send.close()
+                del self._events[instance]
         elif kind == "close":
             self._close(ConnectionClosed(message.get("code"), str(message.get("reason", ""))))
         elif kind == "error":
@@ -210,30 +236,46 @@ class Client:
 class RemoteInstance:
     """A launched instance: its events, and the actions its owner may take on it."""
 
-    def __init__(self, client: Client, instance_id: str):
+    def __init__(self, client: Client, instance_id: str, detached: bool = False):
         self.client = client
         self.id = instance_id
         self.result: Event | None = None  # the terminated event, once seen
+        self.detached = detached  # no longer (or never) streamed to this connection
+        self.backlog = 0  # on attach: the events that waited for it
+        if detached:  # launched detached: no events will come here, so hold no channel
+            sender, self._events = trio.open_memory_channel[dict[str, Any]](0)
+            sender.close()
+        else:
+            self._events = client._channel(instance_id)[1]
 
     async def next_event(self) -> Event:
         """The next event; raises ConnectionClosed if the connection ends before the instance
-        does, and EOFError after the `terminated` event was taken."""
+        does, and EOFError after the `terminated` or `detached` event was taken."""
         if self.result is not None:
             raise EOFError(f"instance {self.id} has terminated")
-        _, receive = self.client._channel(self.id)
+        if self.detached:
+            raise EOFError(f"instance {self.id} is detached from this connection")
         try:
-            event = Event.from_message(await receive.receive())
+            event = Event.from_message(await self._events.receive())
         except trio.EndOfChannel:
             raise self.client.closed or ConnectionClosed() from None
         if event.kind == "terminated":
             self.result = event
-            self.client._events.pop(self.id, None)
+            sender = self.client._events.get(self.id)
+            if sender is not None and sender[1] is self._events:
+                del self.client._events[self.id]
+        elif event.kind == "detached":
+            self.detached = True
         return event
 
     async def events(self) -> AsyncIterator[Event]:
-        """Every event up to and including `terminated`."""
-        while self.result is None:
+        """Every event up to and including `terminated` (or `detached`)."""
+        while self.result is None and not self.detached:
             yield await self.next_event()
+
+    async def detach(self) -> None:
+        """Detach it from this connection: `events` ends with a `detached` event."""
+        await self.client.detach(self.id)
 
     async def signal(self, message: str) -> None:
         await self.client.signal(self.id, message)

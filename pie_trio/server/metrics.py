@@ -93,6 +93,8 @@ class StateCollector(Collector):
         gauges = {
             "instances_running": "Inferlet instances running now",
             "sessions": "Client sessions (WebSocket and TCP) connected now",
+            "instances_detached": "Instances no client is attached to: running detached, or "
+                                  "ended and waiting for an attach",
             "kv_pages_in_use": "Physical KV cache pages allocated now",
             "kv_pages_total": "Physical KV cache pages in the pool",
             "kv_pages_swapped": "KV pages of preempted instances held in host memory now",

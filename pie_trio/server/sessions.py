@@ -1,10 +1,11 @@
 """One client session: the protocol logic shared by the WebSocket and TCP front-ends.
 
 A session reads frames from its transport one at a time, answers each request in order, and
-streams the events of the instances it launched. All outgoing messages go through one outbox,
-bounded in bytes (`outbox_size`), drained by a single writer task, so responses and events never
-interleave mid-frame, a slow client pushes back on its own instances only, and the writer can
-coalesce whatever is ready into one write.
+streams the events of the instances attached to it: those it launched (unless detached) and
+those it attached to. One pump task per attached instance moves its events to the outbox. All
+outgoing messages go through that one outbox, bounded in bytes (`outbox_size`), drained by a
+single writer task, so responses and events never interleave mid-frame, a slow client pushes
+back on its own instances only, and the writer can coalesce whatever is ready into one write.
 
 Slow and silent clients. A client that accepts no bytes of one write for `send_timeout` seconds
 is disconnected (its transport is aborted): back-pressure bounds what it costs in memory, this
@@ -12,15 +13,21 @@ bounds how long. With auth on, a connection that has not authenticated after `au
 seconds is closed with a `timeout` error. (Messages that take too long to arrive are the
 transports' to catch: tcp.py and websocket.py.)
 
-When the client goes away, the session's instances are ended with reason `client_gone`. When the
-server drains, the server ends every instance, each session forwards the `terminated` events, and
-then closes its transport with code 1001 (going away).
+Detach and attach. Detaching cancels the instance's pump; an event the pump had taken but not
+yet queued is handed back to the instance record (`Running.undelivered`), the client gets a last
+`detached` event for it, and only then is the instance listed as detached, so an attach (from
+any connection of the tenant) delivers the backlog in order, with nothing lost or repeated.
+
+When the client goes away, its attached instances are ended with reason `client_gone`; detached
+ones keep running. When the server drains, the server ends every instance, each session
+forwards the `terminated` events, and then closes its transport with code 1001 (going away).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import blake3
@@ -78,6 +85,24 @@ class SessionChannel(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A handler's answer that attaches an instance to the session: `result` goes to the
+    client, then the instance's events."""
+
+    running: Running
+    result: dict[str, Any]
+
+
+@dataclass
+class Pump:
+    """The task moving one attached instance's events to the outbox."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    delivered_end: bool = False  # the `terminated` event is queued for the client
+
+
 class Session:
     def __init__(self, state: ServerState, transport: SessionChannel, origin: str, peer: str = "?",
                  tenant: str | None = None):
@@ -89,7 +114,7 @@ class Session:
         # Who the client is: known from the start without auth (or from a valid header).
         self.tenant = tenant if state.auth.enabled else state.auth.tenant_for(None)
         self.uploads = Uploads(state.upload_budget, config.upload_buffer_per_session)
-        self.launched: set[str] = set()
+        self.pumps: dict[str, Pump] = {}  # the attached instances, by id
         self._outbox = Outbox(config.outbox_size)
         self._close_code = CLOSE_NORMAL
         self._close_reason = "bye"
@@ -97,7 +122,7 @@ class Session:
         self._broken = False  # the transport failed or was aborted: drop what is left
         self._write_started: float | None = None  # when the write in progress began
         self._reading = trio.CancelScope()  # cancelled to stop reading (timeouts, aborts)
-        self._idle = trio.Event()  # set while no launched instance is running
+        self._idle = trio.Event()  # set while no instance is attached
         self._idle.set()
         self._nursery: trio.Nursery | None = None
         self._handlers: dict[type, Callable[[Any], Awaitable[Any]]] = {
@@ -109,6 +134,8 @@ class Session:
             protocol.Launch: self._launch,
             protocol.Signal: self._signal,
             protocol.Terminate: self._terminate,
+            protocol.Detach: self._detach,
+            protocol.Attach: self._attach,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -194,15 +221,13 @@ class Session:
             log.exception("request failed peer=%s", self.peer)
             await self.send(protocol.error(protocol.INTERNAL, "internal server error", request_id))
             return
-        if isinstance(result, Running):
-            # A launch. The session owns the instance from here on (a disconnect ends it), and
-            # the response is queued before the pump starts, so the client always learns the
-            # instance id before the instance's first event. Adopting, answering and starting
-            # the pump happen without a checkpoint, so no cancellation can orphan the instance.
-            self._adopt(result)
-            self._send_now(protocol.ok(request_id, {"instance": result.id}))
-            assert self._nursery is not None
-            self._nursery.start_soon(self._pump, result)
+        if isinstance(result, Streamed):
+            # A launch or an attach. The session owns the instance from here on (a disconnect
+            # ends it), and the response is queued before the pump starts, so the client always
+            # learns of the instance before its first event. The handler's work, answering and
+            # starting the pump happen without a checkpoint, so no cancellation can orphan it.
+            self._send_now(protocol.ok(request_id, result.result))
+            self._start_pump(result.running)
         else:
             await self.send(protocol.ok(request_id, result))
 
@@ -282,7 +307,7 @@ class Session:
         await self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     def _end_instances(self, reason: str) -> None:
-        for instance_id in list(self.launched):
+        for instance_id in list(self.pumps):
             running = self.state.running.get(instance_id)
             if running is not None:
                 running.instance.kill(reason)
@@ -349,10 +374,21 @@ class Session:
         log.info("upload program=%s size=%d tenant=%s", program, len(data), self.tenant)
         return {"hash": program}
 
-    async def _launch(self, request: protocol.Launch) -> Running:
+    async def _launch(self, request: protocol.Launch) -> Streamed | dict[str, Any]:
         running = await self.state.launch(request.program, request.args, self._tenant(),
-                                          self.origin, request.id)
-        return running
+                                          self.origin, request.id,
+                                          holder=None if request.detached else self)
+        if request.detached:
+            return {"instance": running.id}
+        return Streamed(running, {"instance": running.id})
+
+    async def _detach(self, request: protocol.Detach) -> None:
+        await self.state.detach(request.instance, self._tenant(), request.id)
+
+    async def _attach(self, request: protocol.Attach) -> Streamed:
+        # No checkpoint from here to the pump's start (see handle).
+        running = self.state.attach(request.instance, self._tenant(), self, request.id)
+        return Streamed(running, {"instance": running.id, "backlog": running.backlog()})
 
     async def _signal(self, request: protocol.Signal) -> None:
         running = self.state.owned(request.instance, self._tenant(), request.id)
@@ -373,29 +409,58 @@ class Session:
 
     # -- events -----------------------------------------------------------------------------
 
-    def _adopt(self, running: Running) -> None:
-        self.launched.add(running.id)
+    def _start_pump(self, running: Running) -> None:
+        pump = self.pumps[running.id] = Pump()
         if self._idle.is_set():
             self._idle = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._pump, running, pump)
 
-    async def _pump(self, running: Running) -> None:
-        """Forward one instance's events to the client until it terminates."""
+    async def release(self, instance_id: str) -> bool:
+        """Stop streaming the instance (it is being detached): see the module's docstring."""
+        pump = self.pumps.pop(instance_id, None)
+        if pump is None:
+            return False
+        pump.scope.cancel()
+        await pump.done.wait()
+        return not pump.delivered_end
+
+    async def _pump(self, running: Running, pump: Pump) -> None:
+        """Forward one instance's events to the client until it terminates or is detached:
+        first those an earlier client left undelivered, then the instance's own."""
         reason = None
+        payload = None
         try:
-            async for payload in running.instance.events:
-                if payload.get("event") == "terminated":
-                    # Unlist it before telling the client, so that whoever hears of the end
-                    # no longer finds the instance listed.
-                    reason = str(payload.get("reason"))
-                    self.state.ended(running.id, reason)
-                await self.send(protocol.event(running.id, payload))
-                if reason is not None:
-                    break
+            with pump.scope:
+                while reason is None:
+                    if running.undelivered:
+                        payload = running.undelivered.pop(0)
+                    else:
+                        payload = await running.instance.events.receive()
+                    if payload.get("event") == "terminated":
+                        # Unlist it before telling the client, so that whoever hears of the
+                        # end no longer finds the instance listed.
+                        reason = str(payload.get("reason"))
+                        self.state.ended(running.id, reason)
+                    await self.send(protocol.event(running.id, payload))
+                    payload = None
+                pump.delivered_end = True
+        except trio.EndOfChannel:  # cannot happen: `terminated` comes before the channel ends
+            log.error("instance %s ended without a terminated event", running.id)
         finally:
-            if reason is None:  # cancelled before the end: nobody will read its events any more
+            self._pump_stopped(running, pump, payload)
+
+    def _pump_stopped(self, running: Running, pump: Pump, payload: dict[str, Any] | None) -> None:
+        if payload is not None:  # taken from the instance, not queued: keep it for an attach
+            running.undelivered.insert(0, payload)
+        if self.pumps.get(running.id) is pump:  # still attached here
+            del self.pumps[running.id]
+            if not pump.delivered_end:  # cancelled before the end: nobody will read it now
                 running.instance.kill("client_gone")
                 self.state.ended(running.id, "client_gone")
-            # Only now, with its last event queued, may a draining session close.
-            self.launched.discard(running.id)
-            if not self.launched:
-                self._idle.set()
+        elif not pump.delivered_end:  # released for a detach: the client's last word on it
+            self._send_now(protocol.detached(running.id))
+        pump.done.set()
+        # Only now, with its last event queued, may a draining session close.
+        if not self.pumps:
+            self._idle.set()
