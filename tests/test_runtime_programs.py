@@ -41,6 +41,17 @@ async def test_the_compiled_module_survives_a_restart(tmp_path, tiny_runner):
         assert outcome.reason == "finished"
 
 
+def test_stores_sharing_a_directory_see_each_others_uploads(tmp_path):
+    """Replicas behind a balancer share one cache directory: a program uploaded to one is
+    known to the other at once, loaded from the compiled file, not compiled again."""
+    first, second = ProgramStore(tmp_path), ProgramStore(tmp_path)
+    program_hash = first.add(PING)
+    assert second.has(program_hash)
+    assert second.get(program_hash).hash == program_hash and second.compiles == 0
+    assert second.add(PING) == program_hash and second.compiles == 0
+    assert not second.has("0" * 64)
+
+
 def test_unusable_cached_code_is_recompiled(tmp_path):
     program_hash = ProgramStore(tmp_path).add(PING)
     for compiled in tmp_path.glob("compiled/*/*.cwasm"):

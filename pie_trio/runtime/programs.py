@@ -185,6 +185,7 @@ class ProgramStore:
         if len(wasm) > self.max_bytes:
             raise ProgramError(f"the program is {len(wasm)} bytes; the limit is {self.max_bytes}")
         program_hash = blake3.blake3(wasm).hexdigest()
+        self._adopt(program_hash)
         with self._lock:
             if program_hash in self._stored:
                 self._delete_files(self._claim(program_hash, owner))
@@ -195,7 +196,8 @@ class ProgramStore:
 
     def has(self, name_or_hash: str) -> bool:
         """Whether `resolve` would find it (a built-in name, or a stored program's hash)."""
-        return name_or_hash in self.builtins or name_or_hash in self._stored
+        return (name_or_hash in self.builtins or name_or_hash in self._stored
+                or self._adopt(name_or_hash))
 
     def resolve(self, name_or_hash: str) -> str:
         """The hash of a built-in name or a known hash; raises UnknownProgram."""
@@ -206,6 +208,7 @@ class ProgramStore:
         program = self.loaded(name_or_hash)
         if program is not None:
             return program
+        self._adopt(name_or_hash)
         with self._lock:
             stored = self._stored.get(self._builtin_hashes.get(name_or_hash, name_or_hash))
         if stored is not None:
@@ -515,6 +518,35 @@ class ProgramStore:
             self._stored[stored.hash] = stored
             self._stored_bytes += stored.cost
         self._delete_files(evicted)
+
+    def _adopt(self, program_hash: str) -> bool:
+        """Know a program another store sharing this cache directory saved since start-up
+        (replicas behind a balancer): programs are content-addressed, and loading re-checks
+        the bytes against the hash before compiling them. True if it is known now."""
+        if self.cache_dir is None or not _is_hash(program_hash):
+            return False
+        with self._lock:
+            if program_hash in self._stored:
+                return True
+        path = self._wasm_path(program_hash)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return False
+        compiled = self._compiled_path(program_hash)
+        code = compiled.stat().st_size if compiled.exists() else 0
+        stored = _Stored(program_hash, size, size + code, component=_is_component_file(path))
+        evicted: list[str] = []
+        with self._lock:
+            if program_hash not in self._stored:
+                try:
+                    evicted = self._make_room(stored, None)
+                except ProgramError:  # full of running programs: it stays unknown here
+                    return False
+                self._stored[program_hash] = stored
+                self._stored_bytes += stored.cost
+        self._delete_files(evicted)
+        return True
 
     def _save(self, program_hash: str, wasm: bytes, code: bytes) -> None:
         try:
