@@ -6,12 +6,15 @@ compiler — and gives each attached instance an `InstanceContext` over them and
 `InstanceControl` to run in. All of it runs in the controller's nursery on the trio thread, so
 the shared state is only ever touched by one task at a time between checkpoints.
 
-Out of capacity is refused, never queued: an allocation (or a copy-on-write) that needs more
-pages than are free fails at once with ``out of KV pages: N requested, M free`` (and likewise
-``out of embedding slots: ...``). The instance may free some and retry; nothing is evicted
-behind its back. A `Tenancy` (set by the server) says which tenant owns each instance and caps
-what one tenant may hold: pages (``out of KV pages: ... its quota of Q``) and persistent
-exports, which only their tenant or an operator may remove.
+Out of capacity, by default (`ControlLimits.kv_policy="refuse"`), is refused, never queued: an
+allocation (or a copy-on-write) that needs more pages than are free fails at once with
+``out of KV pages: N requested, M free`` (and likewise ``out of embedding slots: ...``). The
+instance may free some and retry; nothing is evicted behind its back. With `"preempt"` an
+allocation short of KV pages waits instead, and newer instances' pages move to host memory
+meanwhile (preemption.py); embedding slots are still refused. A `Tenancy` (set by the server)
+says which tenant owns each instance and caps what one tenant may hold: pages (``out of KV
+pages: ... its quota of Q``) and persistent exports, which only their tenant or an operator may
+remove.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pie_trio.control.grammar import GrammarCompiler, InstanceGrammars
 from pie_trio.control.instance import InstanceControl
 from pie_trio.control.messaging import Topics
 from pie_trio.control.model_view import ModelView
+from pie_trio.control.preemption import KV_POLICIES, Preemption
+from pie_trio.control.prefix_cache import PrefixCache
 from pie_trio.control.queues import Queues
 from pie_trio.control.resources import PAGES, SLOTS, PhysicalPool, Releaser, VirtualIds
 from pie_trio.control.store import KeyValueStore
@@ -48,6 +53,9 @@ class ControlLimits:
     max_grammars: int = 32  # per instance: compiled grammars held
     max_matchers: int = 256  # per instance: one per constrained sequence
     grammar_cache: int = 64  # compiled grammars kept for reuse by content, all instances
+    kv_policy: str = "refuse"  # out of KV pages: "refuse" the allocation, or "preempt"
+    prefix_cache: bool = True  # keep full prompt pages by content for reuse (prefix_cache.py)
+    prefix_cache_pages: int | None = None  # most pages it keeps (None: half the page pool)
 
 
 def _no_tenant(instance_id: str) -> str:
@@ -73,12 +81,18 @@ class Controller:
                  tools: ToolPolicy | None = None):
         self.info = runner_info
         self.limits = limits or ControlLimits()
+        if self.limits.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, "
+                             f"got {self.limits.kv_policy!r}")
         self.tenancy = tenancy or Tenancy()
         self.releaser = Releaser(executor)
         self.pages = PhysicalPool(PAGES, "KV pages", executor, executor.pages, self.releaser,
                                   tenant_quota=self.tenancy.page_quota)
         self.slots = PhysicalPool(SLOTS, "embedding slots", executor, executor.slots,
                                   self.releaser)
+        self.preemption = Preemption(self.pages, executor, self.releaser)
+        if self.limits.kv_policy == "preempt":
+            self.pages.reclaimers.append(self.preemption)
         self.exports = ExportRegistry(self.pages, self.tenancy.exports)
         self.topics = Topics(self.limits.topic_buffer, self.limits.topic_bytes)
         self.store = KeyValueStore(self.limits.store_max_key_bytes,
@@ -89,6 +103,7 @@ class Controller:
         self.grammar_compiler = GrammarCompiler(tokenizer, runner_info.vocab_size,
                                                 runner_info.stop_tokens,
                                                 cache_size=self.limits.grammar_cache)
+        self.prefix_cache = self._prefix_cache()
         self._executor_access = ExecutorAccess(executor, self.pages, self.slots)
         self._instances: dict[str, InstanceControl] = {}
         self._nursery: trio.Nursery | None = None
@@ -99,6 +114,7 @@ class Controller:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.releaser.run)
                 self._nursery = nursery
+                self.preemption.nursery = nursery
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -126,9 +142,10 @@ class Controller:
 
     def _context(self, instance_id: str) -> InstanceContext:
         """A new instance's own ids and queues, over the services every instance shares."""
+        pages = VirtualIds("page")
         return InstanceContext(
             instance_id=instance_id,
-            pages=VirtualIds("page"),
+            pages=pages,
             slots=VirtualIds("slot"),
             queues=Queues(self.limits.max_queues),
             grammars=InstanceGrammars(self.info.vocab_size, self.limits.max_grammars,
@@ -143,7 +160,22 @@ class Controller:
             executor=self._executor_access,
             tenant_of=self.tenant_of,
             tools=InstanceTools(self.tools),
+            prefix_cache=self.prefix_cache,
+            residency=self.preemption.attach(instance_id, pages,
+                                             lambda: self.tenant_of(instance_id)),
         )
+
+    def _prefix_cache(self) -> PrefixCache:
+        """The prefix cache, asked first for pages when the pool runs short (before any policy
+        that takes pages from a running instance)."""
+        bound = self.limits.prefix_cache_pages
+        capacity = self.pages.capacity // 2 if bound is None else bound
+        if not self.limits.prefix_cache:
+            capacity = 0
+        cache = PrefixCache(self.pages, self.info.page_size, self.info.name, capacity)
+        self.pages.reclaimers.insert(0, cache)
+        self.pages.quota_relievers.append(cache.relieve)
+        return cache
 
     def tenant_of(self, instance_id: str) -> str:
         """The tenant an instance runs for ("" when unknown)."""
@@ -164,4 +196,12 @@ class Controller:
             "subscriptions": self.topics.subscription_count(),
             "store_keys": len(self.store),
             "grammars_cached": len(self.grammar_compiler),
+            "prefix_cache_pages": len(self.prefix_cache),
+            "prefix_cache_queries": self.prefix_cache.stats.queries,
+            "prefix_cache_query_tokens": self.prefix_cache.stats.query_tokens,
+            "prefix_cache_hit_tokens": self.prefix_cache.stats.hit_tokens,
+            "preemptions": self.preemption.preemptions,
+            "restores": self.preemption.restores,
+            "swap_bytes": self.preemption.swap_bytes,
+            "swapped_pages": self.preemption.host_copies(),
         }

@@ -16,7 +16,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pie_trio.control import clock, grammar, inference, kv, messaging, model_view, queues, store
+from pie_trio.control import (
+    clock,
+    grammar,
+    inference,
+    kv,
+    messaging,
+    model_view,
+    prefix_cache,
+    queues,
+    store,
+)
 from pie_trio.control.context import InstanceContext
 from pie_trio.control.fields import ControlError, Fields, is_int, type_name
 from pie_trio.control.interface import RUNTIME_OPS, Response
@@ -59,6 +69,8 @@ OPS: dict[str, Op] = {
     "unexport": Op(kv.unexport, ("name",)),
     "import_pages": Op(kv.import_pages, ("name",)),
     "list_exports": Op(kv.list_exports),
+    "prefix_match": Op(prefix_cache.prefix_match, ("tokens",)),
+    "prefix_store": Op(prefix_cache.prefix_store, ("tokens", "pages")),
     "copy_kv": Op(inference.copy_kv,
                   ("src_page", "dst_page", "src_offset", "dst_offset", "count")),
     "mask_kv": Op(inference.mask_kv, ("page", "slots", "masked")),

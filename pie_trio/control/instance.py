@@ -1,10 +1,11 @@
 """`InstanceControl`: the lifecycle of one attached instance in the control layer.
 
 It is the runtime's way in (`start_request`, `close`, `usage`): a request enters here once and
-goes on to the dispatcher, on one of the instance's queues or at once. Everything the instance
-runs — its queues' tasks and its requests — lives in one nursery under one cancel scope, so
-`close()` can stop all it has in flight at once (even a forward waiting on the executor) and
-then free what it held (`InstanceContext.release_all`).
+goes on to the dispatcher, on one of the instance's queues or at once, through the instance's
+residency gate (a KV request waits there while its pages are swapped out, preemption.py).
+Everything the instance runs — its queues' tasks and its requests — lives in one nursery under
+one cancel scope, so `close()` can stop all it has in flight at once (even a forward waiting on
+the executor) and then free what it held (`InstanceContext.release_all`).
 
 Completion contract: `on_done` is called exactly once for every request started, always from
 the trio thread and never from inside `start_request` itself. Requests still pending when the
@@ -24,7 +25,7 @@ import trio
 from pie_trio.control import dispatch
 from pie_trio.control.context import InstanceContext
 from pie_trio.control.interface import OnDone, Response
-from pie_trio.control.queues import QueuedRequest
+from pie_trio.control.queues import Queue, QueuedRequest
 from pie_trio.control.resources import Releaser
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class InstanceControl:
     def usage(self) -> dict[str, int]:
         """What the instance holds now, e.g. for the runtime's limits or an eviction policy."""
         ctx = self.context
-        return {"pages": len(ctx.pages), "slots": len(ctx.slots),
+        return {"pages": len(ctx.pages) + len(ctx.residency.swapped), "slots": len(ctx.slots),
                 "queues": len(ctx.queues), "pending": len(self._answers)}
 
     # -- the instance's tasks ----------------------------------------------------------------
@@ -111,8 +112,7 @@ class InstanceControl:
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    self.context.queues.open(nursery, functools.partial(dispatch.run,
-                                                                        self.context))
+                    self.context.queues.open(nursery, self._run)
                     self._nursery = nursery
                     early, self._early = self._early, []
                     for item in early:
@@ -129,7 +129,13 @@ class InstanceControl:
         if queue is not None:
             queue.put(item)
         else:
-            self._nursery.start_soon(dispatch.run, self.context, item, None)
+            self._nursery.start_soon(self._run, item, None)
+
+    async def _run(self, item: QueuedRequest, queue: Queue | None) -> None:
+        """One request, through the residency gate: a request that names KV pages waits
+        while the instance's pages are swapped out (preemption.py)."""
+        async with self.context.residency.passage(item.request):
+            await dispatch.run(self.context, item, queue)
 
     def _release_everything(self) -> None:
         """Drop every reference the instance holds; synchronous, so it cannot be interrupted."""

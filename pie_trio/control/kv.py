@@ -24,6 +24,11 @@ async def make_private(ctx: InstanceContext, vid: int, keep_rows: int, priority:
         if not pool.shared(old):
             return
         [new] = await pool.allocate(1, priority, ctx.tenant(), ctx.instance_id)
+        if ctx.pages.get(vid) != old:
+            # The allocation waited, and meanwhile `vid` was freed, remapped, or swapped out and
+            # back (preemption.py): `old` may belong to someone else now. Look again.
+            pool.unref([new])
+            continue
         try:
             if keep_rows:
                 call = CopyKv(OWNER, src_page=old, dst_page=new, src_offset=0, dst_offset=0,

@@ -13,6 +13,11 @@ Each physical id is *charged* to the tenant whose instance allocated it, for as 
 lives (whoever else shares, imports or exports it meanwhile), and a pool may cap what one tenant
 is charged (`tenant_quota`): so one tenant cannot take the whole pool, and pages that outlive
 their instance in a persistent export still count against the tenant that made them.
+
+An allocation that finds too few ids free asks the pool's *reclaimers* first (a cache giving
+back what nobody uses, the preemption policy moving a newer instance's pages to host memory);
+a reclaimer may make the allocation wait. Without one, or if they free too little, it is
+refused.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -28,7 +33,14 @@ import trio
 
 from pie_trio.control.fields import ControlError
 from pie_trio.executor.interface import CallExecutor, PoolCapacity
-from pie_trio.model.calls import AllocPages, AllocSlots, CallError, FreePages, FreeSlots
+from pie_trio.model.calls import (
+    AllocPages,
+    AllocSlots,
+    CallError,
+    DropSwappedKv,
+    FreePages,
+    FreeSlots,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +48,11 @@ OWNER = "control"
 
 PAGES = "pages"
 SLOTS = "slots"
+HOST_COPIES = "host copies"  # keys of swapped-out pages kept in host memory (preemption.py)
 _ALLOC_CALLS: dict[str, type[AllocPages] | type[AllocSlots]] = {
     PAGES: AllocPages, SLOTS: AllocSlots}
-_FREE_CALLS: dict[str, type[FreePages] | type[FreeSlots]] = {PAGES: FreePages, SLOTS: FreeSlots}
+_FREE_CALLS: dict[str, type[FreePages] | type[FreeSlots] | type[DropSwappedKv]] = {
+    PAGES: FreePages, SLOTS: FreeSlots, HOST_COPIES: DropSwappedKv}
 
 
 class Releaser:
@@ -57,6 +71,7 @@ class Releaser:
         self._idle = trio.Event()
         self._idle.set()
         self._stopped = False
+        self.listeners: list[Callable[[], None]] = []  # told after each batch goes back
 
     def release(self, kind: str, ids: list[int]) -> None:
         if not ids:
@@ -91,6 +106,8 @@ class Releaser:
                 await self._free(batch_kind, batch)
             if not self.pending.total():
                 self._idle.set()
+            for listener in self.listeners:
+                listener()
 
     async def _free(self, kind: str, ids: list[int]) -> None:
         try:
@@ -136,6 +153,9 @@ class PhysicalPool:
         self._pins: Counter[int] = Counter()
         self._reserved = 0  # being allocated right now
         self.reclaimers: list[Reclaimer] = []  # asked in order when too few ids are free
+        # Asked (tenant, how many) when an allocation would take a tenant past its quota; each
+        # frees what it can of that tenant's ids and says how many.
+        self.quota_relievers: list[Callable[[str, int], int]] = []
 
     @property
     def in_use(self) -> int:
@@ -146,22 +166,33 @@ class PhysicalPool:
         """Ids the executor can hand out now, less those being allocated already."""
         return self._executor_pool.num_free - self._reserved
 
+    def exclusive(self, i: int, names: int) -> bool:
+        """Whether id `i` has exactly `names` references and no pin: nothing but those names
+        (one instance's, say) would notice it moving."""
+        return self._refs.get(i) == names and not self._pins[i]
+
     async def allocate(self, count: int, priority: int = 0, tenant: str = "",
-                       requester: str | None = None) -> list[int]:
+                       requester: str | None = None, *, quota: bool = True) -> list[int]:
         """`count` fresh ids with one reference each, charged to `tenant`, or the documented
-        out-of-capacity error (the tenant's quota counts as capacity). When too few are free,
-        the reclaimers are asked first, on behalf of instance `requester`."""
+        out-of-capacity error (the tenant's quota counts as capacity, unless `quota` is False:
+        ids given back to their holder). When too few are free, the reclaimers are asked
+        first, on behalf of instance `requester`; one may wait until enough are free."""
         if count > self.free():
             await self._releaser.flushed()  # freed-but-not-yet-returned ids count as free
-        self._check_quota(count, tenant)
+        if quota:
+            self._relieve_quota(count, tenant)
+            self._check_quota(count, tenant)
         for reclaimer in self.reclaimers:
             if count <= self.free():
                 break
             await reclaimer.reclaim(count - self.free(), requester)
-            await self._releaser.flushed()
+            if count > self.free():
+                await self._releaser.flushed()
         free = self.free()
         if count > free:
             raise ControlError(f"out of {self.noun}: {count} requested, {free} free")
+        if quota:
+            self._check_quota(count, tenant)  # a reclaimer may have waited: look again
         # Reserved and charged before the executor call, so concurrent allocations see them.
         self._reserved += count
         self.charged[tenant] += count
@@ -182,6 +213,19 @@ class PhysicalPool:
             self._refs[i] = 1
             self._tenant_of[i] = tenant
         return ids
+
+    def _relieve_quota(self, count: int, tenant: str) -> None:
+        """Past its quota, a tenant's ids that only a cache keeps are given up first."""
+        quota = self.tenant_quota
+        over = 0 if quota is None else self.charged[tenant] + count - quota
+        for relieve in self.quota_relievers:
+            if over <= 0:
+                return
+            over -= relieve(tenant, over)
+
+    def tenant_of(self, i: int) -> str:
+        """The tenant id `i` is charged to."""
+        return self._tenant_of[i]
 
     def _check_quota(self, count: int, tenant: str) -> None:
         quota = self.tenant_quota
@@ -268,6 +312,15 @@ class VirtualIds:
 
     def get(self, vid: int) -> int | None:
         return self._physical.get(vid)
+
+    def items(self) -> list[tuple[int, int]]:
+        """(virtual, physical) of every id held now."""
+        return list(self._physical.items())
+
+    def unmap(self, vid: int) -> int:
+        """Take `vid`'s physical id away, keeping the vid reserved for a later `remap` (its
+        page is being swapped out, see preemption.py); returns the physical id."""
+        return self._physical.pop(vid)
 
     def remap(self, vid: int, physical: int) -> None:
         self._physical[vid] = physical

@@ -9,8 +9,9 @@ one actor, on one trio thread, never running at the same time):
 - intake: receives requests, answers allocations and frees at once (bookkeeping only, even while
   a forward is running), validates the rest (`runner.check` + ownership) so that a bad call
   fails alone, and queues the good ones;
-- scheduler: once per tick, plans the queued calls into same-kind groups (embed, copy_kv,
-  mask_kv, then forward), runs the whole plan in one worker thread, and resolves every caller.
+- scheduler: once per tick, plans the queued calls into same-kind groups (the swaps, embed,
+  copy_kv, mask_kv, then forward), runs the whole plan in one worker thread, and resolves every
+  caller.
 
 Order between calls. Calls that are pending at the same time are concurrent: a caller that
 needs one call done before the next awaits the first. Still, a guest or the control layer may
@@ -20,7 +21,10 @@ order of any two calls that touch the same page or slot where one of them writes
 runs in this tick only if it conflicts with no earlier call that waits for a later tick, nor
 with an earlier call placed in the same or a later group of this tick. Reads never conflict
 with reads, so forks sharing a prefix still batch together. Within a tick the groups run in the
-order embed, copy_kv, mask_kv, forward: a forward usually reads what those three prepare.
+order swap_out_kv, swap_in_kv, drop_swapped_kv, embed, copy_kv, mask_kv, forward: a forward
+usually reads what the others prepare. A swap out reads its pages and a swap in writes them, so
+they are ordered against every other call on those pages like a copy; the control layer awaits
+a swap out before it swaps the same host copies back in, so keys need no ordering here.
 
 Frees are answered at once and never wait for queued calls: a queued call that names a page its
 owner no longer holds fails when it is planned (ownership is checked again then). A call already
@@ -56,19 +60,23 @@ from pie_trio.model.calls import (
     CallError,
     CallResult,
     CopyKv,
+    DropSwappedKv,
     Embed,
     Forward,
     ForwardResult,
     FreePages,
     FreeSlots,
     MaskKv,
+    SwapInKv,
+    SwapOutKv,
 )
 from pie_trio.model.interface import Runner
 
 log = logging.getLogger(__name__)
 
 # Group order within one tick (see the module docstring for why forward comes last).
-STAGES = ("embed", "copy_kv", "mask_kv", "forward")
+STAGES = ("swap_out_kv", "swap_in_kv", "drop_swapped_kv", "embed", "copy_kv", "mask_kv",
+          "forward")
 STAGE_OF = {kind: i for i, kind in enumerate(STAGES)}
 
 RECENT_BATCHES = 256  # forward batches kept in `stats.recent_forwards` for inspection
@@ -181,6 +189,12 @@ def hazards(call: Call, page_size: int) -> tuple[frozenset[int], frozenset[int]]
         return frozenset({call.src_page}), frozenset({call.dst_page})
     if isinstance(call, MaskKv):
         return frozenset(), frozenset({call.page})
+    if isinstance(call, SwapOutKv):
+        return frozenset(call.pages), frozenset()
+    if isinstance(call, SwapInKv):
+        return frozenset(), frozenset(call.pages)
+    if isinstance(call, DropSwappedKv):
+        return frozenset(), frozenset()
     raise TypeError(f"not a batched call: {call!r}")
 
 
@@ -248,8 +262,11 @@ class Executor:
     @overload
     async def submit(self, call: Forward, priority: int = 0) -> ForwardResult: ...
     @overload
+    async def submit(self, call: SwapOutKv | SwapInKv, priority: int = 0) -> int: ...
+    @overload
     async def submit(
-        self, call: FreePages | FreeSlots | Embed | CopyKv | MaskKv, priority: int = 0
+        self, call: FreePages | FreeSlots | Embed | CopyKv | MaskKv | DropSwappedKv,
+        priority: int = 0,
     ) -> None: ...
     @overload
     async def submit(self, call: Call, priority: int = 0) -> CallResult: ...
@@ -258,7 +275,7 @@ class Executor:
         """Run `call`; return its result or raise `CallError` (for this caller only).
 
         The result's type follows the call's: the ids of an allocation, a `ForwardResult` for
-        a forward, None for the rest.
+        a forward, the bytes a swap moved, None for the rest.
         """
         return await self.enqueue(call, priority).wait()
 
@@ -382,6 +399,10 @@ class Executor:
             self.pages.check(call.owner, [call.src_page, call.dst_page])
         elif isinstance(call, MaskKv):
             self.pages.check(call.owner, [call.page])
+        elif isinstance(call, SwapOutKv | SwapInKv):
+            if len(call.pages) != len(call.keys):
+                raise CallError(f"{call.kind}: {len(call.pages)} pages but {len(call.keys)} keys")
+            self.pages.check(call.owner, call.pages)
 
     def _fail(self, request: Request, exc: CallError) -> None:
         self.stats.failed[getattr(request.call, "kind", "?")] += 1

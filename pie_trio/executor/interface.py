@@ -15,12 +15,15 @@ from pie_trio.model.calls import (
     Call,
     CallResult,
     CopyKv,
+    DropSwappedKv,
     Embed,
     Forward,
     ForwardResult,
     FreePages,
     FreeSlots,
     MaskKv,
+    SwapInKv,
+    SwapOutKv,
 )
 
 
@@ -52,14 +55,18 @@ class CallExecutor(Protocol):
         ...
 
     # The result's type follows the call's: the ids of an allocation, a `ForwardResult` for a
-    # forward, None for the rest. A rejected call raises `CallError` for its caller only.
+    # forward, the bytes a swap moved, None for the rest. A rejected call raises `CallError` for
+    # its caller only.
     @overload
     async def submit(self, call: AllocPages | AllocSlots, priority: int = 0) -> list[int]: ...
     @overload
     async def submit(self, call: Forward, priority: int = 0) -> ForwardResult: ...
     @overload
+    async def submit(self, call: SwapOutKv | SwapInKv, priority: int = 0) -> int: ...
+    @overload
     async def submit(
-        self, call: FreePages | FreeSlots | Embed | CopyKv | MaskKv, priority: int = 0
+        self, call: FreePages | FreeSlots | Embed | CopyKv | MaskKv | DropSwappedKv,
+        priority: int = 0,
     ) -> None: ...
     @overload
     async def submit(self, call: Call, priority: int = 0) -> CallResult: ...

@@ -141,15 +141,50 @@ class MaskKv:
     kind: str = "mask_kv"
 
 
+@dataclass
+class SwapOutKv:
+    """Copy whole pages (K, V and masked flags of every row, every layer) to host memory, the
+    copy of `pages[i]` kept under `keys[i]`; answers the bytes copied. The pages themselves are
+    left as they are: their owner frees them once the copy is done."""
+
+    owner: str
+    pages: list[int]
+    keys: list[int]
+    kind: str = "swap_out_kv"
+
+
+@dataclass
+class SwapInKv:
+    """Copy the host copies `keys[i]` back into `pages[i]` and drop them; answers the bytes
+    copied. A key with no host copy fails the call."""
+
+    owner: str
+    keys: list[int]
+    pages: list[int]
+    kind: str = "swap_in_kv"
+
+
+@dataclass
+class DropSwappedKv:
+    """Forget host copies nobody will swap back in (their owner ended); unknown keys pass."""
+
+    owner: str
+    keys: list[int]
+    kind: str = "drop_swapped_kv"
+
+
 Call: TypeAlias = (
     AllocPages | FreePages | AllocSlots | FreeSlots | Forward | Embed | CopyKv | MaskKv
+    | SwapOutKv | SwapInKv | DropSwappedKv
 )
 
-# What a call answers: the ids an allocation handed out, a forward's result, None for the rest.
-CallResult: TypeAlias = list[int] | ForwardResult | None
+# What a call answers: the ids an allocation handed out, a forward's result, the bytes a swap
+# moved, None for the rest.
+CallResult: TypeAlias = list[int] | ForwardResult | int | None
 
 # Calls that are coalesced across callers and run as one batched kernel in the worker thread.
-BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv"})
+BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv", "swap_out_kv", "swap_in_kv",
+                           "drop_swapped_kv"})
 
 
 
@@ -157,7 +192,8 @@ BATCHED_KINDS = frozenset({"forward", "embed", "copy_kv", "mask_kv"})
 
 _CALL_TYPES: dict[str, type[Call]] = {
     cls.kind: cls  # `kind` is each record's dataclass default
-    for cls in (AllocPages, FreePages, AllocSlots, FreeSlots, Forward, Embed, CopyKv, MaskKv)
+    for cls in (AllocPages, FreePages, AllocSlots, FreeSlots, Forward, Embed, CopyKv, MaskKv,
+                SwapOutKv, SwapInKv, DropSwappedKv)
 }
 
 

@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from pie_trio.model.calls import Call, CopyKv, Embed, Forward, ForwardResult, MaskKv
+from pie_trio.model.calls import (
+    Call,
+    CopyKv,
+    DropSwappedKv,
+    Embed,
+    Forward,
+    ForwardResult,
+    MaskKv,
+    SwapInKv,
+    SwapOutKv,
+)
 
 
 @dataclass(frozen=True)
@@ -73,4 +83,16 @@ class Runner(Protocol):
 
     def mask_kv(self, calls: list[MaskKv]) -> None:
         """Mark KV slots masked or unmasked, in call order."""
+        ...
+
+    def swap_out_kv(self, calls: list[SwapOutKv]) -> list[int]:
+        """Copy pages to host memory under each call's keys; the bytes each call moved."""
+        ...
+
+    def swap_in_kv(self, calls: list[SwapInKv]) -> list[int]:
+        """Copy host copies back into pages and drop them; the bytes each call moved."""
+        ...
+
+    def drop_swapped_kv(self, calls: list[DropSwappedKv]) -> None:
+        """Forget host copies that will never be restored."""
         ...

@@ -3,9 +3,15 @@
 Every page holds `page_size` token slots; slot `s` of the pool is row `s` of each layer's K and V
 (`page * page_size + offset`). Which pages belong to whom is the executor's business: this pool
 is plain storage, addressed by physical ids.
+
+Pages can also be copied out to host memory and back (`swap_out`, `swap_in`): the control layer
+does so to lend a preempted instance's pages to others without losing its work. Host copies are
+kept here, by an integer key the caller chooses, until they are swapped back in or dropped.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +43,22 @@ def default_kv_budget(device: torch.device) -> int:
     return DEFAULT_CPU_KV_BYTES
 
 
+class HostPage(NamedTuple):
+    """One page's rows of every layer in host memory: K, V and the masked flags."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    masked: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.masked.nbytes
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("cpu", copy=True)
+
+
 class KvCache:
     """K/V rows for every layer, masked flags and embedding slots, all preallocated."""
 
@@ -60,6 +82,7 @@ class KvCache:
         self.masked = torch.zeros(num_pages * page_size, dtype=torch.bool, device=device)
         self.any_masked = False
         self.embeddings = torch.zeros(num_slots, config.hidden_size, dtype=dtype, device=device)
+        self.host: dict[int, HostPage] = {}  # swapped-out pages, by the caller's key
 
     def slot_range(self, page: int, offset: int, count: int) -> slice:
         start = page * self.page_size + offset
@@ -109,3 +132,42 @@ class KvCache:
         if self.any_masked:
             self.masked[slots] = False
             self.any_masked = bool(self.masked.any())
+
+    def swap_out(self, pages: list[int], keys: list[int]) -> int:
+        """Copy `pages` to host memory under `keys`; the bytes copied."""
+        if len(pages) != len(keys):
+            raise ValueError(f"{len(pages)} pages but {len(keys)} keys")
+        taken = [key for key in keys if key in self.host]
+        if taken or len(set(keys)) != len(keys):
+            raise ValueError(f"host keys {taken or keys} are in use already")
+        moved = 0
+        for page, key in zip(pages, keys, strict=True):
+            rows = self.slot_range(page, 0, self.page_size)
+            copy = HostPage(_to_host(self.k[:, :, rows]), _to_host(self.v[:, :, rows]),
+                            _to_host(self.masked[rows]))
+            self.host[key] = copy
+            moved += copy.nbytes
+        return moved
+
+    def swap_in(self, keys: list[int], pages: list[int]) -> int:
+        """Copy the host copies `keys` into `pages` and drop them; the bytes copied."""
+        if len(pages) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(pages)} pages")
+        missing = [key for key in keys if key not in self.host]
+        if missing:
+            raise ValueError(f"no host copy under keys {missing}")
+        moved = 0
+        for key, page in zip(keys, pages, strict=True):
+            copy = self.host.pop(key)
+            rows = self.slot_range(page, 0, self.page_size)
+            self.k[:, :, rows] = copy.k.to(self.k.device)
+            self.v[:, :, rows] = copy.v.to(self.v.device)
+            self.masked[rows] = copy.masked.to(self.masked.device)
+            self.any_masked = self.any_masked or bool(copy.masked.any())
+            moved += copy.nbytes
+        return moved
+
+    def drop_host(self, keys: list[int]) -> None:
+        """Forget host copies; keys with none are ignored (already swapped in or dropped)."""
+        for key in keys:
+            self.host.pop(key, None)

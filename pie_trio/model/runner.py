@@ -1,8 +1,9 @@
 """`ModelRunner`: the model layer's `Runner` (see `interface.py` and docs/layers.md).
 
 It owns the weights, the tokenizer and the KV pool, checks calls against them, and runs batches
-of calls synchronously. The executor calls `forward`/`embed`/`copy_kv`/`mask_kv` from its single
-worker thread and `check` from the trio thread; nothing here blocks on anything but compute.
+of calls synchronously. The executor calls `forward`/`embed`/`copy_kv`/`mask_kv` (and the swap
+calls, `swap_out_kv`/`swap_in_kv`/`drop_swapped_kv`) from its single worker thread and `check`
+from the trio thread; nothing here blocks on anything but compute.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from pathlib import Path
 import torch
 
 from pie_trio.model.batch import build_batch
-from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv
+from pie_trio.model.calls import (
+    CopyKv,
+    DropSwappedKv,
+    Embed,
+    Forward,
+    ForwardResult,
+    MaskKv,
+    SwapInKv,
+    SwapOutKv,
+)
 from pie_trio.model.checks import ModelLimits, check_call
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.cuda_graphs import DecodeGraphs
@@ -192,3 +202,18 @@ class ModelRunner:
         """
         for call in calls:
             self.kv.set_masked(call.page, call.slots, call.masked)
+
+    @torch.inference_mode()
+    def swap_out_kv(self, calls: list[SwapOutKv]) -> list[int]:
+        """Copy whole pages to host memory, in call order; the bytes each call copied."""
+        return [self.kv.swap_out(call.pages, call.keys) for call in calls]
+
+    @torch.inference_mode()
+    def swap_in_kv(self, calls: list[SwapInKv]) -> list[int]:
+        """Copy host copies back into pages (dropping them), in call order; bytes per call."""
+        return [self.kv.swap_in(call.keys, call.pages) for call in calls]
+
+    def drop_swapped_kv(self, calls: list[DropSwappedKv]) -> None:
+        """Forget host copies that will not be swapped back in."""
+        for call in calls:
+            self.kv.drop_host(call.keys)

@@ -227,6 +227,25 @@ class Context:
         del ctx.kv[full * ctx.page_size:]
         return ctx
 
+    async def fill_cached(self, tokens: list[int]) -> int:
+        """Fill `tokens` into this empty context, reusing the full pages of them that the
+        host's prefix cache holds (shared, copy-on-write), prefill the rest as `flush` does,
+        and offer the context's full pages to the cache; how many tokens were reused."""
+        if self.pages or self.kv or self.pending or self.next_position:
+            raise ValueError("fill_cached needs an empty context at position 0")
+        found = await request("prefix_match", tokens=list(tokens))
+        reused = int(found["tokens"])
+        self.pages = list(found["pages"])
+        self.kv = [(token, position, False) for position, token in enumerate(tokens[:reused])]
+        self.next_position = reused
+        self.fill_tokens(list(tokens[reused:]))
+        await self.flush()
+        full = len(self.kv) // self.page_size
+        if full:
+            await request("prefix_store", tokens=[t for t, _, _ in self.kv[:full * self.page_size]],
+                          pages=self.pages[:full])
+        return reused
+
     @staticmethod
     async def unexport(name: str) -> None:
         await store_delete(_state_key(name))

@@ -78,3 +78,23 @@ pub fn import_pages(name: &str) -> Result<Vec<u32>> {
 pub fn list_exports() -> Result<Vec<String>> {
     call(&Request::new("list_exports"))
 }
+
+/// What [`prefix_match`] found: new page ids on the cached pages, and how many tokens of the
+/// prompt (from position 0) they hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct PrefixMatch {
+    pub pages: Vec<u32>,
+    pub tokens: usize,
+}
+
+/// The longest chain of full pages the host's prefix cache holds for a prompt starting with
+/// `tokens` (never all of them: at least the last is left to forward).
+pub fn prefix_match(tokens: &[u32]) -> Result<PrefixMatch> {
+    call(&Request::new("prefix_match").with("tokens", tokens))
+}
+
+/// Offer the full pages among `pages` that hold `tokens` from position 0 (written by plain
+/// forwards, never masked) to the host's prefix cache; how many it had not cached before.
+pub fn prefix_store(tokens: &[u32], pages: &[u32]) -> Result<usize> {
+    call(&Request::new("prefix_store").with("tokens", tokens).with("pages", pages))
+}
