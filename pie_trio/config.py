@@ -168,6 +168,18 @@ class Config:
         "GIL the inferlets' threads need (docs/model.md, 'Model in its own process')",
         parse_bool)
     page_size: int = setting(16, "tokens per KV page", int)
+    tensor_parallel: int = setting(
+        1, "split the model over N worker processes (torch.distributed: NCCL on CUDA, one GPU "
+        "each; gloo on the CPU); its KV heads and MLP columns must divide by N (docs/model.md, "
+        "'Tensor parallelism')", _positive(int))
+    kv_policy: str = setting(
+        "preempt", "when KV pages run out: preempt (the newest instances' pages wait in host "
+        "memory while older ones go on) or refuse (the allocation fails at once)",
+        _choice("preempt", "refuse"))
+    prefix_caching: bool = setting(
+        True, "keep the KV of prompts' full pages by content hash for later requests with the "
+        "same start (the OpenAI API path; docs/control.md, 'Automatic prefix caching')",
+        parse_bool)
     batch_policy: str = setting("adaptive", "when a forward batch fires: adaptive, k, t, kort",
                                 _choice("adaptive", "k", "t", "kort"))
     max_instances: int = setting(256, "most inferlet instances running at once (all tenants)", int)

@@ -47,7 +47,7 @@ BUILTIN_DIR = ROOT / "pie_trio" / "builtin"
 RUSTUP_WORKSPACE = ROOT / "build" / "inferlets-rustup"
 
 # Programs shipped with the package; the other examples (adversarial) stay build outputs.
-BUILTINS = ("text-completion", "parallel-generation", "beam-search")
+BUILTINS = ("text-completion", "parallel-generation", "beam-search", "openai-completion")
 
 DEBIAN_RUSTC = Path("/usr/bin/rustc")
 DEBIAN_CARGO = Path("/usr/bin/cargo")

@@ -72,10 +72,12 @@ class Addresses:
 
 
 def load_configured_runner(config: Config) -> ServedRunner:
-    """The configured model (`tiny`, undocumented, is the random-weight test model)."""
+    """The configured model (`tiny`, undocumented, is the random-weight test model), split
+    over `config.tensor_parallel` worker processes when that is above 1."""
     return load_runner(config.model, device=config.device, dtype=config.dtype,
                        kv_memory=config.kv_memory, page_size=config.page_size,
-                       weights=config.weights, model_process=config.model_process)
+                       weights=config.weights, model_process=config.model_process,
+                       tensor_parallel=config.tensor_parallel)
 
 
 async def serve(config: Config, *, runner: ServedRunner | None = None,
@@ -117,7 +119,9 @@ async def _serve_components(config: Config, runner: ServedRunner, shutdown: trio
             runner, programs=_program_store(config), instance_limits=_limits(config),
             max_instances=config.max_instances,
             max_instances_per_owner=config.max_instances_per_tenant, policy=config.batch_policy,
-            control_limits=ControlLimits(topic_bytes=config.instance_topic_bytes),
+            control_limits=ControlLimits(topic_bytes=config.instance_topic_bytes,
+                                         kv_policy=config.kv_policy,
+                                         prefix_cache=config.prefix_caching),
             tenancy=_tenancy(config, runner.info.num_pages),
             tools=tool_policy(config)) as stack:
         state = ServerState(config, stack.runtime, runner.info, runner.tokenizer,
@@ -234,11 +238,17 @@ def _limits(config: Config) -> InstanceLimits:
                   max_inbox_bytes=config.instance_inbox_bytes)
 
 
+# The controller's counters /metrics publishes under their own names (server/metrics.py).
+CONTROL_STATS = ("preemptions", "restores", "swap_bytes", "swapped_pages", "prefix_cache_pages",
+                 "prefix_cache_query_tokens", "prefix_cache_hit_tokens")
+
+
 def _component_stats(stack: Stack) -> dict[str, Any]:
-    pages = stack.controller.stats()
-    return {"kv_pages_in_use": pages["pages_in_use"], "kv_pages_total": pages["pages_total"],
+    control = stack.controller.stats()
+    passed_on = {key: control[key] for key in CONTROL_STATS if key in control}
+    return {"kv_pages_in_use": control["pages_in_use"], "kv_pages_total": control["pages_total"],
             "ticks": stack.executor.stats.ticks,
-            "forward_batch_sizes": dict(stack.executor.stats.forward_calls)}
+            "forward_batch_sizes": dict(stack.executor.stats.forward_calls), **passed_on}
 
 
 def _port_of(bind: str) -> int:
