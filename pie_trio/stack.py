@@ -30,6 +30,7 @@ from pie_trio.executor.policies import BatchPolicy
 from pie_trio.model.interface import Runner
 from pie_trio.model.remote import RemoteRunner
 from pie_trio.model.runner import ModelRunner
+from pie_trio.model.tensor_parallel import TensorParallelRunner
 from pie_trio.model.tokenizer import Tokenizer
 from pie_trio.runtime.programs import ProgramLimits, ProgramStore
 from pie_trio.runtime.runtime import Runtime
@@ -63,12 +64,21 @@ class Stack:
 def load_runner(model: str | Path = "default", *, device: str | None = None,
                 dtype: str | None = None, kv_memory: int | None = None, page_size: int = 16,
                 num_pages: int | None = None, weights: str = "auto",
-                model_process: bool = False) -> ServedRunner:
+                model_process: bool = False, tensor_parallel: int = 1) -> ServedRunner:
     """The model the stack stands on: `ModelRunner.load`'s (see docs/model.md), or `tiny`, the
     random-weight test model, which loads in a second (for tests and smoke runs).
 
     `model_process`: run the model in a child process (`model/remote.py`), so that its Python
-    does not hold the GIL the inferlets need; stop it with `close_runner` when done."""
+    does not hold the GIL the inferlets need; stop it with `close_runner` when done.
+    `tensor_parallel` N > 1: split the model over N worker processes
+    (`model/tensor_parallel.py`; processes of their own already, whatever `model_process`)."""
+    if tensor_parallel > 1:
+        if model == "tiny":
+            return TensorParallelRunner.tiny(world=tensor_parallel, page_size=page_size,
+                                             num_pages=num_pages or TINY_PAGES)
+        return TensorParallelRunner.load(model, world=tensor_parallel, device=device,
+                                         dtype=dtype, kv_memory=kv_memory, page_size=page_size,
+                                         num_pages=num_pages, weights=weights)
     if model_process:
         if model == "tiny":
             return RemoteRunner.tiny(num_pages=num_pages or TINY_PAGES, page_size=page_size)
@@ -83,8 +93,8 @@ def load_runner(model: str | Path = "default", *, device: str | None = None,
 
 
 def close_runner(runner: ServedRunner) -> None:
-    """Stop the runner's model process, if it runs in one (in-process runners need nothing)."""
-    if isinstance(runner, RemoteRunner):
+    """Stop the runner's model processes, if it runs in any (in-process runners need nothing)."""
+    if isinstance(runner, RemoteRunner | TensorParallelRunner):
         runner.close()
 
 

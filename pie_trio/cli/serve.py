@@ -77,8 +77,9 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except (OSError, BaseExceptionGroup) as exc:  # e.g. the port is taken
-        error = _first(exc, OSError)
+    except (OSError, ValueError, BaseExceptionGroup) as exc:
+        # e.g. the port is taken, or the model does not split over --tensor-parallel N
+        error = _first(exc, (OSError, ValueError))
         if error is None:
             raise
         print(f"pie-trio serve: {error}", file=sys.stderr)
@@ -86,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+def _first(exc: BaseException,
+           kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
     """The first `kind` in `exc`, looking inside exception groups (nurseries wrap errors)."""
     if isinstance(exc, kind):
         return exc

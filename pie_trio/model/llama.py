@@ -75,6 +75,11 @@ def _dense_tensor(tensors: Mapping[str, Weight], name: str) -> torch.Tensor:
     return tensor
 
 
+def _whole(projected: torch.Tensor) -> torch.Tensor:
+    """One process holds every head and MLP column: its projections are already whole."""
+    return projected
+
+
 class LlamaModel:
     """Weights and forward pass; the KV cache is passed in, the model keeps no sequence state."""
 
@@ -109,6 +114,9 @@ class LlamaModel:
             inv_freq.to(device), config.max_position, dtype
         )
         self.scale = config.head_dim**-0.5
+        # Tensor parallelism (`tensor_parallel.py`) sets this to an all-reduce: a shard's
+        # attention output and down projections then yield partial sums of the whole layer's.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _whole
         # Reused gather buffers for context K/V (see ops.gather_kv); grown on demand.
         self._gather_k = torch.empty(0, dtype=dtype, device=device)
         self._gather_v = torch.empty(0, dtype=dtype, device=device)
@@ -202,9 +210,10 @@ class LlamaModel:
             v = qkv[:, rotated * cfg.head_dim :].view(rows, cfg.num_kv_heads, cfg.head_dim)
             ops.write_kv(kv.k[i], kv.v[i], batch.write_slots, k, v)
             attn = self._attention(q, kv.k[i], kv.v[i], batch.groups)
-            hidden = hidden + ops.linear(attn.reshape(rows, q_size), layer.out)
+            hidden = hidden + self.reduce(ops.linear(attn.reshape(rows, q_size), layer.out))
             x = ops.rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            hidden = hidden + ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down)
+            mlp = ops.silu_mul(ops.linear(x, layer.gate_up))
+            hidden = hidden + self.reduce(ops.linear(mlp, layer.down))
         return self.logits(hidden.index_select(0, batch.output_rows))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Why: a forward on the CPU spends much of its time in Python (one call per layer and op), holding
 the GIL, while the inferlets' Wasm threads and the trio loop need the same GIL to submit the next
 calls. In one process the guests therefore reach the executor late and forward batches go out
-half full. Here the child process owns the real `ModelRunner` (weights, KV cache, sampling
-generator) and has a GIL of its own; the executor's worker thread only sends the batch and waits
-on a socket, which releases the GIL, so the guests run while the model computes.
+half full. Here the child process owns the real `ModelRunner` (weights, KV cache with the host
+copies of swapped-out pages, sampling generator) and has a GIL of its own; the executor's worker
+thread only sends the batch and waits on a socket, which releases the GIL, so the guests run
+while the model computes.
 
 The seam is the model's own vocabulary: a request is a msgpack map `{"op": kind, "calls":
 [call records]}` (`calls.to_msg`), or `{"op": "clear", "pages", "slots"}`; the answer is
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,13 @@ from pie_trio.model.calls import (
     Call,
     CallError,
     CopyKv,
+    DropSwappedKv,
     Embed,
     Forward,
     ForwardResult,
     MaskKv,
+    SwapInKv,
+    SwapOutKv,
     call_from_msg,
     result_from_msg,
     to_msg,
@@ -81,7 +86,7 @@ class RemoteRunner:
             self.close()
             raise
         self.info = ModelInfo(**ready["info"])
-        self.tokenizer = _tokenizer_from_msg(ready["tokenizer"])
+        self.tokenizer = tokenizer_from_msg(ready["tokenizer"])
         self.limits = ModelLimits(
             num_pages=self.info.num_pages,
             page_size=self.info.page_size,
@@ -111,7 +116,7 @@ class RemoteRunner:
                 [sys.executable, "-m", "pie_trio.model.remote", str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL,
                 # The child writes nothing on stdout; ours may carry a program's output.
-                stdout=sys.__stderr__ or subprocess.DEVNULL, env=_child_env())
+                stdout=sys.__stderr__ or subprocess.DEVNULL, env=child_env())
         except BaseException:
             parent_end.close()
             raise
@@ -152,6 +157,18 @@ class RemoteRunner:
     def mask_kv(self, calls: list[MaskKv]) -> None:
         self._request({"op": "mask_kv", "calls": [to_msg(c) for c in calls]})
 
+    def swap_out_kv(self, calls: list[SwapOutKv]) -> list[int]:
+        # The host copies stay in the child, with the KV cache they came from.
+        return _byte_counts(self._request({"op": "swap_out_kv",
+                                           "calls": [to_msg(c) for c in calls]}), calls)
+
+    def swap_in_kv(self, calls: list[SwapInKv]) -> list[int]:
+        return _byte_counts(self._request({"op": "swap_in_kv",
+                                           "calls": [to_msg(c) for c in calls]}), calls)
+
+    def drop_swapped_kv(self, calls: list[DropSwappedKv]) -> None:
+        self._request({"op": "drop_swapped_kv", "calls": [to_msg(c) for c in calls]})
+
     # -- the socket ----------------------------------------------------------------------------
 
     def _request(self, request: dict[str, Any]) -> Any:
@@ -160,26 +177,39 @@ class RemoteRunner:
             if self._failure is not None:
                 raise CallError(self._failure)
             try:
-                _write(self._sock, request)
-                reply = _read(self._sock)
+                write_frame(self._sock, request)
+                reply = read_frame(self._sock)
             except OSError:
                 reply = None
             except BaseException:  # e.g. KeyboardInterrupt: an answer may still be on its way
                 self._failure = "a request to the model process was interrupted"
                 raise
             if reply is None:
-                self._failure = self._failure or _exit_reason(self._process)
+                self._failure = self._failure or exit_reason(self._process)
                 raise CallError(self._failure)
-        if not isinstance(reply, dict) or ("ok" not in reply and "error" not in reply):
-            raise CallError(f"the model process answered {type(reply).__name__}, not a reply")
-        if "error" in reply:
-            if reply.get("type") == "CallError":
-                raise CallError(reply["error"])
-            raise RuntimeError(f"in the model process: {reply.get('type')}: {reply['error']}")
-        return reply["ok"]
+        return reply_value(reply)
 
 
-def _exit_reason(process: subprocess.Popen[bytes]) -> str:
+def reply_value(reply: Any) -> Any:
+    """The value of a child's `{"ok": value}`; its `{"error"}` raised (`CallError` as such)."""
+    if not isinstance(reply, dict) or ("ok" not in reply and "error" not in reply):
+        raise CallError(f"the model process answered {type(reply).__name__}, not a reply")
+    if "error" in reply:
+        if reply.get("type") == "CallError":
+            raise CallError(reply["error"])
+        raise RuntimeError(f"in the model process: {reply.get('type')}: {reply['error']}")
+    return reply["ok"]
+
+
+def _byte_counts(reply: Any, calls: list[SwapOutKv] | list[SwapInKv]) -> list[int]:
+    """A swap's answer: one byte count per call."""
+    if (not isinstance(reply, list) or len(reply) != len(calls)
+            or not all(isinstance(n, int) for n in reply)):
+        raise CallError("the model process answered a swap with something other than byte counts")
+    return reply
+
+
+def exit_reason(process: subprocess.Popen[bytes]) -> str:
     """Why the child stopped answering, once it has exited (it is killed if it has not)."""
     try:
         code = process.wait(timeout=STOP_GRACE)
@@ -210,7 +240,7 @@ def _stop(process: subprocess.Popen[bytes], sock: socket.socket, lock: threading
         lock.release()
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment, with this package importable whatever the working directory."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
@@ -221,12 +251,12 @@ def _child_env() -> dict[str, str]:
 # -- frames ----------------------------------------------------------------------------------
 
 
-def _write(sock: socket.socket, message: Any) -> None:
+def write_frame(sock: socket.socket, message: Any) -> None:
     data = msgpack.packb(message)
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
-def _read(sock: socket.socket) -> Any:
+def read_frame(sock: socket.socket) -> Any:
     """The next message, or None when the other side has closed."""
     header = _read_exactly(sock, _HEADER.size)
     if header is None:
@@ -259,7 +289,7 @@ def _tokenizer_to_msg(tokenizer: Tokenizer) -> dict[str, Any]:
             "eos_token_id": tokenizer.eos_token_id, "stop_tokens": tokenizer.stop_tokens}
 
 
-def _tokenizer_from_msg(msg: dict[str, Any]) -> Tokenizer:
+def tokenizer_from_msg(msg: dict[str, Any]) -> Tokenizer:
     return Tokenizer(Backend.from_str(msg["backend"]), vocab_size=msg["vocab_size"],
                      chat_template=msg["chat_template"], bos_token_id=msg["bos_token_id"],
                      eos_token_id=msg["eos_token_id"], extra_stop_ids=msg["stop_tokens"])
@@ -269,7 +299,8 @@ def _tokenizer_from_msg(msg: dict[str, Any]) -> Tokenizer:
 
 
 _BATCHED: dict[str, type[Call]] = {
-    "forward": Forward, "embed": Embed, "copy_kv": CopyKv, "mask_kv": MaskKv}
+    "forward": Forward, "embed": Embed, "copy_kv": CopyKv, "mask_kv": MaskKv,
+    "swap_out_kv": SwapOutKv, "swap_in_kv": SwapInKv, "drop_swapped_kv": DropSwappedKv}
 
 
 def _build_runner(factory: str, options: dict[str, Any], threads: int | None) -> ModelRunner:
@@ -296,42 +327,48 @@ def _answer(runner: ModelRunner, request: dict[str, Any]) -> Any:
     if op == "forward":
         forwards = [call for call in calls if isinstance(call, Forward)]  # all of them
         return [to_msg(result) for result in runner.forward(forwards)]
-    getattr(runner, op)(calls)  # the runner's batched methods are named after the kinds
-    return None
+    # The runner's batched methods are named after the kinds; swaps answer byte counts.
+    return getattr(runner, op)(calls)
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": str(exc), "type": type(exc).__name__}
 
 
-def serve_child(sock: socket.socket) -> int:
-    """The child's life: build the runner its parent asks for, then answer until EOF."""
-    start = _read(sock)
+RunnerFactory = Callable[[str, dict[str, Any], int | None], ModelRunner]
+
+
+def serve_child(sock: socket.socket, build: RunnerFactory = _build_runner) -> int:
+    """The child's life: build the runner its parent asks for, then answer until EOF.
+
+    `build(factory, options, threads)` makes the runner (tensor-parallel workers pass their
+    own, which loads one shard)."""
+    start = read_frame(sock)
     if start is None:
         return 0
     try:
-        runner = _build_runner(start["factory"], start["options"], start["threads"])
+        runner = build(start["factory"], start["options"], start["threads"])
     except Exception as exc:  # the parent raises it from `RemoteRunner.start`
-        _write(sock, _error(exc))
+        write_frame(sock, _error(exc))
         return 1
-    _write(sock, {"ok": {"info": dataclasses.asdict(runner.info),
-                         "tokenizer": _tokenizer_to_msg(runner.tokenizer)}})
-    while (request := _read(sock)) is not None:
+    write_frame(sock, {"ok": {"info": dataclasses.asdict(runner.info),
+                              "tokenizer": _tokenizer_to_msg(runner.tokenizer)}})
+    while (request := read_frame(sock)) is not None:
         try:
             reply = {"ok": _answer(runner, request)}
         except Exception as exc:  # this batch fails for its callers; the model goes on
             reply = _error(exc)
-        _write(sock, reply)
+        write_frame(sock, reply)
     return 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], build: RunnerFactory = _build_runner) -> int:
     # The parent decides when the model stops (see the module docstring).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with socket.socket(fileno=int(argv[1])) as sock:
         try:
-            return serve_child(sock)
+            return serve_child(sock, build)
         except (BrokenPipeError, ConnectionResetError):  # the parent went away mid-answer
             return 0
 
