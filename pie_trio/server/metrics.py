@@ -97,7 +97,9 @@ class StateCollector(Collector):
                                   "ended and waiting for an attach",
             "kv_pages_in_use": "Physical KV cache pages allocated now",
             "kv_pages_total": "Physical KV cache pages in the pool",
-            "swapped_pages": "KV pages of preempted instances held in host memory now",
+            "kv_pages_swapped": "KV pages of preempted instances held in host memory now",
+            "embed_slots_in_use": "Embedding slots allocated now",
+            "trio_tasks": "Tasks of the server's trio run now",
             "prefix_cache_pages": "KV pages held by the automatic prefix cache",
         }
         for key, doc in gauges.items():

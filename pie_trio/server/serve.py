@@ -239,7 +239,7 @@ def _limits(config: Config) -> InstanceLimits:
 
 
 # The controller's counters /metrics publishes under their own names (server/metrics.py).
-CONTROL_STATS = ("preemptions", "restores", "swap_bytes", "swapped_pages", "prefix_cache_pages",
+CONTROL_STATS = ("preemptions", "restores", "swap_bytes", "prefix_cache_pages",
                  "prefix_cache_query_tokens", "prefix_cache_hit_tokens")
 
 
@@ -248,7 +248,23 @@ def _component_stats(stack: Stack) -> dict[str, Any]:
     passed_on = {key: control[key] for key in CONTROL_STATS if key in control}
     return {"kv_pages_in_use": control["pages_in_use"], "kv_pages_total": control["pages_total"],
             "ticks": stack.executor.stats.ticks,
-            "forward_batch_sizes": dict(stack.executor.stats.forward_calls), **passed_on}
+            "forward_batch_sizes": dict(stack.executor.stats.forward_calls),
+            "kv_pages_swapped": control.get("swapped_pages"),
+            "embed_slots_in_use": control["slots_in_use"], "trio_tasks": _task_count(),
+            **passed_on}
+
+
+def _task_count() -> int:
+    """Every task of this trio run (a leak of tasks shows here; soak.py watches it)."""
+    root = trio.lowlevel.current_root_task()
+    if root is None:
+        return 0
+    count, nurseries = 0, list(root.child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            count += 1
+            nurseries.extend(task.child_nurseries)
+    return count + 1
 
 
 def _port_of(bind: str) -> int:
