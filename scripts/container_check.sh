@@ -80,7 +80,46 @@ with urllib.request.urlopen(request, timeout=120) as response:
 EOF
 }
 
+# A second container of the same image, both behind HAProxy with deploy/haproxy.cfg (rendered
+# by scripts/replicas.py): a completion through the balancer, then the second container stopped
+# and another completion, which the first must serve. Prints what it saw.
+two_containers_behind_haproxy() {
+    local http2 tcp2 lb_http lb_tcp balancer text
+    http2=$(free_port); tcp2=$(free_port); lb_http=$(free_port); lb_tcp=$(free_port)
+    podman run -d --name "$NAME-2" -p "127.0.0.1:$http2:8080" -p "127.0.0.1:$tcp2:8081" \
+        "$IMAGE" >/dev/null
+    NAME="$NAME-2" wait_for_health "http://127.0.0.1:$http2/health" >&2
+    PYTHONPATH="$ROOT/scripts" python3 -c "$RENDER_CONFIG" "$WORK/haproxy.cfg" "$lb_http" \
+        "$lb_tcp" "$port" "$tcp_port" "$http2" "$tcp2"
+    haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+    balancer=$!
+    NAME="$NAME-2" wait_for_health "http://127.0.0.1:$lb_http/health" >&2
+    text=$(greedy_completion "http://127.0.0.1:$lb_http/v1/completions") \
+        || { kill "$balancer"; echo "no answer through the balancer"; return 1; }
+    [[ "$text" == *Paris* ]] || { kill "$balancer"; echo "answer ${text@Q}"; return 1; }
+    podman stop -t 10 "$NAME-2" >/dev/null
+    sleep 2  # two failed health checks, 500 ms apart, take it out of rotation
+    text=$(greedy_completion "http://127.0.0.1:$lb_http/v1/completions") \
+        || { kill "$balancer"; echo "no answer once one container stopped"; return 1; }
+    kill "$balancer"; wait "$balancer" 2>/dev/null || true
+    [[ "$text" == *Paris* ]] || { echo "answer ${text@Q} once one container stopped"; return 1; }
+    echo "two containers behind HAProxy answered, and one alone once the other stopped"
+}
+
+# deploy/haproxy.cfg for the two containers: OUT LB_HTTP LB_TCP HTTP1 TCP1 HTTP2 TCP2.
+RENDER_CONFIG='
+import sys
+from pathlib import Path
+from replicas import TEMPLATE, Replica, render_config
+out, lb_http, lb_tcp, *ports = sys.argv[1:]
+replicas = [Replica(f"c{i + 1}", None, f"http://127.0.0.1:{ports[2 * i]}",
+                    f"tcp://127.0.0.1:{ports[2 * i + 1]}", Path("/dev/null")) for i in range(2)]
+Path(out).write_text(render_config(TEMPLATE.read_text(), replicas, f"127.0.0.1:{lb_http}",
+                                   f"127.0.0.1:{lb_tcp}"))
+'
+
 cleanup() {
+    podman rm -f -i "$NAME-2" >/dev/null 2>&1 || true
     podman rm -f -i "$NAME" >/dev/null 2>&1 || true
     [ "${CONTAINER_CHECK_KEEP_IMAGE:-0}" = 1 ] || podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
     rm -rf "$WORK"
@@ -103,8 +142,9 @@ started=$SECONDS
 "$WORK/src/scripts/container.sh" "$IMAGE" || fail "the image did not build from $commit"
 build_s=$((SECONDS - started))
 
-port=$(free_port)
-podman run -d --name "$NAME" -p "127.0.0.1:$port:8080" "$IMAGE" >/dev/null
+port=$(free_port); tcp_port=$(free_port)
+podman run -d --name "$NAME" -p "127.0.0.1:$port:8080" -p "127.0.0.1:$tcp_port:8081" \
+    "$IMAGE" >/dev/null
 started=$SECONDS
 wait_for_health "http://127.0.0.1:$port/health"
 health_s=$((SECONDS - started))
@@ -112,6 +152,12 @@ health_s=$((SECONDS - started))
 text=$(greedy_completion "http://127.0.0.1:$port/v1/completions") \
     || fail "/v1/completions did not answer"
 [[ "$text" == *Paris* ]] || fail "the greedy completion does not name Paris: ${text@Q}"
+
+if command -v haproxy >/dev/null; then
+    balanced=$(two_containers_behind_haproxy) || fail "two containers behind HAProxy: $balanced"
+else
+    balanced="HAProxy is not installed: the two-container step was skipped"
+fi
 
 stop_started=$(date +%s.%N)
 podman stop -t 10 "$NAME" >/dev/null || fail "podman stop exited non-zero"
@@ -121,4 +167,4 @@ python3 -c "raise SystemExit($stop_s > $STOP_LIMIT_S)" \
     || fail "podman stop took $stop_s s (limit $STOP_LIMIT_S s)"
 [ "$exit_code" = 0 ] || fail "the server exited with $exit_code under podman stop"
 echo "container check: PASS ($commit: built in ${build_s} s, /health after ${health_s} s," \
-    "greedy completion ${text@Q}, podman stop ${stop_s} s with exit 0)"
+    "greedy completion ${text@Q}, podman stop ${stop_s} s with exit 0; $balanced)"
