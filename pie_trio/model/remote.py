@@ -69,7 +69,55 @@ STOP_GRACE = 5.0  # seconds the child has to exit after its socket closes, befor
 _HEADER = struct.Struct("<I")
 
 
-class RemoteRunner:
+class MessageRunner:
+    """The `Runner` calls as msgpack requests (model/calls.py's records): a subclass says how
+    one request reaches the model (`_request`) and what a swap's answers moved (`_bytes_moved`).
+    """
+
+    limits: ModelLimits
+
+    def _request(self, request: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _bytes_moved(self, request: dict[str, Any]) -> list[int]:
+        """A swap's byte count per call."""
+        return byte_counts(self._request(request), len(request["calls"]))
+
+    # -- the Runner protocol -------------------------------------------------------------------
+
+    def check(self, call: Call) -> None:
+        """Raise `CallError` if `call` cannot run on the served model and pool."""
+        check_call(call, self.limits)
+
+    def clear(self, pages: list[int], slots: list[int]) -> None:
+        self._request({"op": "clear", "pages": pages, "slots": slots})
+
+    def forward(self, calls: list[Forward]) -> list[ForwardResult]:
+        results = self._request({"op": "forward", "calls": [to_msg(c) for c in calls]})
+        return [result_from_msg(r) for r in results]
+
+    def embed(self, calls: list[Embed]) -> None:
+        self._request({"op": "embed", "calls": [to_msg(c) for c in calls]})
+
+    def copy_kv(self, calls: list[CopyKv]) -> None:
+        self._request({"op": "copy_kv", "calls": [to_msg(c) for c in calls]})
+
+    def mask_kv(self, calls: list[MaskKv]) -> None:
+        self._request({"op": "mask_kv", "calls": [to_msg(c) for c in calls]})
+
+    # The host copies stay where the KV cache they came from is.
+
+    def swap_out_kv(self, calls: list[SwapOutKv]) -> list[int]:
+        return self._bytes_moved({"op": "swap_out_kv", "calls": [to_msg(c) for c in calls]})
+
+    def swap_in_kv(self, calls: list[SwapInKv]) -> list[int]:
+        return self._bytes_moved({"op": "swap_in_kv", "calls": [to_msg(c) for c in calls]})
+
+    def drop_swapped_kv(self, calls: list[DropSwappedKv]) -> None:
+        self._request({"op": "drop_swapped_kv", "calls": [to_msg(c) for c in calls]})
+
+
+class RemoteRunner(MessageRunner):
     """A `Runner` (and its tokenizer) served by a child process; see the module docstring."""
 
     def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket,
@@ -135,40 +183,6 @@ class RemoteRunner:
             self._failure = "the model process was shut down"
         self._finalizer()
 
-    # -- the Runner protocol -------------------------------------------------------------------
-
-    def check(self, call: Call) -> None:
-        """Raise `CallError` if `call` cannot run on the child's model and pool."""
-        check_call(call, self.limits)
-
-    def clear(self, pages: list[int], slots: list[int]) -> None:
-        self._request({"op": "clear", "pages": pages, "slots": slots})
-
-    def forward(self, calls: list[Forward]) -> list[ForwardResult]:
-        results = self._request({"op": "forward", "calls": [to_msg(c) for c in calls]})
-        return [result_from_msg(r) for r in results]
-
-    def embed(self, calls: list[Embed]) -> None:
-        self._request({"op": "embed", "calls": [to_msg(c) for c in calls]})
-
-    def copy_kv(self, calls: list[CopyKv]) -> None:
-        self._request({"op": "copy_kv", "calls": [to_msg(c) for c in calls]})
-
-    def mask_kv(self, calls: list[MaskKv]) -> None:
-        self._request({"op": "mask_kv", "calls": [to_msg(c) for c in calls]})
-
-    def swap_out_kv(self, calls: list[SwapOutKv]) -> list[int]:
-        # The host copies stay in the child, with the KV cache they came from.
-        return _byte_counts(self._request({"op": "swap_out_kv",
-                                           "calls": [to_msg(c) for c in calls]}), calls)
-
-    def swap_in_kv(self, calls: list[SwapInKv]) -> list[int]:
-        return _byte_counts(self._request({"op": "swap_in_kv",
-                                           "calls": [to_msg(c) for c in calls]}), calls)
-
-    def drop_swapped_kv(self, calls: list[DropSwappedKv]) -> None:
-        self._request({"op": "drop_swapped_kv", "calls": [to_msg(c) for c in calls]})
-
     # -- the socket ----------------------------------------------------------------------------
 
     def _request(self, request: dict[str, Any]) -> Any:
@@ -201,9 +215,9 @@ def reply_value(reply: Any) -> Any:
     return reply["ok"]
 
 
-def _byte_counts(reply: Any, calls: list[SwapOutKv] | list[SwapInKv]) -> list[int]:
-    """A swap's answer: one byte count per call."""
-    if (not isinstance(reply, list) or len(reply) != len(calls)
+def byte_counts(reply: Any, calls: int) -> list[int]:
+    """A swap's answer: one byte count for each of its `calls`."""
+    if (not isinstance(reply, list) or len(reply) != calls
             or not all(isinstance(n, int) for n in reply)):
         raise CallError("the model process answered a swap with something other than byte counts")
     return reply

@@ -33,23 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from pie_trio.model.calls import (
-    Call,
     CallError,
-    CopyKv,
-    DropSwappedKv,
-    Embed,
-    Forward,
-    ForwardResult,
-    MaskKv,
-    SwapInKv,
-    SwapOutKv,
-    result_from_msg,
-    to_msg,
 )
-from pie_trio.model.checks import ModelLimits, check_call
+from pie_trio.model.checks import ModelLimits
 from pie_trio.model.interface import ModelInfo
 from pie_trio.model.remote import (
     STOP_GRACE,
+    MessageRunner,
+    byte_counts,
     child_env,
     exit_reason,
     read_frame,
@@ -76,7 +67,7 @@ class WorkerDied(Exception):
         self.rank = rank
 
 
-class TensorParallelRunner:
+class TensorParallelRunner(MessageRunner):
     """A `Runner` (and its tokenizer) over tensor-parallel workers; see the module docstring."""
 
     def __init__(self, workers: list[Worker], starts: list[dict[str, Any]]) -> None:
@@ -149,39 +140,6 @@ class TensorParallelRunner:
             self._failure = "the tensor-parallel workers were shut down"
         self._finalizer()
 
-    # -- the Runner protocol -------------------------------------------------------------------
-
-    def check(self, call: Call) -> None:
-        """Raise `CallError` if `call` cannot run on the workers' model and pool."""
-        check_call(call, self.limits)
-
-    def clear(self, pages: list[int], slots: list[int]) -> None:
-        self._request({"op": "clear", "pages": pages, "slots": slots})
-
-    def forward(self, calls: list[Forward]) -> list[ForwardResult]:
-        results = self._request({"op": "forward", "calls": [to_msg(c) for c in calls]})
-        return [result_from_msg(r) for r in results]
-
-    def embed(self, calls: list[Embed]) -> None:
-        self._request({"op": "embed", "calls": [to_msg(c) for c in calls]})
-
-    def copy_kv(self, calls: list[CopyKv]) -> None:
-        self._request({"op": "copy_kv", "calls": [to_msg(c) for c in calls]})
-
-    def mask_kv(self, calls: list[MaskKv]) -> None:
-        self._request({"op": "mask_kv", "calls": [to_msg(c) for c in calls]})
-
-    # Each worker keeps the host copies of its own KV heads: a swap moves every rank's bytes.
-
-    def swap_out_kv(self, calls: list[SwapOutKv]) -> list[int]:
-        return self._bytes_moved({"op": "swap_out_kv", "calls": [to_msg(c) for c in calls]})
-
-    def swap_in_kv(self, calls: list[SwapInKv]) -> list[int]:
-        return self._bytes_moved({"op": "swap_in_kv", "calls": [to_msg(c) for c in calls]})
-
-    def drop_swapped_kv(self, calls: list[DropSwappedKv]) -> None:
-        self._request({"op": "drop_swapped_kv", "calls": [to_msg(c) for c in calls]})
-
     # -- the sockets ---------------------------------------------------------------------------
 
     def _request(self, request: dict[str, Any]) -> Any:
@@ -189,10 +147,9 @@ class TensorParallelRunner:
         return self._answers(request)[0]
 
     def _bytes_moved(self, request: dict[str, Any]) -> list[int]:
-        """A swap's byte count per call, summed over the ranks."""
-        answers = self._answers(request)
-        if not all(isinstance(a, list) and all(isinstance(n, int) for n in a) for a in answers):
-            raise CallError(f"a worker answered {request['op']} with something but byte counts")
+        """A swap's byte count per call, summed over the ranks (each keeps its own KV heads)."""
+        calls = len(request["calls"])
+        answers = [byte_counts(answer, calls) for answer in self._answers(request)]
         return [sum(counts) for counts in zip(*answers, strict=True)]
 
     def _answers(self, request: dict[str, Any]) -> list[Any]:
