@@ -74,7 +74,21 @@ class MessageRunner:
     one request reaches the model (`_request`) and what a swap's answers moved (`_bytes_moved`).
     """
 
+    info: ModelInfo
+    tokenizer: Tokenizer
     limits: ModelLimits
+
+    def _take_ready(self, ready: dict[str, Any]) -> None:
+        """Learn the served model from the answer to the start request."""
+        self.info = ModelInfo(**ready["info"])
+        self.tokenizer = tokenizer_from_msg(ready["tokenizer"])
+        self.limits = ModelLimits(
+            num_pages=self.info.num_pages,
+            page_size=self.info.page_size,
+            num_slots=self.info.num_slots,
+            vocab_size=self.info.vocab_size,
+            max_position=self.info.max_position,
+        )
 
     def _request(self, request: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -133,15 +147,7 @@ class RemoteRunner(MessageRunner):
         except BaseException:
             self.close()
             raise
-        self.info = ModelInfo(**ready["info"])
-        self.tokenizer = tokenizer_from_msg(ready["tokenizer"])
-        self.limits = ModelLimits(
-            num_pages=self.info.num_pages,
-            page_size=self.info.page_size,
-            num_slots=self.info.num_slots,
-            vocab_size=self.info.vocab_size,
-            max_position=self.info.max_position,
-        )
+        self._take_ready(ready)
 
     @classmethod
     def load(cls, model: str | Path = "default", *, threads: int | None = None,

@@ -35,8 +35,6 @@ from typing import Any
 from pie_trio.model.calls import (
     CallError,
 )
-from pie_trio.model.checks import ModelLimits
-from pie_trio.model.interface import ModelInfo
 from pie_trio.model.remote import (
     STOP_GRACE,
     MessageRunner,
@@ -45,7 +43,6 @@ from pie_trio.model.remote import (
     exit_reason,
     read_frame,
     reply_value,
-    tokenizer_from_msg,
     write_frame,
 )
 
@@ -83,15 +80,7 @@ class TensorParallelRunner(MessageRunner):
         except BaseException:
             self.close()
             raise
-        self.info = ModelInfo(**ready["info"])
-        self.tokenizer = tokenizer_from_msg(ready["tokenizer"])
-        self.limits = ModelLimits(
-            num_pages=self.info.num_pages,
-            page_size=self.info.page_size,
-            num_slots=self.info.num_slots,
-            vocab_size=self.info.vocab_size,
-            max_position=self.info.max_position,
-        )
+        self._take_ready(ready)
 
     @classmethod
     def load(cls, model: str | Path = "default", *, world: int, threads: int | None = None,
