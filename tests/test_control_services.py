@@ -374,3 +374,35 @@ async def test_non_map_request(stack):
     await trio.testing.wait_all_tasks_blocked()
     assert answers == [{"error": "a request must be a map, got list"}]
     await ctl.close()
+
+
+async def test_immediate_ops_are_answered_before_start_request_returns(stack):
+    """ping, clock, the store and model_info never wait: no task, no extra pass of trio's loop.
+    Named on a queue they keep their place in line; a bad field is still an error."""
+    _, controller = stack
+    ctl = controller.attach("a")
+    answers: list[dict] = []
+    for request in ({"op": "ping", "payload": [1, "x"]}, {"op": "store_set", "key": "k",
+                    "value": "v"}, {"op": "store_get", "key": "k"}, {"op": "ping", "bogus": 1},
+                    {"op": "store_get", "key": 5}):
+        ctl.start_request(request, answers.append)
+    assert answers == [{"ok": [1, "x"]}, {"ok": None}, {"ok": "v"},
+                       {"error": "ping: unknown field 'bogus'; expected some of: payload, queue"},
+                       {"error": "store_get: field 'key' must be a str, got int"}]
+    ctl.start_request({"op": "ping", "payload": 1, "queue": 0}, answers.append)
+    ctl.start_request({"op": "clock", "queue": 0}, answers.append)
+    assert len(answers) == 5  # these two take the usual way
+    await trio.testing.wait_all_tasks_blocked()
+    assert answers[5] == {"ok": 1} and isinstance(answers[6]["ok"], float)
+    await ctl.close()
+
+
+def test_immediate_ops_never_touch_kv():
+    """An immediate op skips the residency gate (preemption.py), so it must not be a KV op."""
+    from pie_trio.control.dispatch import OPS, ImmediateOp
+    from pie_trio.control.preemption import GATED_OPS
+
+    immediate = {name for name, op in OPS.items() if isinstance(op, ImmediateOp)}
+    assert immediate == {"ping", "clock", "store_get", "store_set", "store_delete", "store_list",
+                         "model_info"}
+    assert not immediate & GATED_OPS

@@ -8,9 +8,11 @@ one cancel scope, so `close()` can stop all it has in flight at once (even a for
 the executor) and then free what it held (`InstanceContext.release_all`).
 
 Completion contract: `on_done` is called exactly once for every request started, always from
-the trio thread and never from inside `start_request` itself. Requests still pending when the
-instance closes are answered `{"error": "instance closed"}` during `close()`; requests started
-after `close()` began are answered the same way, soon after `start_request` returns.
+the trio thread. A request for an immediate op (dispatch.py: `ping`, `clock`, the store,
+`model_info`) that names no queue is answered before `start_request` returns; every other one
+later. Requests still pending when the instance closes are answered `{"error": "instance
+closed"}` during `close()`; requests started after `close()` began are answered the same way,
+soon after `start_request` returns.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class InstanceControl:
         if self.closed:
             token = trio.lowlevel.current_trio_token()
             token.run_sync_soon(_answer, on_done, {"error": CLOSED_MESSAGE})
+            return
+        response = dispatch.answer_now(self.context, request)
+        if response is not None:
+            _answer(on_done, response)
             return
         item = QueuedRequest(request, self._answers.add(on_done))
         if self._nursery is None:

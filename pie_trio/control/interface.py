@@ -26,8 +26,10 @@ class AttachedInstance(Protocol):
 
     def start_request(self, request: dict[str, Any], on_done: OnDone) -> None:
         """Start one guest request; never blocks. Call from the trio thread, in the guest's
-        submission order. `on_done` is called exactly once, later, from the trio thread, with
-        the response; requests pending when the instance closes get ``instance closed``."""
+        submission order. `on_done` is called exactly once, from the trio thread, with the
+        response: before this returns for an op answered on the spot (`ping`, `clock`, the
+        store, `model_info`, naming no queue), later for the others; requests pending when the
+        instance closes get ``instance closed``."""
         ...
 
     async def close(self) -> None:

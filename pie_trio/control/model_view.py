@@ -63,7 +63,7 @@ class ModelUser(Protocol):
     def model(self) -> ModelView: ...
 
 
-async def model_info(ctx: ModelUser, f: Fields, priority: int) -> dict[str, Any]:
+def model_info(ctx: ModelUser, f: Fields, priority: int) -> dict[str, Any]:
     info = ctx.model.info
     return {
         "name": info.name,

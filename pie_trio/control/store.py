@@ -75,17 +75,17 @@ class StoreUser(Protocol):
     def store(self) -> KeyValueStore: ...
 
 
-async def store_get(ctx: StoreUser, f: Fields, priority: int) -> str | None:
+def store_get(ctx: StoreUser, f: Fields, priority: int) -> str | None:
     return ctx.store.get(f.text("key"))
 
 
-async def store_set(ctx: StoreUser, f: Fields, priority: int) -> None:
+def store_set(ctx: StoreUser, f: Fields, priority: int) -> None:
     ctx.store.set(f.text("key"), f.text("value"))
 
 
-async def store_delete(ctx: StoreUser, f: Fields, priority: int) -> bool:
+def store_delete(ctx: StoreUser, f: Fields, priority: int) -> bool:
     return ctx.store.delete(f.text("key"))
 
 
-async def store_list(ctx: StoreUser, f: Fields, priority: int) -> list[str]:
+def store_list(ctx: StoreUser, f: Fields, priority: int) -> list[str]:
     return ctx.store.keys(f.text("prefix", ""))
