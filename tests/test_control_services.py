@@ -280,6 +280,12 @@ async def test_forward_returns_only_what_was_asked(stack):
     mask[only // 8] |= 1 << (only % 8)
     forced = await ok(ctl, "forward", **base, outputs=[2], sampler={}, vocab_mask=bytes(mask))
     assert forced["tokens"] == [only]
+    # With token_bytes, each sampled token's bytes come along (what `vocab` says they are).
+    spelled = await ok(ctl, "forward", **base, outputs=[1, 2], sampler={}, token_bytes=True)
+    vocab = await ok(ctl, "vocab")
+    assert spelled["bytes"] == [vocab[token] for token in spelled["tokens"]]
+    assert "bytes" not in await ok(ctl, "forward", **base, outputs=[2], top_k=3,
+                                   token_bytes=True)  # nothing sampled, nothing spelled
     await ctl.close()
 
 

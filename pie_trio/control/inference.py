@@ -73,6 +73,8 @@ async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, A
         logit_bias=_logit_bias(f),
     )
     matcher_id = _matcher_id(f, call)
+    with_bytes = f.flag("token_bytes", False)
+    vocab = await ctx.model.vocab() if with_bytes else None  # computed once per server
     # Every id must be held before anything is copied; resolve again after the copies, which
     # may remap pages (and a concurrent request of the instance may have freed something).
     ctx.pages.resolve(vids)
@@ -85,8 +87,14 @@ async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, A
     if slot_vids is not None:
         call.embed_slots = ctx.slots.resolve(slot_vids)
     if matcher_id is not None:
-        return await _run_constrained(ctx, call, matcher_id, priority)
-    return _result_value(await _run_forward(ctx, call, priority))
+        value = await _run_constrained(ctx, call, matcher_id, priority)
+    else:
+        value = _result_value(await _run_forward(ctx, call, priority))
+    if vocab is not None and "tokens" in value:
+        # The sampled tokens' bytes: a guest can build the text itself, with no `detokenize`
+        # round trip per token (the Python SDK streams this way).
+        value["bytes"] = [vocab[token] for token in value["tokens"]]
+    return value
 
 
 async def _run_forward(ctx: InstanceContext, call: Forward, priority: int) -> ForwardResult:

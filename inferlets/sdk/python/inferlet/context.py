@@ -8,6 +8,7 @@ full pages with the child (copy-on-write on the host) and re-runs the partial pa
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,13 +66,17 @@ class Context:
 
     async def step(self, sampler: Sampler | None = None, top_k: int = 0,
                    vocab_mask: bytes | None = None,
-                   logit_bias: dict[int, float] | None = None) -> dict[str, Any]:
-        """One forward pass over every pending token; the `forward` op's answer."""
+                   logit_bias: dict[int, float] | None = None,
+                   token_bytes: bool = False) -> dict[str, Any]:
+        """One forward pass over every pending token; the `forward` op's answer (with
+        `token_bytes`, the sampled token's bytes too)."""
         if not self.pending:
             raise ValueError("nothing to decode: fill at least one token first")
         options: dict[str, Any] = {"top_k": top_k}
         if sampler is not None:
             options["sampler"] = sampler.to_wire()
+            if token_bytes:
+                options["token_bytes"] = True
         if vocab_mask is not None:
             options["vocab_mask"] = bytes(vocab_mask)
         if logit_bias:
@@ -144,28 +149,35 @@ class Context:
         return Generated(tokens, text, finish)
 
     async def _generate_streaming(self, sampler: Sampler, stop: StopCondition) -> Generated:
-        """`generate` with `stream` and no stop strings: the text of token i is detokenized
-        and sent while token i+1 is computed, so streaming adds no round trip per token."""
+        """`generate` with `stream` and no stop strings. Each sampled token comes with its bytes
+        (the forward's `token_bytes`), so the text is decoded here, with no round trip of its
+        own, and token i's text is sent while token i+1 is computed."""
         tokens: list[int] = []
+        text: list[str] = []
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")  # holds a partial character
         finish = "max_tokens"
-        sent = ""
-        streaming: Task | None = None
+        sending: Task | None = None
         while len(tokens) < stop.max_tokens:
-            step = spawn(self.decode_step(sampler.for_step(len(tokens))))
-            if streaming is not None:  # sends stay in order: one streaming task at a time
-                sent = await streaming
-            token = await step
+            step = spawn(self.step(sampler.for_step(len(tokens)), token_bytes=True))
+            if sending is not None:  # sends stay in order: one at a time
+                await sending
+            output = await step
+            token = int(output["tokens"][0])
             if token in stop.stop_tokens:
                 finish = "stop_token"
                 break
             tokens.append(token)
-            streaming = spawn(_stream_more(list(tokens), sent))
-        if streaming is not None:
-            sent = await streaming
-        text = await detokenize(tokens) if tokens else ""
-        if len(text) > len(sent):
-            await send(text[len(sent):])
-        return Generated(tokens, text, finish)
+            piece = decoder.decode(output["bytes"][0])
+            if piece:
+                text.append(piece)
+                sending = spawn(send(piece))
+        if sending is not None:
+            await sending
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            text.append(tail)
+            await send(tail)
+        return Generated(tokens, "".join(text), finish)
 
     # -- sharing --------------------------------------------------------------------------
 
@@ -260,15 +272,6 @@ class Context:
 
 def _state_key(name: str) -> str:
     return f"inferlet.context.py:{name}"
-
-
-async def _stream_more(tokens: list[int], sent: str) -> str:
-    """Send the text of `tokens` past `sent` (whole characters only); the text sent now."""
-    ready = _stable(await detokenize(tokens), [])
-    if len(ready) > len(sent):
-        await send(ready[len(sent):])
-        return ready
-    return sent
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:
