@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferlet import wire
-from inferlet.host import Task, request, spawn
+from inferlet.host import request
 from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tokenize
 from inferlet.runtime import send, store_delete, store_get, store_set
 
@@ -150,18 +150,14 @@ class Context:
 
     async def _generate_streaming(self, sampler: Sampler, stop: StopCondition) -> Generated:
         """`generate` with `stream` and no stop strings. Each sampled token comes with its bytes
-        (the forward's `token_bytes`), so the text is decoded here, with no round trip of its
-        own, and token i's text is sent while token i+1 is computed."""
+        (the forward's `token_bytes`), so the text is decoded here: a token costs its forward
+        and one `send`, with no round trip of its own."""
         tokens: list[int] = []
         text: list[str] = []
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # holds a partial character
         finish = "max_tokens"
-        sending: Task | None = None
         while len(tokens) < stop.max_tokens:
-            step = spawn(self.step(sampler.for_step(len(tokens)), token_bytes=True))
-            if sending is not None:  # sends stay in order: one at a time
-                await sending
-            output = await step
+            output = await self.step(sampler.for_step(len(tokens)), token_bytes=True)
             token = int(output["tokens"][0])
             if token in stop.stop_tokens:
                 finish = "stop_token"
@@ -170,9 +166,7 @@ class Context:
             piece = decoder.decode(output["bytes"][0])
             if piece:
                 text.append(piece)
-                sending = spawn(send(piece))
-        if sending is not None:
-            await sending
+                await send(piece)
         tail = decoder.decode(b"", final=True)
         if tail:
             text.append(tail)

@@ -1,9 +1,11 @@
 """The host interface (inferlets/wit/inferlet.wit) and the event loop over it.
 
-A request is submitted at once and answered later: `request(op, **fields)` returns a `Pending`
-that a coroutine awaits. The loop (`run`) runs every task until each waits on something, then
-asks the host to wait for any of the pending handles. Requests several tasks submitted in the
-same turn reach the server together, so their forward passes share one batch.
+`request(op, **fields)` returns a `Pending` that a coroutine awaits. The loop (`run`) runs every
+task until each waits on something, then hands the host what they asked for: requests several
+tasks made in the same turn reach the server together, so their forward passes share one batch.
+A lone request with nothing else in flight goes as one `call` (one host call, one crossing)
+instead of a submit and a take; a generated token thus costs its forward's `call` and little
+else. Requests reach the host in the order they were made, `call`s included.
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ def _result(response: str) -> Any:
 
 
 class Pending:
-    """A submitted request; `await` it for its `ok` value (or an InferletError)."""
+    """A request; `await` it for its `ok` value (or an InferletError)."""
 
-    __slots__ = ("handle", "done", "response")
+    __slots__ = ("message", "handle", "done", "response", "tasks")
 
-    def __init__(self, handle: int):
-        self.handle = handle
+    def __init__(self, message: str):
+        self.message = message
+        self.handle = -1  # the host's, once submitted
         self.done = False
         self.response = ""
+        self.tasks: list[Task] = []  # waiting for it
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self.done:
@@ -60,13 +64,21 @@ class Pending:
 
 
 def request(op: str, **fields: Any) -> Pending:
-    """Submit `{"op": op, **fields}` now; the Pending answer."""
+    """Ask the host `{"op": op, **fields}`; the Pending answer. It is sent when the loop next
+    waits (or before a `call`), together with the others made meanwhile."""
     fields["op"] = op
-    return Pending(_host().submit(_encode(fields)))
+    pending = Pending(_encode(fields))
+    if _loop is None:
+        pending.handle = _host().submit(pending.message)
+    else:
+        _loop.unsent.append(pending)
+    return pending
 
 
 def call(op: str, **fields: Any) -> Any:
-    """Submit and wait in one crossing, outside the loop (blocks every task)."""
+    """Ask and wait in one crossing, outside the loop (blocks every task)."""
+    if _loop is not None:
+        _loop.submit_unsent()  # what was asked before goes first
     fields["op"] = op
     return _result(_host().call(_encode(fields)))
 
@@ -92,7 +104,8 @@ class Task:
 class _Loop:
     def __init__(self) -> None:
         self.ready: deque[tuple[Task, Any]] = deque()
-        self.pending: dict[int, tuple[Pending, list[Task]]] = {}
+        self.unsent: list[Pending] = []  # asked for, not handed to the host yet
+        self.submitted: dict[int, Pending] = {}  # by handle, not taken yet
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> Task:
         task = Task(coro)
@@ -105,9 +118,17 @@ class _Loop:
                 self._step(*self.ready.popleft())
             if not main.done:
                 self._wait_one()
+        self.submit_unsent()  # requests nobody awaited still reach the host
         if main.error is not None:
             raise main.error
         return main.result
+
+    def submit_unsent(self) -> None:
+        host = _host()
+        for pending in self.unsent:
+            pending.handle = host.submit(pending.message)
+            self.submitted[pending.handle] = pending
+        self.unsent.clear()
 
     def _step(self, task: Task, _: Any) -> None:
         try:
@@ -118,15 +139,11 @@ class _Loop:
         except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the task
             self._finish(task, None, exc)
             return
-        if isinstance(awaited, Pending):
+        if isinstance(awaited, (Pending, Task)):
             if awaited.done:
                 self.ready.append((task, None))
-            else:
-                entry = self.pending.setdefault(awaited.handle, (awaited, []))
-                entry[1].append(task)
-        elif isinstance(awaited, Task):
-            if awaited.done:
-                self.ready.append((task, None))
+            elif isinstance(awaited, Pending):
+                awaited.tasks.append(task)
             else:
                 awaited.waiters.append(task)
         else:
@@ -139,16 +156,23 @@ class _Loop:
         task.waiters.clear()
 
     def _wait_one(self) -> None:
-        if not self.pending:
-            raise RuntimeError("every task is waiting on another: deadlock")
+        """Every task waits: hand the host what was asked and take one answer."""
         host = _host()
-        handles = list(self.pending)
-        index = host.wait(handles, False) if len(handles) > 1 else 0
-        pending, tasks = self.pending.pop(handles[index])
-        pending.response = host.take(pending.handle)
+        if len(self.unsent) == 1 and not self.submitted:
+            pending = self.unsent.pop()
+            pending.response = host.call(pending.message)
+        else:
+            self.submit_unsent()
+            if not self.submitted:
+                raise RuntimeError("every task is waiting on another: deadlock")
+            handles = list(self.submitted)
+            index = host.wait(handles, False) if len(handles) > 1 else 0
+            pending = self.submitted.pop(handles[index])
+            pending.response = host.take(pending.handle)
         pending.done = True
-        for task in tasks:
+        for task in pending.tasks:
             self.ready.append((task, None))
+        pending.tasks.clear()
 
 
 _loop: _Loop | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inferlet.host import request
+from inferlet.host import call, request
 
 
 async def args() -> list[str]:
@@ -14,8 +14,10 @@ async def args() -> list[str]:
 
 
 async def send(message: str) -> None:
-    """Send `message` to the client (a `message` event)."""
-    await request("send", message=message)
+    """Send `message` to the client (a `message` event). The runtime answers `send` itself,
+    without waiting, so it goes as one `call` (a streamed token's one host call) rather than
+    a submit and a take."""
+    call("send", message=message)
 
 
 async def receive() -> str:
