@@ -30,7 +30,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from time import perf_counter
+from time import thread_time
 from typing import Any, Protocol, TypeAlias
 
 import msgpack
@@ -270,10 +270,10 @@ class HostCalls:
     def output(self, stream: str, data: bytes) -> None:
         """A WASI write to stdout/stderr: forwarded as events in bounded chunks (and paced like
         a host call: it holds the GIL too)."""
-        started, parked = perf_counter(), self.guard.parked
+        started = thread_time()
         try:
             self._emit_text(stream, self._decoders[stream].decode(data))
-            self.guard.pace(started, parked)
+            self.guard.pace(started)
         except Stopped:
             pass  # the guest traps at its next epoch check; its output no longer matters
         except BaseException:  # noqa: BLE001 - called from a wasmtime callback: nothing escapes
@@ -599,13 +599,12 @@ def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
         try:
             calls = _local.calls
             guard = calls.guard
-            started, parked = perf_counter(), guard.parked
+            started = thread_time()
             if not calls.bound:
                 raise Misuse(f"pie.{name} was called before the instance started (from a "
                              "WebAssembly start function?)")
             values[0].i32 = method(calls, *[values[i].i32 for i in range(arity)])
-            guard.resume_guest()
-            guard.pace(started, parked)  # may sleep; raises Stopped if stopped meanwhile
+            guard.pace(started)  # may sleep; raises Stopped if stopped meanwhile
             return 0
         except BaseException as exc:  # noqa: BLE001 - every failure must become a trap
             return _trap(calls, exc)

@@ -14,8 +14,7 @@ once per batch: only the first post after a drain calls `run_sync_soon`.
 
 CPU accounting. The trio thread's time running an instance's posts is charged to that instance
 (`Guard.host_cpu`), so its total CPU budget covers the runtime's work for it, not only its own
-thread's; and the time a guest spends parked is recorded (`Guard.parked`) so that pacing
-charges a host call only for the time it held the GIL.
+thread's. (Pacing charges a host call its guest thread's CPU time: parking costs nothing.)
 """
 
 from __future__ import annotations
@@ -100,9 +99,7 @@ class Bridge:
         """
         self._guard.raise_if_stopping()
         self.post(self._park, condition)
-        started = perf_counter()
         self._wake.acquire()
-        self._guard.parked += perf_counter() - started
         self._guard.raise_if_stopping()
 
     # -- trio thread ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ guest thread reads it from there, as for core modules.
 from __future__ import annotations
 
 from collections.abc import Callable
-from time import perf_counter
+from time import thread_time
 from typing import Any
 
 import wasmtime
@@ -127,11 +127,10 @@ def _host_function(name: str, function: Callable[..., Any]) -> Callable[..., Any
         if calls is None or not calls.bound:
             raise HostCallFailed(f"pie:inferlet/host.{name} was called outside an instance")
         guard = calls.guard
-        started, parked = perf_counter(), guard.parked
+        started = thread_time()
         try:
             result = function(calls, *args)
-            guard.resume_guest()
-            guard.pace(started, parked)  # may sleep; raises Stopped if stopped meanwhile
+            guard.pace(started)  # may sleep; raises Stopped if stopped meanwhile
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a trap
             termination = calls.record_stop(exc)
             raise HostCallFailed(termination.detail or termination.reason) from None
