@@ -187,7 +187,7 @@ class HostCalls:
             handle = self._next_call
             self._next_call -= 1
             ready = self.ready
-            self._post(self.host.handle_request, handle, request)
+            self._post(self.host.handle_request, handle, request, wake=False)
             self._block_until(lambda: handle in ready)  # one crossing: both go in one batch
             response = ready.pop(handle)
         return _encode(response)
@@ -311,20 +311,22 @@ class HostCalls:
     # the guest's next post or wait, so a generation step's text travels with its next forward
     # and costs no wake-up of its own. A guest that keeps computing without a host call has its
     # events flushed at the next epoch tick (10 ms), or once HELD_EVENTS_LIMIT pile up.
+    # What one host call posts wakes the trio thread once, with its last post: woken by the
+    # first, trio would drain it alone and the next post would have to wake it again.
 
-    def flush(self) -> None:
-        """Hand the events held to the trio thread now."""
+    def flush(self, wake: bool = True) -> None:
+        """Hand the events held to the trio thread (now, or with the next post that wakes)."""
         if self._held:
             held, self._held = self._held, []
-            self.bridge.post(_emit_all, self.host, held)
+            self.bridge.post(_emit_all, self.host, held, wake=wake)
 
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.flush()
-        self.bridge.post(fn, *args)
+    def _post(self, fn: Callable[..., Any], *args: Any, wake: bool = True) -> None:
+        self.flush(wake=False)
+        self.bridge.post(fn, *args, wake=wake)
 
     def _block_until(self, condition: Callable[[], bool]) -> None:
-        self.flush()
-        self.bridge.block_until(condition)
+        self.flush(wake=False)
+        self.bridge.block_until(condition)  # its post wakes the trio thread
 
     def output_backlog(self) -> int:
         """Bytes of output handed over that the client has not read yet (as last counted)."""

@@ -45,13 +45,15 @@ class Mailbox:
         self._jobs: deque[Job] = deque()
         self._scheduled = False  # a drain is queued in trio and has not started yet
 
-    def post(self, fn: Callable[..., Any], *args: Any, charge: Guard | None = None) -> None:
+    def post(self, fn: Callable[..., Any], *args: Any, charge: Guard | None = None,
+             wake: bool = True) -> None:
         """Any thread: run `fn(*args)` on the trio thread soon, its time charged to the
-        instance of `charge`. Raises trio.RunFinishedError when the trio run is over."""
+        instance of `charge`; without `wake`, only once a later post wakes the trio thread
+        (the caller's next post must). Raises trio.RunFinishedError when the trio run is over."""
         self._jobs.append((fn, args, charge))
         # A drain resets the flag before it takes jobs, so a job appended while the flag is
         # still set is always taken by that drain; otherwise we schedule one.
-        if not self._scheduled:
+        if wake and not self._scheduled:
             self._scheduled = True
             self._token.run_sync_soon(self._drain)
 
@@ -83,10 +85,10 @@ class Bridge:
 
     # -- guest thread ---------------------------------------------------------------------
 
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run `fn(*args)` on the trio thread soon; returns at once."""
+    def post(self, fn: Callable[..., Any], *args: Any, wake: bool = True) -> None:
+        """Run `fn(*args)` on the trio thread soon (see `Mailbox.post`); returns at once."""
         try:
-            self._mailbox.post(fn, *args, charge=self._guard)
+            self._mailbox.post(fn, *args, charge=self._guard, wake=wake)
         except trio.RunFinishedError:
             # The trio run ended under us: nothing will ever answer, so stop the guest.
             self._guard.request_stop(Termination("evicted", "the runtime stopped"))
