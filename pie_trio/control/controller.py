@@ -135,9 +135,9 @@ class Controller:
             raise RuntimeError("the controller is not running: nursery.start(controller.run)")
         if instance_id in self._instances:
             raise ValueError(f"instance {instance_id!r} is already attached")
-        instance = InstanceControl(self._context(instance_id), self.releaser, self.detach)
+        instance = InstanceControl(self._context(instance_id), self.releaser, self.detach,
+                                   self._nursery.start_soon)
         self._instances[instance_id] = instance
-        self._nursery.start_soon(instance.serve)
         return instance
 
     def _context(self, instance_id: str) -> InstanceContext:

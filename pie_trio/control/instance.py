@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -31,6 +31,8 @@ from pie_trio.control.queues import Queue, QueuedRequest
 from pie_trio.control.resources import Releaser
 
 logger = logging.getLogger(__name__)
+
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]  # a nursery's start_soon
 
 CLOSED_MESSAGE = "instance closed"
 
@@ -65,11 +67,15 @@ class PendingAnswers:
 
 class InstanceControl:
     def __init__(self, context: InstanceContext, releaser: Releaser,
-                 detach: Callable[[str], None]):
+                 detach: Callable[[str], None], spawn: Spawn):
         self.context = context
         self.closed = False
         self._releaser = releaser
         self._detach = detach  # tells the controller the instance has released everything
+        # `serve` starts with the first request that needs it: an instance that asks for
+        # nothing but immediate ops (or nothing at all) costs no tasks.
+        self._spawn = spawn
+        self._serving = False
         self._answers = PendingAnswers()
         self._early: list[QueuedRequest] = []  # started before serve() opened the nursery
         self._nursery: trio.Nursery | None = None
@@ -92,6 +98,9 @@ class InstanceControl:
         if response is not None:
             _answer(on_done, response)
             return
+        if not self._serving:
+            self._serving = True
+            self._spawn(self.serve)
         item = QueuedRequest(request, self._answers.add(on_done))
         if self._nursery is None:
             self._early.append(item)
@@ -101,6 +110,10 @@ class InstanceControl:
     async def close(self) -> None:
         """Cancel pending requests and free everything the instance holds. Idempotent."""
         self.closed = True
+        if not self._serving:  # it never asked for anything that needed a task
+            self._serving = True
+            self._release_everything()
+            self._finished.set()
         self._cancel_scope.cancel()
         await self._finished.wait()
         await self._releaser.flushed()

@@ -139,11 +139,14 @@ class HostCalls:
         self.bound = True
 
     def unbind(self) -> None:
-        """The store is going away: drop our view of its memory."""
+        """The store is going away: drop our view of its memory, and the thread (which runs
+        other guests next) forgets us."""
         self.bound = False
         self._view = memoryview(b"")
         self._size = 0
         self.guard.on_tick = None  # (it refers to this object, which refers to the guard)
+        if getattr(_local, "calls", None) is self:
+            _local.calls = None
 
     # -- the five imports -----------------------------------------------------------------
 

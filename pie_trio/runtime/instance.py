@@ -1,9 +1,9 @@
 """One running inferlet: its trio task, its events, and the trio side of its host calls.
 
-An `Instance` lives in one trio task in the runtime's nursery; its guest runs in a dedicated
-thread (`guest.py`). The guest thread reaches this side only through the bridge: requests for
-the control layer (`handle_request`), events for the client (`emit`) and, last of all, its
-end (`_guest_exited`). Everything here runs on the trio thread.
+An `Instance` lives in one trio task in the runtime's nursery; its guest runs in a thread of
+its own while it runs (a reused worker: `guest.py`). The guest thread reaches this side only
+through the bridge: requests for the control layer (`handle_request`), events for the client
+(`emit`) and, last of all, its end (`_guest_exited`). Everything here runs on the trio thread.
 
 Ending. However an instance ends — the guest returns or traps, its owner kills it, a limit
 trips, the runtime shuts down — the same steps run, in this order: the guest thread is stopped
@@ -39,7 +39,7 @@ from pie_trio.control.interface import AttachedInstance
 from pie_trio.runtime.abi import EVENT_OVERHEAD, HostCalls
 from pie_trio.runtime.bridge import Bridge, Mailbox
 from pie_trio.runtime.children import CHILD_OPS, Children, Launch
-from pie_trio.runtime.guest import GuestThread, ThreadStarter
+from pie_trio.runtime.guest import GuestThread, GuestThreads
 from pie_trio.runtime.programs import Program
 from pie_trio.runtime.sandbox import Guard, InstanceLimits, Termination, limit_hit
 
@@ -64,7 +64,7 @@ class Instance:
     def __init__(self, *, instance_id: str, owner: str, program: Program, program_name: str,
                  args: Sequence[str], limits: InstanceLimits, ctl: AttachedInstance,
                  models: Sequence[str], on_end: Callable[[Instance], None],
-                 starter: ThreadStarter, mailbox: Mailbox, launch: Launch | None = None):
+                 threads: GuestThreads, mailbox: Mailbox, launch: Launch | None = None):
         self.id = instance_id
         self.owner = owner
         self.program = program.hash
@@ -77,8 +77,9 @@ class Instance:
         self._events_out, self.events = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._ctl = ctl
         self._on_end = on_end
-        self._starter = starter
+        self._threads = threads
         self._exited = trio.Event()
+        self._started = trio.Event()  # its task runs and has handed its guest to a thread
         self._started_at = trio.current_time()
         self._nursery: trio.Nursery | None = None
         self._inbox: deque[str] = deque()
@@ -143,21 +144,33 @@ class Instance:
 
     # -- the instance's task --------------------------------------------------------------
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
+        """The instance's life, from starting its guest to its `terminated` event."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._starter.start(self.guest)  # it reports its end even if it cannot start
-                self._thread_started = True
-                task_status.started()
+                self._nursery = nursery  # before the guest starts: its requests may need it
+                self._start_guest()
+                self._started.set()
                 await self._wait_for_exit()
                 # Before the nursery goes: the children's pumps stop with it, and the first
                 # stop request wins, so the children end as `parent_gone`.
                 self.children.kill_all()
-                nursery.cancel_scope.cancel()  # a backlog watcher may still be polling
+                if nursery.child_tasks:  # a backlog watcher may still be polling
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
+
+    async def wait_started(self) -> None:
+        """Until the instance's task runs and has handed its guest to a thread."""
+        await self._started.wait()
+
+    def _start_guest(self) -> None:
+        if self.guard.termination is not None:  # killed before its task ran: never started
+            self._guest_exited(self.guard.termination, None)
+            return
+        self._threads.start(self.guest)  # it reports its end even if it cannot start
+        self._thread_started = True
 
     async def _wait_for_exit(self) -> None:
         wall_time = self.limits.wall_time
@@ -178,8 +191,9 @@ class Instance:
             # The guest posted its exit as its thread's last act: this join returns at once.
             self.guest.join()
         self.children.kill_all()  # (again: the runtime may be shutting down)
-        with trio.move_on_after(CONTROL_CLOSE_TIMEOUT):
-            await self.children.wait_ended()
+        if len(self.children):
+            with trio.move_on_after(CONTROL_CLOSE_TIMEOUT):
+                await self.children.wait_ended()
         # Bounded: this runs shielded, and a control layer stopped before the runtime (a wrong
         # shutdown order) must not hang the instance forever.
         with trio.move_on_after(CONTROL_CLOSE_TIMEOUT) as scope:

@@ -28,7 +28,7 @@ import trio
 from pie_trio.control.interface import ControlService
 from pie_trio.runtime.bridge import Mailbox
 from pie_trio.runtime.children import LaunchRefused
-from pie_trio.runtime.guest import ThreadStarter
+from pie_trio.runtime.guest import GuestThreads
 from pie_trio.runtime.instance import Instance
 from pie_trio.runtime.programs import ProgramError, ProgramStore, UnknownProgram
 from pie_trio.runtime.sandbox import InstanceLimits, tick_epochs
@@ -51,28 +51,29 @@ class Runtime:
         self.max_instances = max_instances
         self.max_instances_per_owner = max_instances_per_owner  # None: no cap per owner
         self._launching: Counter[str] = Counter()  # launches in progress, by owner
+        self._running: Counter[str] = Counter()  # instances in `instances`, by owner
         self.instances: dict[str, Instance] = {}
         self.launched = 0
         self.ended: Counter[str] = Counter()  # terminations by reason
         self._nursery: trio.Nursery | None = None
-        self._starter: ThreadStarter | None = None
+        self._threads: GuestThreads | None = None
         self._mailbox: Mailbox | None = None
         self._loading = trio.CapacityLimiter(LOADING_THREADS)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # The starter outlives every instance task: a guest queued for a thread still gets one
+        # The threads outlive every instance task: a guest queued for a thread still gets one
         # (and is stopped at once) when the runtime shuts down.
-        with ThreadStarter() as starter:
+        with GuestThreads() as threads:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tick_epochs, self.programs.engine)
                 try:
                     async with trio.open_nursery() as instances:
                         self._mailbox = Mailbox(trio.lowlevel.current_trio_token())
-                        self._nursery, self._starter = instances, starter
+                        self._nursery, self._threads = instances, threads
                         task_status.started()
                         await trio.sleep_forever()
                 finally:
-                    self._nursery = self._starter = None
+                    self._nursery = self._threads = None
                     nursery.cancel_scope.cancel()
 
     async def launch(self, program: str, args: Sequence[str] = (), owner: str = "",
@@ -82,7 +83,7 @@ class Runtime:
         Raises UnknownProgram, ProgramError (a built-in that does not compile), CapacityError,
         or RuntimeError when the runtime is not running.
         """
-        if self._nursery is None or self._starter is None:
+        if self._nursery is None or self._threads is None:
             raise RuntimeError("the runtime is not running: start Runtime.run first")
         if len(self.instances) >= self.max_instances:
             raise CapacityError(f"the runtime already runs {len(self.instances)} instances, "
@@ -103,7 +104,7 @@ class Runtime:
             # (its own limiter: uploads compiling in trio's default one never delay launches)
             compiled = await trio.to_thread.run_sync(self.programs.get, program,
                                                      limiter=self._loading)
-        if self._nursery is None or self._starter is None or self._mailbox is None:
+        if self._nursery is None or self._threads is None or self._mailbox is None:
             raise RuntimeError("the runtime stopped")
         instance_id = uuid.uuid4().hex
         limits = limits or self.limits
@@ -112,16 +113,19 @@ class Runtime:
         instance = Instance(
             instance_id=instance_id, owner=owner, program=compiled, program_name=program,
             args=args, limits=limits, ctl=self.controller.attach(instance_id),
-            models=self.models, on_end=self._forget, starter=self._starter,
+            models=self.models, on_end=self._forget, threads=self._threads,
             mailbox=self._mailbox, launch=launch_child)
         self.instances[instance_id] = instance
+        self._running[owner] += 1
         self.programs.hold(compiled.hash)  # not evicted while it runs; released by _forget
         self.launched += 1
+        # `nursery.start` would cost more than the rest of the launch; a task and an event
+        # give the same promise: the instance's task runs when its launch returns.
+        self._nursery.start_soon(instance.run)
         try:
-            await self._nursery.start(instance.run)
-        except BaseException:
-            if self.instances.pop(instance_id, None) is not None:
-                self.programs.release(compiled.hash)
+            await instance.wait_started()
+        except BaseException:  # nobody will hear of the instance: it must not run on unseen
+            instance.kill("client_gone", "its launch was cancelled")
             raise
         return instance
 
@@ -139,7 +143,7 @@ class Runtime:
         cap = self.max_instances_per_owner
         if cap is None:
             return
-        mine = sum(i.owner == owner for i in self.instances.values()) + self._launching[owner]
+        mine = self._running[owner] + self._launching[owner]
         if mine >= cap:
             raise CapacityError(f"owner {owner!r} already runs {mine} instances, its maximum")
 
@@ -150,7 +154,7 @@ class Runtime:
         """Live instances, guest threads still alive, launches and terminations by reason."""
         return {
             "instances": len(self.instances),
-            "guest_threads": sum(i.guest.thread.is_alive() for i in self.instances.values()),
+            "guest_threads": sum(i.guest.alive for i in self.instances.values()),
             "launched": self.launched,
             "ended": dict(self.ended),
         }
@@ -158,5 +162,8 @@ class Runtime:
     def _forget(self, instance: Instance) -> None:
         if self.instances.pop(instance.id, None) is not None:
             self.programs.release(instance.program)
+            self._running[instance.owner] -= 1
+            if not self._running[instance.owner]:
+                del self._running[instance.owner]
         assert instance.termination is not None
         self.ended[instance.termination.reason] += 1

@@ -199,6 +199,11 @@ class Guard:
         ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_epoch_deadline, None,
                                                    _NO_FINALIZER)
 
+    def uninstall(self) -> None:
+        """The store is gone: its thread, which runs other guests next, forgets this guard."""
+        if getattr(_local, "guard", None) is self:
+            _local.guard = None
+
     def _over_budget(self) -> bool:
         now = time.thread_time()
         if self.cpu_mark is None:
@@ -260,7 +265,7 @@ class Pacer:
                 Pacer._sleepers -= 1
 
 
-# Each guest thread runs exactly one store, so the thread identifies the guard.
+# A guest thread runs one store at a time, so the thread identifies the guard.
 _local = threading.local()
 _NO_FINALIZER = ctypes.cast(ctypes.c_void_p(), ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _UPDATE_DEADLINE_CONTINUE = 0
