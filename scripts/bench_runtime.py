@@ -3,8 +3,9 @@
     python scripts/bench_runtime.py            real model (SmolLM2-135M), full sizes
     python scripts/bench_runtime.py --quick    tiny random model, small sizes (seconds)
     python scripts/bench_runtime.py --model-process   the model in a process of its own
+    python scripts/bench_runtime.py --only crowd      1000 concurrent text completions
 
-Three measurements, each on the server's stack (pie_trio/stack.py: executor, controller,
+Four measurements, each on the server's stack (pie_trio/stack.py: executor, controller,
 runtime) in one process, the model in it too unless --model-process puts it in a child process
 (pie_trio/model/remote.py, as `pie-trio serve --model-process` does):
 
@@ -19,6 +20,13 @@ runtime) in one process, the model in it too unless --model-process puts it in a
    --ignore-eos, at 1 and 32 concurrent sequences. Reported per output token: the decode rate
    (first to last token of each sequence) and end to end (launch to end, prompt included), as
    inferlet/direct ratios. Runs alternate between the two and the median is kept.
+4. a crowd: N (1000; 200 with --quick) text-completion inferlets launched at once, greedy, 16
+   tokens each, on a stack whose KV policy and page pool are the server's defaults (`preempt`,
+   so the pool is contended and newer instances wait in host memory). Progress every few
+   seconds; a stall (nothing ended, no token for --stall-after seconds) fails the run. Reported:
+   terminations, output tokens, tokens/s, mean forward batch, preemptions; then a leak check
+   (instances, guest threads, threads, trio tasks, KV pages and embedding slots back to where
+   they were), which fails the run (exit status 1) if anything is still held.
 
 Progress goes to stderr; the last line of stdout is one JSON record (also written to --json).
 """
@@ -31,6 +39,7 @@ import json
 import re
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -230,19 +239,235 @@ def _mean_batch(sizes: Counter[int]) -> float:
     return sum(size * n for size, n in sizes.items()) / batches if batches else 0.0
 
 
+# -- 4. a crowd -----------------------------------------------------------------------------
+
+CROWD = 1000  # text completions launched at once (--crowd)
+QUICK_CROWD = 200
+CROWD_TOKENS = 16
+CROWD_PROMPT = "Once upon a time, story {}"  # numbered, so that no two prompts are the same
+PROGRESS_EVERY = 5.0  # seconds between progress lines
+# What ends after the last instance does: trio's idle worker threads (tokenizer calls, program
+# loads) leave 10 s after their last job, so the leak check waits up to this long for them.
+SETTLE_S = 30.0
+
+
+class CrowdRun:
+    """One crowd in flight: its ends so far and the executor's counters it started from."""
+
+    def __init__(self, stack, count: int) -> None:
+        self.stack = stack
+        self.count = count
+        self.ends: list[dict] = []
+        self.stalled: str | None = None
+        stats = stack.executor.stats
+        self._forwards = stats.calls["forward"] - stats.failed["forward"]
+        self.batches_before = Counter(stats.forward_calls)
+        self.control_before = stack.controller.stats()
+
+    def tokens(self) -> int:
+        """Output tokens so far: text-completion samples exactly one token per forward call."""
+        stats = self.stack.executor.stats
+        return stats.calls["forward"] - stats.failed["forward"] - self._forwards
+
+    def progress(self) -> tuple[int, int, int]:
+        """(ended, running, tokens so far)."""
+        return len(self.ends), len(self.stack.runtime.instances), self.tokens()
+
+
+async def bench_crowd(stack, count: int, max_tokens: int = CROWD_TOKENS,
+                      stall_after: float = 120.0) -> dict:
+    """Launch `count` text completions at once on `stack`, wait for every one to end, and
+    check that nothing they used is still held. `ok` is False on a stall, an instance that did
+    not finish, a token count off, or a leak; `problems` says which."""
+    await inferlet_sequence(stack.runtime, 4)  # warm up: compile, vocabulary, model
+    baseline = footprint(stack)
+    crowd = CrowdRun(stack, count)
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_crowd, crowd, stall_after, nursery.cancel_scope)
+        async with trio.open_nursery() as members:
+            for i in range(count):
+                members.start_soon(_crowd_member, stack.runtime, i, max_tokens, crowd.ends)
+        nursery.cancel_scope.cancel()  # every member ended: stop the watcher
+    wall = time.perf_counter() - start
+    record = _crowd_record(crowd, max_tokens, wall)
+    if crowd.stalled is not None:
+        record["problems"].append(crowd.stalled)
+        record["leak_check"] = "skipped: the crowd stalled"
+    else:
+        record["leak_check"] = await check_leaks(stack, baseline)
+        record["problems"].extend(record["leak_check"]["leaks"])
+    record["ok"] = not record["problems"]
+    return record
+
+
+async def _crowd_member(runtime, i: int, max_tokens: int, ends: list[dict]) -> None:
+    args = ["--prompt", CROWD_PROMPT.format(i), "--max-tokens", str(max_tokens), "--ignore-eos"]
+    ends.append(await run_to_end(await runtime.launch("text-completion", args, "crowd")))
+
+
+async def _watch_crowd(crowd: CrowdRun, stall_after: float, cancel: trio.CancelScope) -> None:
+    """Print progress every few seconds; stop the crowd when nothing moved for `stall_after`
+    seconds (no instance ended and no token came out: a deadlock)."""
+    last, last_change = crowd.progress(), time.perf_counter()
+    while True:
+        await trio.sleep(PROGRESS_EVERY)
+        ended, running, tokens = now = crowd.progress()
+        log(f"  crowd: {ended}/{crowd.count} ended, {running} running, {tokens} tokens")
+        if (now[0], now[2]) != (last[0], last[2]):
+            last, last_change = now, time.perf_counter()
+        elif time.perf_counter() - last_change > stall_after:
+            crowd.stalled = (f"stalled: no instance ended and no token came out for "
+                             f"{stall_after:.0f} s ({ended}/{crowd.count} ended, {running} "
+                             f"running, {tokens} tokens)")
+            log(f"  crowd {crowd.stalled}")
+            cancel.cancel()
+            return
+
+
+def _crowd_record(crowd: CrowdRun, max_tokens: int, wall: float) -> dict:
+    executor, controller = crowd.stack.executor, crowd.stack.controller
+    reasons = Counter(end["reason"] for end in crowd.ends)
+    tokens = crowd.tokens()
+    control = controller.stats()
+    record = {
+        "count": crowd.count, "max_tokens": max_tokens,
+        "kv_policy": controller.limits.kv_policy, "kv_pages": control["pages_total"],
+        "terminations": dict(reasons), "output_tokens": tokens, "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "mean_forward_batch": round(
+            _mean_batch(Counter(executor.stats.forward_calls) - crowd.batches_before), 2),
+        **{key: control[key] - crowd.control_before[key]
+           for key in ("preemptions", "restores", "swap_bytes")},
+        "problems": [],
+    }
+    log(f"  {crowd.count} instances: {dict(reasons)}, {tokens} tokens in {wall:.1f} s = "
+        f"{record['tokens_per_s']} tokens/s; mean forward batch {record['mean_forward_batch']}, "
+        f"{record['preemptions']} preemptions, {record['restores']} restores")
+    if reasons["finished"] != crowd.count:
+        others = {reason: n for reason, n in reasons.items() if reason != "finished"}
+        detail = next((e["detail"] for e in crowd.ends if e["reason"] != "finished"), "")
+        record["problems"].append(f"{crowd.count - reasons['finished']} of {crowd.count} did "
+                                  f"not finish: {others} (first: {detail!r})")
+    # Each instance samples at most max_tokens, so the total is right only if each one's is.
+    if tokens != crowd.count * max_tokens:
+        record["problems"].append(f"{tokens} output tokens, not {crowd.count} × {max_tokens}")
+    return record
+
+
+def footprint(stack) -> dict[str, int]:
+    """What the process holds now, for the leak check."""
+    control, runtime = stack.controller.stats(), stack.runtime.stats()
+    return {
+        "instances": runtime["instances"],
+        "guest_threads": runtime["guest_threads"],
+        "control_instances": control["instances"],
+        "threads": threading.active_count(),
+        "trio_tasks": trio_task_count(),
+        "kv_pages_free": stack.controller.pages.free(),
+        "kv_pages_total": control["pages_total"],
+        "kv_pages_swapped": control["swapped_pages"],
+        "embed_slots_free": stack.controller.slots.free(),
+        "embed_slots_total": control["slots_total"],
+    }
+
+
+def leaks(now: dict[str, int], baseline: dict[str, int]) -> list[str]:
+    """Each way `now` holds more than an idle stack should; empty when nothing leaked."""
+    found = [f"{key} = {now[key]}, not 0"
+             for key in ("instances", "guest_threads", "control_instances", "kv_pages_swapped")
+             if now[key]]
+    found += [f"{key} = {now[key]}, above the {baseline[key]} before the crowd"
+              for key in ("threads", "trio_tasks") if now[key] > baseline[key]]
+    found += [f"{what}_free = {now[what + '_free']} of {now[what + '_total']}"
+              for what in ("kv_pages", "embed_slots")
+              if now[what + "_free"] != now[what + "_total"]]
+    return found
+
+
+async def check_leaks(stack, baseline: dict[str, int]) -> dict:
+    """The footprint once the crowd has ended, against the one before it; waits up to
+    SETTLE_S for what ends asynchronously (idle worker threads)."""
+    start = time.perf_counter()
+    while True:
+        now = footprint(stack)
+        found = leaks(now, baseline)
+        if not found or time.perf_counter() - start >= SETTLE_S:
+            break
+        await trio.sleep(0.5)
+    settled = round(time.perf_counter() - start, 1)
+    log(f"  leak check after {settled} s: " + ", ".join(
+        f"{key} {baseline[key]} -> {now[key]}" for key in now))
+    for leak in found:
+        log(f"  LEAK: {leak}")
+    return {"before": baseline, "after": now, "settle_s": settled, "leaks": found}
+
+
+def trio_task_count() -> int:
+    """Every task of this trio run, as the server's /metrics counts them (a leak shows here)."""
+    root = trio.lowlevel.current_root_task()
+    count, nurseries = 1, list(root.child_nurseries) if root is not None else []
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            count += 1
+            nurseries.extend(task.child_nurseries)
+    return count
+
+
+async def measure_crowd(args: argparse.Namespace, runner, programs) -> dict:
+    from pie_trio.config import Config
+    from pie_trio.executor.policies import make_policy
+    from pie_trio.stack import ControlLimits, open_stack
+
+    log("compiling text-completion ...")
+    programs.get("text-completion")
+    gc.collect()  # as in `measure`: what lives for good need not be walked by full GC passes
+    gc.freeze()
+    count = args.crowd or (QUICK_CROWD if args.quick else CROWD)
+    served = Config()  # KV pressure handled as `pie-trio serve` handles it by default
+    limits = ControlLimits(kv_policy=served.kv_policy, prefix_cache=served.prefix_caching)
+    policy = make_policy(args.policy, k=args.k, t=args.t)
+    log(f"a crowd: {count} text completions at once, {CROWD_TOKENS} tokens each, "
+        f"{runner.info.num_pages} KV pages, kv_policy {limits.kv_policy}:")
+    async with open_stack(runner, programs=programs, policy=policy,
+                          control_limits=limits) as stack:
+        return await bench_crowd(stack, count, CROWD_TOKENS, args.stall_after)
+
+
 # -- main -----------------------------------------------------------------------------------
 
 async def main_async(args: argparse.Namespace) -> dict:
-    from pie_trio.stack import ProgramStore, close_runner, load_runner
+    from pie_trio.stack import ProgramStore, close_runner
+
+    record: dict = {}
+    if args.only != "crowd":
+        runner = _load_runner(args, args.pages)
+        try:
+            record = await measure(args, runner, ProgramStore(memory_only=True))
+        finally:
+            close_runner(runner)
+    if args.only in (None, "crowd"):
+        # A runner of its own: its KV pool is the server's default size unless --crowd-pages.
+        runner = _load_runner(args, args.crowd_pages)
+        try:
+            record = {**_describe(args, runner), **record}
+            record["crowd"] = await measure_crowd(args, runner, ProgramStore(memory_only=True))
+        finally:
+            close_runner(runner)
+    return record
+
+
+def _load_runner(args: argparse.Namespace, pages: int | None):
+    from pie_trio.stack import load_runner
 
     model = "tiny" if args.quick else args.model
     log(f"loading model {model!r} ...")
-    runner = load_runner(model, device="cpu", num_pages=args.pages,
-                         model_process=args.model_process)
-    try:
-        return await measure(args, runner, ProgramStore(memory_only=True))
-    finally:
-        close_runner(runner)
+    return load_runner(model, device="cpu", num_pages=pages, model_process=args.model_process)
+
+
+def _describe(args: argparse.Namespace, runner) -> dict:
+    return {"model": runner.info.name, "device": runner.info.device, "dtype": runner.info.dtype,
+            "quick": args.quick, "policy": args.policy, "model_process": args.model_process}
 
 
 async def measure(args: argparse.Namespace, runner, programs) -> dict:
@@ -261,10 +486,7 @@ async def measure(args: argparse.Namespace, runner, programs) -> dict:
     counts = tuple(c for c in SPAWN_COUNTS if not args.quick or c <= 256)
     max_tokens = 16 if args.quick else args.max_tokens
     repeats = 1 if args.quick else args.repeats
-    record: dict = {"model": runner.info.name, "device": runner.info.device,
-                    "dtype": runner.info.dtype, "quick": args.quick}
-    record["policy"] = args.policy
-    record["model_process"] = args.model_process
+    record = _describe(args, runner)
     policy = make_policy(args.policy, k=args.k, t=args.t)
     async with open_stack(runner, programs=programs, policy=policy) as stack:
         executor, runtime = stack.executor, stack.runtime
@@ -306,8 +528,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a process of its own (as `pie-trio serve "
                         "--model-process`)")
-    parser.add_argument("--only", choices=("calls", "spawn", "programmability"),
-                        help="run only this measurement (default: all three)")
+    parser.add_argument("--crowd", type=int,
+                        help=f"text completions launched at once by the crowd measurement "
+                        f"(default {CROWD}; {QUICK_CROWD} with --quick)")
+    parser.add_argument("--crowd-pages", type=int,
+                        help="KV pages for the crowd (default: the server's, sized from its KV "
+                        "memory budget, so that the crowd contends for them)")
+    parser.add_argument("--stall-after", type=float, default=120.0,
+                        help="fail the crowd when nothing progresses for this many seconds "
+                        "(default 120)")
+    parser.add_argument("--only", choices=("calls", "spawn", "programmability", "crowd"),
+                        help="run only this measurement (default: all four)")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
     args = parser.parse_args(argv)
     record = trio.run(main_async, args)
@@ -315,7 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(text + "\n")
     print(text)
-    return 0
+    problems = record.get("crowd", {}).get("problems", [])
+    for problem in problems:
+        log(f"FAILED: {problem}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

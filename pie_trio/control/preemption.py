@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from itertools import count
 from typing import Any
@@ -67,14 +67,18 @@ class State(Enum):
 
 class Signal:
     """A broadcast: every task waiting is woken by the next `notify`. Waiters test their
-    condition, then wait, with no checkpoint in between, so no wake-up is lost."""
+    condition, then wait, with no checkpoint in between, so no wake-up is lost. `on_notify`
+    runs at each notify (the page waiters' turn: `Preemption._wake_first`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_notify: Callable[[], None] | None = None) -> None:
         self._event = trio.Event()
+        self._on_notify = on_notify
 
     def notify(self) -> None:
         self._event.set()
         self._event = trio.Event()
+        if self._on_notify is not None:
+            self._on_notify()
 
     async def wait(self) -> None:
         await self._event.wait()
@@ -134,6 +138,7 @@ class Waiter:
     count: int  # pages that must be free
     restore: bool
     seq: int = 0  # arrival, among waiters of the same instance and kind
+    turn: trio.Event = field(default_factory=trio.Event)  # set when it may be first now
 
     @property
     def order(self) -> tuple[int, int, int]:
@@ -152,7 +157,7 @@ class Preemption:
 
     def __init__(self, pool: PhysicalPool, executor: CallExecutor, releaser: Releaser):
         self.pool = pool
-        self.signal = Signal()
+        self.signal = Signal(self._wake_first)
         self.nursery: trio.Nursery | None = None  # where restores run: the controller's
         self.preemptions = 0
         self.restores = 0
@@ -220,10 +225,19 @@ class Preemption:
                         await self._swap_out(victim)
                         continue
                     self._check_hopeless(waiter)
-                await self.signal.wait()
+                waiter.turn = trio.Event()
+                await waiter.turn.wait()
         finally:
             self._waiters.remove(waiter)
             self.signal.notify()
+
+    def _wake_first(self) -> None:
+        """Something changed: wake the first eligible waiter, the only one that may act.
+        (Waking all of them made every change cost O(waiters²) on the trio thread: with a
+        thousand instances waiting for pages, the pool barely moved.)"""
+        first = self._first()
+        if first is not None:
+            first.turn.set()
 
     def _first(self) -> Waiter | None:
         eligible = [w for w in self._waiters if w.eligible]
