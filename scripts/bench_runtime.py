@@ -11,8 +11,9 @@ runtime) in one process, the model in it too unless --model-process puts it in a
 
 1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
    control layer answers: one guest→trio→guest round trip each. For comparison, N `call`s of
-   `version` (tests/guests/local.wat), which the runtime answers in the guest thread. Also how
-   much CPU a spinning guest (tests/guests/spin.wat) gets past a 0.5 s CPU budget.
+   `version` (tests/guests/local.wat), which the runtime answers in the guest thread, and the
+   floor: N bare thread→trio→thread round trips (`run_sync_soon` and a lock). Also how much
+   CPU a spinning guest (tests/guests/spin.wat) gets past a 0.5 s CPU budget.
 2. spawn time: launch K trivial guests at once (tests/guests/exit.wat) and wait until every one
    has terminated, for K = 1, 4, 16, 64, 256, 1024.
 3. the cost of programmability: the built-in text-completion inferlet against direct generation
@@ -87,6 +88,28 @@ async def bench_calls(runtime, guests: dict[str, str], calls: int) -> dict:
         results[name] = round(elapsed / calls * 1e6, 2)
         log(f"  {guest:5s}: {results[name]:8.2f} µs per call ({calls} calls)")
     return results
+
+
+async def bench_crossing_floor(calls: int) -> float:
+    """µs per bare round trip from a thread to the trio thread and back (`run_sync_soon` and a
+    lock, nothing else): the floor under any answer that must come from the trio thread."""
+    import threading
+
+    token = trio.lowlevel.current_trio_token()
+    answered = threading.Lock()
+    answered.acquire()
+
+    def loop() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            token.run_sync_soon(answered.release)
+            answered.acquire()
+        return time.perf_counter() - start
+
+    elapsed = await trio.to_thread.run_sync(loop)
+    floor = round(elapsed / calls * 1e6, 2)
+    log(f"  floor: {floor:8.2f} µs per bare thread → trio → thread round trip")
+    return floor
 
 
 async def bench_cpu_limit(runtime, guests: dict[str, str], budget: float) -> dict:
@@ -493,6 +516,7 @@ async def measure(args: argparse.Namespace, runner, programs) -> dict:
         if args.only in (None, "calls"):
             log("per-call overhead:")
             record["calls"] = await bench_calls(runtime, guests, calls)
+            record["calls"]["trio_crossing_floor_us"] = await bench_crossing_floor(calls)
             record["cpu_limit"] = await bench_cpu_limit(runtime, guests, 0.5)
         if args.only in (None, "spawn"):
             log("spawn time (launch to terminated, all at once):")
