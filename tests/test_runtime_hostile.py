@@ -229,6 +229,21 @@ async def test_host_call_loops_leave_the_gil_to_everyone_else(tiny_runner):
     assert statistics.median(ratios) > 0.35, ratios
 
 
+def test_output_paced_on_another_thread_leaves_the_cpu_stretch_alone():
+    """wasmtime calls a WASI output callback from a thread of its own; its CPU clock marking
+    the guest's stretch stopped guests that printed for CPU time they never used."""
+    import threading
+
+    from pie_trio.runtime.sandbox import Guard
+
+    guard = Guard(InstanceLimits(), wasmtime.Engine())
+    guard.cpu_mark = 123.0
+    output = threading.Thread(target=lambda: guard.pace(time.thread_time()))
+    output.start()
+    output.join()
+    assert guard.cpu_mark == 123.0
+
+
 def _python_work(seconds: float) -> int:
     """Loop iterations of pure Python (it holds the GIL) in `seconds` of wall time."""
     count, end = 0, time.perf_counter() + seconds

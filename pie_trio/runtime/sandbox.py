@@ -177,15 +177,18 @@ class Guard:
     def pace(self, cpu_started: float) -> None:
         """A host call (or WASI write) that began when the thread's CPU clock read
         `cpu_started` is done: charge the CPU it used, and sleep if the guest is over its
-        share. Raises Stopped if a stop request cut the sleep short. The guest runs again
-        next, so its stretch budget (`cpu_time`) starts afresh.
+        share. Raises Stopped if a stop request cut the sleep short. On the guest's thread,
+        the guest runs again next, so its stretch budget (`cpu_time`) starts afresh.
 
         CPU time, not wall time, is what a call held the GIL for: a call that wakes the trio
         thread gives the GIL up and waits to get it back behind every other thread, and
         charging that wait paced guests for the load of others (measured: a Python guest's
         `submit` took 330 µs of wall time for 50 µs of CPU on a busy machine)."""
         cpu_now = time.thread_time()
-        self.cpu_mark = cpu_now
+        # wasmtime calls a WASI output callback from a thread of its own: its CPU clock is not
+        # the guest thread's, and only the guest thread's may mark the stretch.
+        if getattr(_local, "guard", None) is self:
+            self.cpu_mark = cpu_now
         pause = self.pacer.charge(perf_counter(), cpu_now - cpu_started)
         if pause > 0 and self.pacer.sleep(pause, self._stopped):
             raise Stopped(self.termination or Termination("killed"))
