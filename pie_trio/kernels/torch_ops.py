@@ -1,8 +1,9 @@
 """Reference tensor ops of the Llama forward, in plain torch (CPU and CUDA alike).
 
 Each op here is one small, well-defined function, so a raw CUDA kernel (see kernels/cuda/) can
-replace it one at a time and be checked against it. `linear` takes dense weights (`Linear`) or
-int4 ones (`QuantLinear`, torch's CPU weight-only kernel) alike.
+replace it one at a time and be checked against it. `linear` takes dense weights (`Linear`),
+int4 ones (`QuantLinear`, torch's CPU weight-only kernel) and the two-stage LM head
+(`ShortlistHead`) alike.
 
 Layouts:
 - activations are token-major: `[tokens, heads, head_dim]`;
@@ -13,6 +14,8 @@ Layouts:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,18 +54,24 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linea
     return Linear(weight, bias, None, out_features)
 
 
-def linear(x: torch.Tensor, layer: Linear | QuantLinear) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: Linear | QuantLinear | ShortlistHead) -> torch.Tensor:
     """`x @ weight.T + bias` for `x` `[rows, in]`, in `x`'s dtype."""
     if isinstance(layer, QuantLinear):
         return _int4_linear(x, layer)
+    if isinstance(layer, ShortlistHead):
+        return _shortlist_linear(x, layer)
     if layer.packed is None:
         assert layer.weight is not None  # a Linear holds its weight or its packed form
         return F.linear(x, layer.weight, layer.bias)
     if x.shape[0] == 0:
         return x.new_empty(0, layer.out_features)
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-        x, layer.packed, layer.bias, "none", [], ""
-    )
+    return _packed_linear(x, layer.packed, layer.bias)
+
+
+def _packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return out
 
 
@@ -119,6 +128,84 @@ def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         x.to(torch.bfloat16), layer.packed, layer.group_size, layer.scales_and_zeros
     ).to(x.dtype)
     return out if layer.bias is None else out.add_(layer.bias)
+
+
+# A `ShortlistHead`'s defaults, measured on SmolLM2-135M (docs/model.md, "The LM head in two
+# stages"). Rows: batches of up to this many run in two stages, larger ones the exact head alone
+# (the int4 kernel's lead over oneDNN's fp32 matmul shrinks with rows while the shortlist's cost
+# grows: a win at 1-2 rows, a tie at 4, a loss from 8). Candidates and margin: the int4 copy's
+# error on the tokens at the top is at most ~1.9 (the fp32 argmax ranked at worst 9th in its
+# order); with 64 candidates, 1% of rows fall short of a 3.0 margin and are recomputed in full.
+SHORTLIST_MAX_ROWS = 2
+SHORTLIST_CANDIDATES = 64
+SHORTLIST_MARGIN = 3.0
+
+
+@dataclass
+class ShortlistHead:
+    """An LM head exact where it matters: approximate logits for the whole vocabulary from an
+    int4 copy of the head, then the exact head's logits for each row's `candidates` best.
+
+    The exact values are those of `linear(x, exact)` bit for bit: oneDNN's packed fp32 matmul
+    sums each output in an order that depends on neither the row count nor the other outputs,
+    so the candidates' rows, packed alone, give the very same numbers. Logits left out of the
+    shortlist carry the int4 copy's error. A row whose best exact logit is not `margin` above
+    every approximate one left out is recomputed exactly in full, so with `margin` above the
+    copy's error near the top no token left out can be the argmax.
+    """
+
+    exact: Linear  # the fp32 head, oneDNN-packed: what rows run without a shortlist
+    weight: torch.Tensor  # the same `[vocab, hidden]` rows unpacked, to gather candidates from
+    approx: QuantLinear  # the int4 copy, run by its kernel whatever the row count
+    candidates: int
+    margin: float
+    max_rows: int = SHORTLIST_MAX_ROWS
+
+
+def pack_shortlist_head(
+    weight: torch.Tensor,
+    approx: QuantLinear,
+    candidates: int = SHORTLIST_CANDIDATES,
+    margin: float = SHORTLIST_MARGIN,
+) -> Linear | ShortlistHead:
+    """The fp32 head `weight` `[vocab, hidden]` in two stages over its int4 copy `approx`; the
+    plain exact head where oneDNN is missing (the shortlist could not match it bit for bit) or
+    the vocabulary is no larger than the shortlist."""
+    exact = pack_linear(weight)
+    if exact.packed is None or weight.shape[0] <= candidates:
+        return exact
+    return ShortlistHead(exact, weight, approx, candidates, margin)
+
+
+def _shortlist_linear(x: torch.Tensor, head: ShortlistHead) -> torch.Tensor:
+    if x.shape[0] == 0 or x.shape[0] > head.max_rows:
+        return linear(x, head.exact)
+    logits = _int4_linear(x, head.approx)
+    with _one_thread():
+        best = logits.topk(head.candidates + 1, dim=-1)
+        shortlist = best.indices[:, :-1]
+        vocab_rows, where = torch.unique(shortlist, return_inverse=True)
+        rows = head.weight.index_select(0, vocab_rows)
+        exact = _packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(rows), None)
+        values = exact.gather(1, where)
+        logits.scatter_(1, shortlist, values)
+    unsure = (values.amax(dim=-1) - best.values[:, -1] < head.margin).nonzero().squeeze(1)
+    if len(unsure):  # a flat top: the shortlist may have missed the argmax
+        logits.index_copy_(0, unsure, linear(x.index_select(0, unsure), head.exact))
+    return logits
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run a few small ops on this thread alone: on cores shared with other processes, each
+    parallel region waits for its descheduled threads (the exact stage took 16.5 ms on two
+    threads and 1.7 ms on one, under load; ~0.6 ms either way on an idle machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,7 +6,8 @@ groups planned in `pie_trio.model.batch`.
 
 Projection weights that arrive as `Q4Weight`s (int4 weights, CPU only) run through torch's int4
 weight-only kernel (`ops.QuantLinear`), with a dense copy for batches too large for it to win;
-everything else, and the fp32 LM head, is dense.
+everything else is dense. The LM head is fp32; beside int4 projections it runs in two stages
+(`ops.ShortlistHead`): an int4 copy ranks the vocabulary, the fp32 head scores the best.
 """
 
 from __future__ import annotations
@@ -104,10 +105,10 @@ class LlamaModel:
         # to a reference question) would come out equal and greedy decoding would pick by index.
         norm = _dense_tensor(tensors, "model.norm.weight")
         self.norm = norm.to(device=device, dtype=torch.float32)
+        self.layers = [self._layer(tensors, i, take) for i in range(config.num_layers)]
         tied = config.tie_embeddings or "lm_head.weight" not in tensors
         head = _dense_tensor(tensors, "model.embed_tokens.weight" if tied else "lm_head.weight")
-        self.lm_head = ops.pack_linear(head.to(device=device, dtype=torch.float32).contiguous())
-        self.layers = [self._layer(tensors, i, take) for i in range(config.num_layers)]
+        self.lm_head = self._head(head.to(device=device, dtype=torch.float32).contiguous())
         freq_factors = _dense_tensor(tensors, "rope_freqs") if "rope_freqs" in tensors else None
         inv_freq = rope_inv_freq(config, freq_factors)
         self.rope_cos, self.rope_sin = ops.rotary_tables(
@@ -154,6 +155,13 @@ class LlamaModel:
             dense = ops.pack_linear(self._dense(weight), bias)
             return pack_q4(weight, bias, dense)
         return ops.pack_linear(torch.cat([self._dense(p) for p in parts]), bias)
+
+    def _head(self, weight: torch.Tensor) -> ops.Linear | ops.ShortlistHead:
+        """The fp32 LM head; beside int4 projections (the CPU's), in two stages over an int4
+        copy, where reading the whole fp32 head was a third of a batch-1 step."""
+        if self.weights != "int4":
+            return ops.pack_linear(weight)
+        return ops.pack_shortlist_head(weight, pack_q4(Q4Weight.quantize(weight)))
 
     def _dense(self, weight: Weight) -> torch.Tensor:
         if isinstance(weight, Q4Weight):

@@ -54,6 +54,18 @@ class Q4Weight:
         return Q4Weight(fn(self.q), fn(self.scale), fn(self.offset))
 
     @staticmethod
+    def quantize(weight: torch.Tensor) -> Q4Weight:
+        """Dense `[out, in]` weights rounded to Q4_1-style blocks: each block's 32 values spread
+        over 16 even steps from its minimum to its maximum (round to nearest)."""
+        out, inp = weight.shape
+        blocks = weight.float().view(out, inp // GROUP, GROUP)
+        low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
+        scale = (high - low) / 15
+        steps = (blocks - low.unsqueeze(-1)) / scale.clamp(min=1e-30).unsqueeze(-1)
+        q = steps.round_().clamp_(0, 15).to(torch.uint8).view(out, inp)
+        return Q4Weight(q, scale, low)
+
+    @staticmethod
     def cat(parts: list[Q4Weight]) -> Q4Weight:
         """Concatenation along the output dimension (a fused projection)."""
         return Q4Weight(
