@@ -168,7 +168,9 @@ async def test_a_compile_blocks_neither_the_event_loop_nor_launches(tiny_runner)
 
     async def upload_bomb() -> None:
         with pytest.raises(ProgramError, match="program_compile_timeout"):
-            await trio.to_thread.run_sync(store.add, bomb(100_000))
+            # Twice what compiles in ~5 s on the development machine: still over the 4 s
+            # limit on one 2.5x as fast, and well under the compile memory limit.
+            await trio.to_thread.run_sync(store.add, bomb(200_000))
         compile_done.set()
 
     async with running_stack(tiny_runner, programs=store) as stack:
