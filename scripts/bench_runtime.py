@@ -380,13 +380,15 @@ def _crowd_record(crowd: CrowdRun, max_tokens: int, wall: float) -> dict:
 
 def footprint(stack) -> dict[str, int]:
     """What the process holds now, for the leak check."""
+    from pie_trio.server.serve import task_count
+
     control, runtime = stack.controller.stats(), stack.runtime.stats()
     return {
         "instances": runtime["instances"],
         "guest_threads": runtime["guest_threads"],
         "control_instances": control["instances"],
         "threads": threading.active_count(),
-        "trio_tasks": trio_task_count(),
+        "trio_tasks": task_count(),  # as /metrics counts them
         "kv_pages_free": stack.controller.pages.free(),
         "kv_pages_total": control["pages_total"],
         "kv_pages_swapped": control["swapped_pages"],
@@ -424,17 +426,6 @@ async def check_leaks(stack, baseline: dict[str, int]) -> dict:
     for leak in found:
         log(f"  LEAK: {leak}")
     return {"before": baseline, "after": now, "settle_s": settled, "leaks": found}
-
-
-def trio_task_count() -> int:
-    """Every task of this trio run, as the server's /metrics counts them (a leak shows here)."""
-    root = trio.lowlevel.current_root_task()
-    count, nurseries = 1, list(root.child_nurseries) if root is not None else []
-    while nurseries:
-        for task in nurseries.pop().child_tasks:
-            count += 1
-            nurseries.extend(task.child_nurseries)
-    return count
 
 
 async def measure_crowd(args: argparse.Namespace, runner, programs) -> dict:

@@ -250,11 +250,11 @@ def _component_stats(stack: Stack) -> dict[str, Any]:
             "ticks": stack.executor.stats.ticks,
             "forward_batch_sizes": dict(stack.executor.stats.forward_calls),
             "kv_pages_swapped": control.get("swapped_pages"),
-            "embed_slots_in_use": control["slots_in_use"], "trio_tasks": _task_count(),
+            "embed_slots_in_use": control["slots_in_use"], "trio_tasks": task_count(),
             **passed_on}
 
 
-def _task_count() -> int:
+def task_count() -> int:
     """Every task of this trio run (a leak of tasks shows here; soak.py watches it)."""
     root = trio.lowlevel.current_root_task()
     if root is None:
