@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pie-trio server image with podman, offline:
-#   1. a Debian bookworm base image made with mmdebstrap (cached as .container/base.tar),
+#   1. a Debian bookworm base image made with mmdebstrap (cached as .container/base-gcc.tar),
 #   2. every wheel downloaded on the host into .container/wheels (certificates inside a build
 #      container may not verify, so nothing is fetched from inside),
 #   3. `podman build` of the Containerfile.
@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE="${1:-localhost/pie-trio:latest}"
-BASE=localhost/pie-trio-base:bookworm
+# gcc builds the native CPU kernels (pie_trio/kernels/cpu) once, when the image is built.
+BASE=localhost/pie-trio-base:bookworm-gcc
 mkdir -p .container/wheels
 PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python3
 # The wheels are downloaded for the host's interpreter and installed by Debian bookworm's.
@@ -21,12 +22,12 @@ if [ "$("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" != True 
 fi
 
 if ! podman image exists "$BASE"; then
-    if [ ! -f .container/base.tar ]; then
+    if [ ! -f .container/base-gcc.tar ]; then
         echo "container: building the Debian base image with mmdebstrap"
-        mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates \
-            bookworm .container/base.tar
+        mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates,gcc,libc6-dev \
+            bookworm .container/base-gcc.tar
     fi
-    podman import .container/base.tar "$BASE"
+    podman import .container/base-gcc.tar "$BASE"
 fi
 
 echo "container: collecting wheels"

@@ -18,7 +18,9 @@ APT_PACKAGES=(rustc cargo libstd-rust-dev-wasm32 lld-14 librust-serde-dev librus
               # get the older CNI network stack.
               podman buildah mmdebstrap runc netavark iptables
               # the load balancer of deploy/haproxy.cfg (scripts/replicas.py, its test and benchmark)
-              haproxy)
+              haproxy
+              # builds the native CPU kernels (pie_trio/kernels/cpu) on first use
+              gcc libc6-dev)
 
 install_debian_packages() {
     if dpkg -s "${APT_PACKAGES[@]}" >/dev/null 2>&1; then

@@ -1,20 +1,25 @@
-"""Int4 weights: GGUF Q4_0/Q4_1 blocks kept packed and run through torch's int4 CPU kernel.
+"""Int4 weights: GGUF Q4_0/Q4_1 blocks kept packed and run through the native int4 kernel
+(`cpu_kernels`) where it builds, torch's int4 CPU kernel elsewhere; both are tested here.
 
-The reference is always the same GGUF dequantised to fp32 (what `--weights fp32` runs). The
-kernel itself is not exact: it takes bf16 activations and bf16 scales and returns bf16, so a
+The reference is always the same GGUF dequantised to fp32 (what `--weights fp32` runs). Neither
+kernel is exact. torch's takes bf16 activations and bf16 scales and returns bf16, so a
 projection's output moves by ~3e-3 of its size (measured: 2.8-3.1e-3 relative on random data),
-about what bf16 dense weights do. The 4-bit values themselves are never re-rounded.
+about what bf16 dense weights do. The native one rounds activations to int8 per block of 32
+(llama.cpp's scheme) and keeps the fp32 scales: of the same order. The 4-bit values themselves
+are never re-rounded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from conftest import load_real_runner
 
+from pie_trio.kernels import cpu_kernels
 from pie_trio.kernels import torch_ops as ops
 from pie_trio.model.calls import Forward
 from pie_trio.model.generate import generate
@@ -36,10 +41,20 @@ def gguf_q4(type_name: str, out: int, inp: int, seed: int = 0) -> tuple[np.ndarr
     return raw, dequantize(raw, GGMLQuantizationType[type_name])
 
 
+# Which int4 kernel a test packs for: "native" is skipped where it cannot be built.
+KERNELS = ["native", "torch"]
+
+
+def kernel_of(name: str) -> bool:
+    """pack_q4's `native` for a KERNELS entry."""
+    if name == "native" and not cpu_kernels.available():
+        pytest.skip("the native CPU kernels are unavailable here (see cpu_kernels.library)")
+    return name == "native"
+
+
 def int4_matmul(x: torch.Tensor, layer: ops.QuantLinear) -> torch.Tensor:
     """The kernel path of `layer` whatever the row count (no dense copy)."""
-    return ops.linear(x, ops.QuantLinear(layer.packed, layer.scales_and_zeros, layer.bias,
-                                         layer.out_features, layer.group_size))
+    return ops.linear(x, dataclasses.replace(layer, dense=None))
 
 
 def assert_close_relative(y: torch.Tensor, reference: torch.Tensor, rtol: float) -> None:
@@ -75,10 +90,12 @@ def test_row_moves_commute_with_dequantisation():
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_matches_dequantised_fp32(type_name, rows, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int4_linear_matches_dequantised_fp32(type_name, rows, dtype, kernel):
     raw, reference = gguf_q4(type_name, 192, 256, seed=rows)
     bias = torch.randn(192) * 0.1
-    layer = pack_q4(from_gguf_blocks(raw, type_name), bias.to(dtype))
+    layer = pack_q4(from_gguf_blocks(raw, type_name), bias.to(dtype), native=kernel_of(kernel))
+    assert (layer.native is not None) == (kernel == "native")
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(3))
     y = int4_matmul(x.to(dtype), layer)
     assert y.dtype == dtype and y.shape == (rows, 192)  # the model keeps its compute dtype
@@ -86,10 +103,11 @@ def test_int4_linear_matches_dequantised_fp32(type_name, rows, dtype):
     assert_close_relative(y, expected, LINEAR_RTOL)
 
 
-def test_large_batches_run_the_dense_copy():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_large_batches_run_the_dense_copy(kernel):
     raw, reference = gguf_q4("Q4_1", 64, 128)
     dense = ops.pack_linear(torch.from_numpy(np.array(reference)))
-    layer = pack_q4(from_gguf_blocks(raw, "Q4_1"), dense=dense)
+    layer = pack_q4(from_gguf_blocks(raw, "Q4_1"), dense=dense, native=kernel_of(kernel))
     small = torch.randn(layer.max_rows, 128)
     large = torch.randn(layer.max_rows + 1, 128)
     assert torch.equal(ops.linear(large, layer), ops.linear(large, dense))
@@ -249,7 +267,9 @@ def test_real_projections_match_dequantised_fp32(int4_runner, fp32_runner):
         for name in ("qkv", "out", "gate_up", "down"):
             layer, dense = getattr(ours, name), getattr(reference, name)
             assert isinstance(layer, ops.QuantLinear), (i, name)
-            x = torch.randn(8, layer.packed.shape[1] * 2, generator=gen)
+            assert layer.native is not None or not cpu_kernels.available()
+            width = (layer.native.nibbles if layer.native else layer.packed).shape[1] * 2
+            x = torch.randn(8, width, generator=gen)
             assert_close_relative(int4_matmul(x, layer), ops.linear(x, dense), LINEAR_RTOL)
             # The dense copy (large batches) is the fp32 model's weights exactly.
             assert torch.equal(ops.linear(x, layer.dense), ops.linear(x, dense)), (i, name)
@@ -271,7 +291,7 @@ def test_logits_of_prefill_and_decode_steps(int4_runner, fp32_runner, text):
     # near-ties: 97% of the chat prompt's positions agree).
     path = slice(len(prompt) - 1, None)
     assert torch.equal(ours[path].argmax(-1), reference[path].argmax(-1))
-    if len(prompt) > ops.INT4_MAX_ROWS:  # a long prefill runs the dense copy: fp32 exactly
+    if len(prompt) > int4_runner.model.layers[0].qkv.max_rows:  # the dense copy: fp32 exactly
         prefill = steps_logits(int4_runner, ids, len(continuation))[: len(prompt)]
         assert torch.equal(prefill, reference[: len(prompt)])
 

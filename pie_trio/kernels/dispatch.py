@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pie_trio.kernels import cuda_kernels
+from pie_trio.kernels import cpu_kernels, cuda_kernels
 from pie_trio.kernels import torch_ops as ops
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,12 @@ class PagedContext:
 
 @dataclass(frozen=True)
 class Kernels:
-    """The hot ops for one device. `cuda` says whether the raw kernels are in use."""
+    """The hot ops for one device. `cuda` says whether the raw kernels are in use; `native_cpu`
+    whether the CPU's compiled ones (`cpu_kernels`) are, for fp32 on the CPU."""
 
     cuda: bool
     reason: str = ""  # why the kernels are off, when they are
+    native_cpu: bool = False
 
     def paged_attention(
         self,
@@ -96,6 +98,11 @@ class Kernels:
         attend are zeros.
         """
         heads, head_dim = q.shape[1], q.shape[2]
+        if self.native_attention(q, queries):
+            return cpu_kernels.paged_attention(
+                q, k_cache, v_cache, context.table, context.page_size, context.span_start,
+                context.lengths, context.length, mask, batch, queries, causal, scale,
+            )  # fmt: skip
         if self.cuda and cuda_kernels.attention_fits(heads, k_cache.shape[0], head_dim):
             table = context.table
             if table is not None and table.dtype != torch.long:
@@ -117,8 +124,25 @@ class Kernels:
         """The residual sum `hidden + delta` and its RMS norm scaled by `weight`."""
         if self.cuda and hidden.dtype in cuda_kernels.DTYPE_SUFFIX:
             return cuda_kernels.add_rms_norm(hidden, delta, weight, eps)
+        if self._native(hidden, weight):
+            return cpu_kernels.add_rms_norm(hidden, delta, weight, eps)
         total = hidden + delta
         return total, ops.rms_norm(total, weight, eps)
+
+    def native_attention(self, q: torch.Tensor, queries: int) -> bool:
+        """Whether `paged_attention` of these query rows runs the CPU's compiled loops."""
+        return (self.native_cpu and q.dtype == torch.float32 and q.device.type == "cpu"
+                and queries <= cpu_kernels.ATTENTION_MAX_QUERIES)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMS norm of `x` `[rows, dim]` over its last dimension, scaled by `weight`."""
+        if self._native(x, weight):
+            return cpu_kernels.add_rms_norm(x, None, weight, eps)[1]
+        return ops.rms_norm(x, weight, eps)
+
+    def _native(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (self.native_cpu and x.dtype == weight.dtype == torch.float32
+                and x.device.type == "cpu" and x.dim() == 2 and weight.is_contiguous())
 
     def rotary_kv_write(
         self,
@@ -136,6 +160,10 @@ class Kernels:
         store keys and values into cache `slots` (negative: not stored). Returns the queries
         `[rows, heads, d]`. cos/sin: the full `rotary_tables`, indexed by `positions`."""
         head_dim = cos.shape[-1]
+        if self._native(qkv, cos):
+            return cpu_kernels.rotary_kv_write(
+                qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads
+            )
         if self.cuda and qkv.dtype in cuda_kernels.DTYPE_SUFFIX:
             return cuda_kernels.rotary_kv_write(
                 qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim
@@ -161,7 +189,8 @@ def select(device: torch.device, enabled: bool | None = None) -> Kernels:
     if enabled is None:
         enabled = os.environ.get(ENV_SWITCH, "0") == "1"
     if device.type != "cuda":
-        return Kernels(False, f"device is {device.type}")
+        native = device.type == "cpu" and cpu_kernels.available()
+        return Kernels(False, f"device is {device.type}", native_cpu=native)
     if not enabled:
         return Kernels(False, f"turned off (set {ENV_SWITCH}=1 to use them)")
     reason = cuda_kernels.unavailable_reason()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pie_trio.kernels import cpu_kernels
+
 
 @dataclass
 class Linear:
@@ -79,26 +81,33 @@ def _packed_linear(
 # (2 threads, SmolLM2-135M shapes) the int4 kernel beats oneDNN's fp32 matmul up to ~16-20
 # rows (2.8x at 1 row, 1.4x at 8) and loses from 24 on (2.3x slower at 128 and 512 rows).
 INT4_MAX_ROWS = 16
+# The same for the native kernel (`cpu_kernels`), whose cost grows with rows faster: one step's
+# 120 projections took 6.7 / 31 / 60 ms at 1 / 8 / 16 rows against oneDNN fp32's 29 / 40 / 51
+# (AVX2, 2 threads, 30 layers' distinct weights).
+NATIVE_INT4_MAX_ROWS = 12
 
 
 @dataclass
 class QuantLinear:
-    """A linear layer with int4 weights (groups of 32 inputs), for torch's CPU weight-only kernel.
+    """A linear layer with int4 weights (groups of 32 inputs): the native kernel's form
+    (`native`, `cpu_kernels.q4_matmul`) where it is available, else torch's CPU weight-only
+    kernel's (`packed`).
 
-    The kernel dequantises `w = (q - 8) * scale + zero` per group and takes bf16 activations
+    torch's kernel dequantises `w = (q - 8) * scale + zero` per group and takes bf16 activations
     and bf16 scales (fp32 scales are refused with bf16 input; fp32 input runs a fallback ~10x
     slower), so `linear` casts the input to bf16 and the output back: the model around it
     keeps its own compute dtype. `dense` holds the same weights dequantised, for large batches
     (prefill chunks), where dense matmuls win; None to always use the kernel.
     """
 
-    packed: torch.Tensor  # the kernel's layout of q [out, in]
-    scales_and_zeros: torch.Tensor  # bf16 [in / 32, out, 2]
+    packed: torch.Tensor | None  # torch's kernel's layout of q [out, in]; None beside `native`
+    scales_and_zeros: torch.Tensor | None  # bf16 [in / 32, out, 2]
     bias: torch.Tensor | None
     out_features: int
     group_size: int  # inputs per scale: 32 for GGUF Q4_0/Q4_1 blocks
     dense: Linear | None = None
     max_rows: int = INT4_MAX_ROWS
+    native: cpu_kernels.NativeQ4 | None = None
 
 
 def pack_int4(
@@ -119,11 +128,22 @@ def pack_int4(
     return QuantLinear(packed, scales_and_zeros.contiguous(), bias, q.shape[0], group_size, dense)
 
 
+def pack_native_q4(
+    native: cpu_kernels.NativeQ4, bias: torch.Tensor | None = None, dense: Linear | None = None
+) -> QuantLinear:
+    """Int4 weights in the native kernel's form (`cpu_kernels.pack_q4`) for `linear`."""
+    return QuantLinear(None, None, bias, native.out_features, cpu_kernels.GROUP, dense,
+                       NATIVE_INT4_MAX_ROWS, native)
+
+
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     if layer.dense is not None and x.shape[0] > layer.max_rows:
         return linear(x, layer.dense)
     if x.shape[0] == 0:
         return x.new_empty(0, layer.out_features)
+    if layer.native is not None:
+        return cpu_kernels.q4_matmul(x, layer.native, layer.bias)
+    assert layer.packed is not None and layer.scales_and_zeros is not None
     out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(torch.bfloat16), layer.packed, layer.group_size, layer.scales_and_zeros
     ).to(x.dtype)

@@ -203,26 +203,57 @@ class LlamaModel:
         cfg = self.config
         hidden = self.inputs(batch, kv)
         rows = batch.num_rows
-        cos = self.rope_cos.index_select(0, batch.positions)
-        sin = self.rope_sin.index_select(0, batch.positions)
-        rotated = cfg.num_heads + cfg.num_kv_heads
+        store = self._store_kv(batch, hidden.dtype)
         q_size = cfg.num_heads * cfg.head_dim
         self._reserve_gather(batch.groups)
+        norm = self.kernels.rms_norm
+        add_norm = self.kernels.add_rms_norm
+        eps = cfg.rms_norm_eps
+        x = norm(hidden, self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
-            x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            qkv = ops.linear(x, layer.qkv)
-            qk = ops.apply_rotary(
-                qkv[:, : rotated * cfg.head_dim].view(rows, rotated, cfg.head_dim), cos, sin
-            )
-            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-            v = qkv[:, rotated * cfg.head_dim :].view(rows, cfg.num_kv_heads, cfg.head_dim)
-            ops.write_kv(kv.k[i], kv.v[i], batch.write_slots, k, v)
+            q = store(ops.linear(x, layer.qkv), kv.k[i], kv.v[i])
             attn = self._attention(q, kv.k[i], kv.v[i], batch.groups)
-            hidden = hidden + self.reduce(ops.linear(attn.reshape(rows, q_size), layer.out))
-            x = ops.rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            mlp = ops.silu_mul(ops.linear(x, layer.gate_up))
-            hidden = hidden + self.reduce(ops.linear(mlp, layer.down))
+            delta = self.reduce(ops.linear(attn.reshape(rows, q_size), layer.out))
+            hidden, x = add_norm(hidden, delta, layer.post_norm, eps)
+            delta = self.reduce(ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down))
+            if i + 1 < len(self.layers):  # the residual sum and the next layer's input norm
+                hidden, x = add_norm(hidden, delta, self.layers[i + 1].input_norm, eps)
+            else:
+                hidden = hidden + delta
         return self.logits(hidden.index_select(0, batch.output_rows))
+
+    def _store_kv(
+        self, batch: ForwardBatch, dtype: torch.dtype
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A layer's step from its QKV projection to its queries: rotate queries and keys by
+        their positions, store keys and values at the batch's slots."""
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if self.kernels.native_cpu and dtype == torch.float32:  # one compiled loop
+
+            def fused(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                      ) -> torch.Tensor:
+                return self.kernels.rotary_kv_write(
+                    qkv, self.rope_cos, self.rope_sin, batch.positions, batch.write_slots,
+                    k_cache, v_cache, heads, kv_heads,
+                )  # fmt: skip
+
+            return fused
+        cos = self.rope_cos.index_select(0, batch.positions)
+        sin = self.rope_sin.index_select(0, batch.positions)
+        rotated = heads + kv_heads
+
+        def separate(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                     ) -> torch.Tensor:
+            rows = qkv.shape[0]
+            qk = ops.apply_rotary(
+                qkv[:, : rotated * head_dim].view(rows, rotated, head_dim), cos, sin
+            )
+            v = qkv[:, rotated * head_dim :].view(rows, kv_heads, head_dim)
+            ops.write_kv(k_cache, v_cache, batch.write_slots, qk[:, heads:], v)
+            return qk[:, :heads]
+
+        return separate
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits `[rows, vocab]` of final hidden states (norm and head in fp32)."""
@@ -260,7 +291,8 @@ class LlamaModel:
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         """Attention of one group; `q` holds exactly its (padded) query rows."""
-        if self.kernels.cuda:  # reads K/V straight from the pages, no gather
+        if self.kernels.cuda or self.kernels.native_attention(q, group.queries):
+            # reads K/V straight from the pages, no gather
             context = PagedContext.from_slots(group.slots, group.span)
             return self.kernels.paged_attention(q, k_cache, v_cache, context, group.batch,
                                                 group.queries, group.mask, group.causal,

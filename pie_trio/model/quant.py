@@ -20,6 +20,7 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
+from pie_trio.kernels import cpu_kernels
 from pie_trio.kernels import torch_ops as ops
 
 GROUP = 32  # values per GGUF block, and the int4 kernel's group size
@@ -80,11 +81,18 @@ Weight: TypeAlias = torch.Tensor | Q4Weight
 
 
 def pack_q4(
-    weight: Q4Weight, bias: torch.Tensor | None = None, dense: ops.Linear | None = None
+    weight: Q4Weight,
+    bias: torch.Tensor | None = None,
+    dense: ops.Linear | None = None,
+    native: bool = True,
 ) -> ops.QuantLinear:
-    """The int4 kernel's form of `weight`: its dequantisation is `(q - 8) * scale + zero`, so
-    `q*d + m` maps to `scale = d`, `zero = m + 8d` (exact in fp32; the kernel's bf16 scales then
-    round both to 8 significant bits, ~3e-3 relative)."""
+    """`weight` for the native int4 kernel where it is available (and `native`), keeping the
+    GGUF's fp32 scales; else for torch's int4 kernel, whose dequantisation is
+    `(q - 8) * scale + zero`, so `q*d + m` maps to `scale = d`, `zero = m + 8d` (exact in fp32;
+    the kernel's bf16 scales then round both to 8 significant bits, ~3e-3 relative)."""
+    packed = cpu_kernels.pack_q4(weight.q, weight.scale, weight.offset) if native else None
+    if packed is not None:
+        return ops.pack_native_q4(packed, bias, dense)
     zero = weight.offset + 8.0 * weight.scale
     return ops.pack_int4(weight.q, weight.scale, zero, bias, dense)
 

@@ -1,0 +1,29 @@
+/* RMS norm of fp32 rows, optionally of a residual sum: one pass per row where torch's CPU
+ * decomposition runs about eight ops (pow, mean, add, rsqrt, two products and their
+ * temporaries), each a dispatch that costs more than the arithmetic at decode sizes.
+ *
+ * add_rms_norm: total = hidden + delta (with delta NULL: the norm of hidden alone, total
+ * unwritten), out = total * rsqrt(mean(total^2) + eps) * weight, row by row. The sum of
+ * squares is accumulated in double.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+void add_rms_norm(const float *hidden, const float *delta, const float *weight, float eps,
+                  int64_t rows, int64_t dim, float *total, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *h = hidden + r * dim;
+        if (delta != NULL) {
+            const float *e = delta + r * dim;
+            float *t = total + r * dim;
+            for (int64_t j = 0; j < dim; j++) t[j] = h[j] + e[j];
+            h = t;
+        }
+        double squares = 0.0;
+        for (int64_t j = 0; j < dim; j++) squares += (double)h[j] * h[j];
+        const float scale = (float)(1.0 / sqrt(squares / (double)dim + (double)eps));
+        float *o = out + r * dim;
+        for (int64_t j = 0; j < dim; j++) o[j] = h[j] * scale * weight[j];
+    }
+}

@@ -1,0 +1,149 @@
+"""The native CPU kernels (`cpu_kernels`, C built on first use) against their torch references,
+and the fallback where they cannot be had. The int4 matmul is held to the dequantised fp32
+reference in test_model_quant.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pie_trio.kernels import cpu_kernels
+from pie_trio.kernels import torch_ops as ops
+from pie_trio.kernels.dispatch import (
+    PagedContext,
+    reference_paged_attention,
+    reference_rotary_kv_write,
+    select,
+)
+from pie_trio.model.quant import Q4Weight, pack_q4
+
+CPU = torch.device("cpu")
+
+needs_native = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="the native CPU kernels are unavailable here"
+)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@needs_native
+def test_the_cpu_selects_them_where_they_build():
+    kernels = select(CPU)
+    assert kernels.native_cpu and not kernels.cuda
+    assert kernels.native_attention(torch.zeros(1, 2, 8), 1)
+    assert not kernels.native_attention(torch.zeros(1, 2, 8, dtype=torch.bfloat16), 1)
+    assert not kernels.native_attention(torch.zeros(1, 2, 8), cpu_kernels.ATTENTION_MAX_QUERIES + 1)
+
+
+@needs_native
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(with_delta):
+    hidden, delta, weight = randn(5, 96, seed=1) * 3, randn(5, 96, seed=2), randn(96, seed=3)
+    total, normed = cpu_kernels.add_rms_norm(hidden, delta if with_delta else None, weight, 1e-5)
+    expected = hidden + delta if with_delta else hidden
+    assert torch.allclose(total, expected)
+    assert torch.allclose(normed, ops.rms_norm(expected, weight, 1e-5), rtol=1e-5, atol=1e-6)
+    assert torch.equal(hidden, randn(5, 96, seed=1) * 3)  # the input is left alone
+
+
+@needs_native
+def test_rotary_kv_write_matches_the_reference():
+    heads, kv_heads, head_dim, rows = 4, 2, 16, 5
+    qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, seed=4)
+    cos, sin = ops.rotary_tables(1.0 / (10000 ** (torch.arange(0, head_dim, 2) / head_dim)), 64,
+                                 torch.float32)
+    positions = torch.tensor([0, 7, 8, 30, 63])
+    slots = torch.tensor([3, -1, 9, 0, 20])  # one row's keys are not stored
+    caches = [torch.zeros(kv_heads, 24, head_dim) for _ in range(4)]
+    ours = cpu_kernels.rotary_kv_write(qkv, cos, sin, positions, slots, caches[0], caches[1],
+                                       heads, kv_heads)
+    theirs = reference_rotary_kv_write(qkv, cos, sin, positions, slots, caches[2], caches[3],
+                                       heads, kv_heads)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(caches[0], caches[2], atol=1e-5)
+    assert torch.equal(caches[1], caches[3])  # values are copied as they are
+    assert not caches[0][:, 1].any()  # slot 1 was nobody's
+
+
+def attention_case(batch: int, queries: int, length: int, seed: int):
+    heads, kv_heads, head_dim = 6, 2, 16
+    k_cache, v_cache = randn(kv_heads, 80, head_dim, seed=seed), randn(kv_heads, 80, head_dim,
+                                                                        seed=seed + 1)
+    q = randn(batch * queries, heads, head_dim, seed=seed + 2)
+    return q, k_cache, v_cache
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["pages", "slots", "span"])
+@pytest.mark.parametrize("masking", ["causal", "mask", "none"])
+def test_paged_attention_matches_the_reference(layout, masking):
+    batch, queries = (1, 3) if layout == "span" else (3, 2)
+    q, k_cache, v_cache = attention_case(batch, queries, 12, seed=5)
+    if layout == "pages":  # 4-slot pages, lengths 11, 6 and 12
+        context = PagedContext(torch.tensor([[3, 1, 7], [2, 5, 0], [9, 4, 6]]), 4, 0,
+                               torch.tensor([11, 6, 12], dtype=torch.int32), 12)
+    elif layout == "slots":
+        slots = torch.randperm(80, generator=torch.Generator().manual_seed(6))[: batch * 12]
+        context = PagedContext.from_slots(slots.view(batch, 12), None)
+    else:
+        context = PagedContext.from_slots(None, (30, 42))
+    mask = None
+    if masking == "mask":
+        mask = randn(batch, queries, 12, seed=7) > 0
+        mask[0, 0] = False  # a row with nothing to attend: zeros
+    causal = masking == "causal"
+    ours = cpu_kernels.paged_attention(
+        q, k_cache, v_cache, context.table, context.page_size, context.span_start,
+        context.lengths, context.length, mask, batch, queries, causal, 0.25,
+    )  # fmt: skip
+    theirs = reference_paged_attention(q, k_cache, v_cache, context, batch, queries, mask,
+                                       causal, 0.25)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    if mask is not None:
+        assert not ours[0].any()
+
+
+@needs_native
+def test_paged_attention_splits_long_contexts_over_threads():
+    """Enough work to take the parallel branch; the answer does not depend on it."""
+    q, k_cache, v_cache = attention_case(1, 4, 80, seed=8)
+    context = PagedContext.from_slots(None, (0, 80))
+    ours = cpu_kernels.paged_attention(q.repeat(16, 1, 1), k_cache, v_cache, None, 1, 0, None,
+                                       80, None, 16, 4, True, 0.25)
+    theirs = reference_paged_attention(q.repeat(16, 1, 1), k_cache, v_cache, context, 16, 4,
+                                       None, True, 0.25)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_switched_off_they_leave_torch_to_run(monkeypatch, caplog):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
+            assert cpu_kernels.library() is None
+        assert f"{cpu_kernels.ENV_SWITCH}=0" in caplog.text
+        assert not select(CPU).native_cpu
+        layer = pack_q4(Q4Weight.quantize(randn(64, 64, seed=9)))
+        assert layer.native is None and layer.packed is not None
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.skipif(cpu_kernels._unavailable() is not None, reason="no compiler or AVX2 here")
+def test_a_failed_build_is_a_warning_and_torch_runs(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it must build
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [broken])
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            assert cpu_kernels.library() is None
+        assert "could not build" in caplog.text
+        assert pack_q4(Q4Weight.quantize(randn(64, 64, seed=10))).native is None
+    finally:
+        cpu_kernels.library.cache_clear()
