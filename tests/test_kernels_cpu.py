@@ -4,7 +4,9 @@ reference in test_model_quant.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
 
 import pytest
 import torch
@@ -48,6 +50,58 @@ def test_add_rms_norm_matches_torch(with_delta):
     assert torch.allclose(total, expected)
     assert torch.allclose(normed, ops.rms_norm(expected, weight, 1e-5), rtol=1e-5, atol=1e-6)
     assert torch.equal(hidden, randn(5, 96, seed=1) * 3)  # the input is left alone
+
+
+@needs_native
+def test_silu_mul_matches_torch():
+    gate_up = randn(3, 2 * 80, seed=11) * 4
+    assert torch.allclose(cpu_kernels.silu_mul(gate_up), ops.silu_mul(gate_up), rtol=1e-6,
+                          atol=1e-6)
+
+
+@pytest.fixture
+def four_threads():
+    """Ask the kernels for more parts than this machine may have cores: the pool still runs
+    each part once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_native
+def test_kernels_called_from_many_threads_at_once_are_exact(four_threads):
+    """One caller holds the worker pool at a time; the others run their jobs alone. Every
+    result is the one a lone call gives, bit for bit."""
+    layer = pack_q4(Q4Weight.quantize(randn(300, 256, seed=12)))
+    assert layer.native is not None
+    inputs = [randn(5, 256, seed=20 + i) for i in range(6)]
+    expected = [cpu_kernels.q4_matmul(x, layer.native, None) for x in inputs]
+
+    def repeat(i: int) -> bool:
+        return all(torch.equal(cpu_kernels.q4_matmul(inputs[i], layer.native, None),
+                               expected[i]) for _ in range(40))
+
+    with concurrent.futures.ThreadPoolExecutor(len(inputs)) as threads:
+        assert all(threads.map(repeat, range(len(inputs))))
+
+
+def _matmul_in_child(layer: cpu_kernels.NativeQ4, x: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(4)
+    return cpu_kernels.q4_matmul(x, layer, None)
+
+
+@needs_native
+def test_a_forked_child_runs_kernels_with_workers_of_its_own(four_threads):
+    """Worker threads do not survive fork(): the child starts its own instead of waiting on
+    the parent's."""
+    layer = pack_q4(Q4Weight.quantize(randn(300, 256, seed=13)))
+    assert layer.native is not None
+    x = randn(3, 256, seed=14)
+    expected = cpu_kernels.q4_matmul(x, layer.native, None)  # the parent's workers now run
+    with multiprocessing.get_context("fork").Pool(1) as child:  # leaving it kills the child
+        result = child.apply_async(_matmul_in_child, (layer.native, x)).get(timeout=60)
+    assert torch.equal(result, expected)
 
 
 @needs_native

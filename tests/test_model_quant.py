@@ -118,14 +118,16 @@ def test_large_batches_run_the_dense_copy(kernel):
 # -- the LM head in two stages ------------------------------------------------------------------
 
 
-def peaked_head(vocab: int = 4096, hidden: int = 256, rows: int = 4):
+def peaked_head(vocab: int = 4096, hidden: int = 256, rows: int = 4, native: bool = True):
     """A random head and hidden states that point at a few of its rows: a clear top, as a
-    trained model's logits have."""
+    trained model's logits have. `native`: the int4 copy for the native kernel (when it is
+    available: the exact stage in C), else for torch's (the exact stage by oneDNN)."""
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(vocab, hidden, generator=gen) * 0.05
     picked = torch.randint(vocab, (rows, 3), generator=gen)
     x = weight[picked].sum(1) * 40 + torch.randn(rows, hidden, generator=gen)
-    head = ops.pack_shortlist_head(weight, pack_q4(Q4Weight.quantize(weight)), candidates=32)
+    approx = pack_q4(Q4Weight.quantize(weight), native=native)
+    head = ops.pack_shortlist_head(weight, approx, candidates=32)
     assert isinstance(head, ops.ShortlistHead)
     head.max_rows = rows
     return head, x
@@ -139,22 +141,27 @@ def test_requantised_blocks_round_to_the_nearest_step():
     assert ((q4.dequantize() - weight).abs() <= steps / 2 + 1e-6).all()
 
 
-def test_shortlist_is_the_exact_head_on_its_candidates():
-    head, x = peaked_head()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shortlist_is_the_exact_head_on_its_candidates(kernel):
+    head, x = peaked_head(native=kernel_of(kernel))
     exact = ops.linear(x, head.exact)
     ours = ops.linear(x, head)
     approx = ops.linear(x, head.approx)
     # Strictly above the first value left out: in the shortlist whatever order ties take.
     shortlisted = approx > approx.topk(head.candidates + 1, dim=-1).values[:, -1:]
     assert shortlisted.sum() >= x.shape[0] * head.candidates // 2
-    assert torch.equal(ours[shortlisted], exact[shortlisted])  # bit for bit
+    if kernel == "torch":  # oneDNN's own sums: bit for bit
+        assert torch.equal(ours[shortlisted], exact[shortlisted])
+    else:  # fp32 dot products in C: the same sums in another order
+        assert torch.allclose(ours[shortlisted], exact[shortlisted], rtol=1e-5, atol=1e-5)
     assert torch.equal(ours.argmax(-1), exact.argmax(-1))
     assert not torch.equal(ours, exact)  # the rest is the int4 copy's
     assert (ours - exact).abs().max().item() < 0.05 * exact.abs().max().item()
 
 
-def test_rows_without_a_clear_top_run_the_exact_head():
-    head, x = peaked_head()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rows_without_a_clear_top_run_the_exact_head(kernel):
+    head, x = peaked_head(native=kernel_of(kernel))
     x[1] = torch.randn(x.shape[1])  # no row of the head stands out: a flat top
     exact = ops.linear(x, head.exact)
     ours = ops.linear(x, head)
@@ -355,6 +362,11 @@ def head_shortlist(runner, max_rows: int):
         head.max_rows = saved
 
 
+def exact_sums(ours: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Equal up to the order of fp32 sums over the hidden size (logits of ~25: ~1e-4)."""
+    return torch.allclose(ours, reference, rtol=0, atol=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("text", [PROMPTS[1], "chat"])
 def test_head_shortlist_logits_of_prefill_and_decode(int4_runner, text):
@@ -367,9 +379,12 @@ def test_head_shortlist_logits_of_prefill_and_decode(int4_runner, text):
         ours = steps_logits(int4_runner, prompt + continuation, len(continuation))
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
     leading = reference.topk(16, dim=-1).indices
-    assert torch.equal(ours.gather(1, leading), reference.gather(1, leading))  # bit for bit
     near_top = reference >= reference.amax(-1, keepdim=True) - 1.0
-    assert torch.equal(ours[near_top], reference[near_top])
+    # oneDNN's sums bit for bit beside torch's kernel; the same sums in C's order beside the
+    # native one (`cpu_kernels.shortlist_head`)
+    same = torch.equal if int4_runner.model.lm_head.approx.native is None else exact_sums
+    assert same(ours.gather(1, leading), reference.gather(1, leading))
+    assert same(ours[near_top], reference[near_top])
     assert (ours - reference).abs().max().item() < HEAD_TAIL_ATOL
 
 
@@ -385,3 +400,85 @@ def test_head_shortlist_keeps_greedy_text(int4_runner):
         assert generate(int4_runner, prompts, 12) == references
         assert [generate(int4_runner, [p], 12)[0] for p in prompts] == references
     assert tokenizer.decode(references[0]) == "The capital of France is Paris."
+
+
+# -- every layer in one native call ---------------------------------------------------------------
+
+
+def decode_batch(page: int) -> list[Forward]:
+    """Decode-sized calls over three prefilled contexts: a one-token step over consecutive pages
+    (a span), one over scattered pages (a slot table), and three speculative tokens with a
+    custom mask (skip the context's second key) in a group of their own."""
+    return [
+        Forward(owner="a", kv_pages=[0, 1], last_page_len=page // 2 + 1,
+                positions=[page + page // 2], tokens=[42], output_indices=[0]),
+        Forward(owner="b", kv_pages=[5, 3], last_page_len=3, positions=[page + 2], tokens=[7],
+                output_indices=[0]),
+        Forward(owner="c", kv_pages=[8], last_page_len=page // 2 + 3,
+                positions=[page // 2 + i for i in range(3)], tokens=[11, 12, 13],
+                masks=[[1, 1, page // 2 - 2 + i + 1] for i in range(3)],
+                output_indices=[0, 1, 2]),
+    ]
+
+
+def prefill(runner, pages: list[int], length: int, seed: int) -> None:
+    page = runner.info.page_size
+    ids = torch.randint(100, 1000, (length,), generator=torch.Generator().manual_seed(seed))
+    call = Forward(owner="p", kv_pages=pages[: -(-length // page)],
+                   last_page_len=(length - 1) % page + 1, positions=list(range(length)),
+                   tokens=ids.tolist(), output_indices=[])
+    runner.check(call)
+    runner.logits([call])
+
+
+@pytest.mark.slow
+def test_native_decoder_matches_the_op_by_op_forward(int4_runner):
+    """`decoder.c` runs every layer of a decode batch in one call; the op-by-op forward (the
+    same kernels with Python between them) gives the same logits and K/V, bit for bit."""
+    runner = int4_runner
+    decoder = runner.model.native_decoder
+    if decoder is None:
+        pytest.skip("the native CPU kernels are unavailable here (see cpu_kernels.library)")
+    page = runner.info.page_size
+    prefill(runner, [0, 1], page + page // 2, seed=1)
+    prefill(runner, [5, 3], page + 2, seed=2)
+    prefill(runner, [8], page // 2, seed=3)
+    calls = decode_batch(page)
+    for call in calls:
+        runner.check(call)
+    kv = runner.kv
+    k0, v0 = kv.k.clone(), kv.v.clone()
+    fused = runner.logits(calls)
+    k1, v1 = kv.k.clone(), kv.v.clone()
+    kv.k.copy_(k0)
+    kv.v.copy_(v0)
+    runner.model.native_decoder = None
+    try:
+        stepwise = runner.logits(calls)
+    finally:
+        runner.model.native_decoder = decoder
+    assert fused.shape == stepwise.shape == (5, runner.info.vocab_size)
+    assert torch.equal(fused, stepwise)
+    assert torch.equal(k1, kv.k) and torch.equal(v1, kv.v)
+    assert not torch.equal(k1, k0)  # the step wrote its keys
+
+
+@pytest.mark.slow
+def test_native_decoder_is_used_for_decode_batches_only(int4_runner, monkeypatch):
+    """Batches larger than the int4 kernel's rows (prefill chunks) run op by op."""
+    model = int4_runner.model
+    if model.native_decoder is None:
+        pytest.skip("the native CPU kernels are unavailable here (see cpu_kernels.library)")
+    ran = []
+    original = model.native_decoder.forward
+
+    def counting(hidden, *args):
+        ran.append(hidden.shape[0])
+        return original(hidden, *args)
+
+    monkeypatch.setattr(model.native_decoder, "forward", counting)
+    page = int4_runner.info.page_size
+    prefill(int4_runner, [0, 1], ops.NATIVE_INT4_MAX_ROWS + 1, seed=4)
+    assert ran == []
+    int4_runner.logits(decode_batch(page)[:2])
+    assert ran == [2]

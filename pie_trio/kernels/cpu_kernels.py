@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PIE_TRIO_CPU_KERNELS"  # "0" turns the native kernels off
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
 GROUP = 32  # weights per GGUF block
 
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
@@ -51,6 +52,10 @@ _SIGNATURES = {
                                        _pointer, _pointer, _int64, _pointer, _int64, _int64,
                                        _int64, _pointer, _int64, _pointer, ctypes.c_int,
                                        ctypes.c_float, _pointer, ctypes.c_int]),
+    "silu_mul": (None, [_pointer, _int64, _int64, _pointer]),
+    "shortlist_head": (None, [_pointer, _int64, _int64, _pointer, _int64, _int64,
+                              ctypes.c_float, _pointer, _pointer, _pointer]),
+    "decode_layers": (ctypes.c_int, [_pointer, _pointer, _pointer]),
 }
 # Query blocks of up to this many rows per sequence run `paged_attention` here; longer ones
 # (prefill chunks) torch's flash attention, which tiles them.
@@ -114,6 +119,34 @@ def add_rms_norm(
     lib.add_rms_norm(hidden.data_ptr(), None if delta is None else delta.contiguous().data_ptr(),
                      weight.data_ptr(), eps, rows, dim, total.data_ptr(), out.data_ptr())
     return total, out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`torch_ops.silu_mul` of fp32 rows `[rows, 2 * ffn]`."""
+    lib = library()
+    assert lib is not None  # callers check `available()`
+    gate_up = gate_up.contiguous()
+    rows, ffn = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, ffn)
+    lib.silu_mul(gate_up.data_ptr(), rows, ffn, out.data_ptr())
+    return out
+
+
+def shortlist_head(x: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor,
+                   candidates: int, margin: float) -> torch.Tensor:
+    """The exact stage of `torch_ops.ShortlistHead` (see head.c): `logits` (fp32, contiguous,
+    the int4 copy's) gets exact fp32 values at each row's `candidates` best, in place. Returns
+    the rows whose top is too flat to trust (their best exact logit is not `margin` above the
+    best logit left out)."""
+    lib = library()
+    assert lib is not None and logits.is_contiguous() and logits.dtype == torch.float32
+    x = x.float().contiguous()
+    rows, hidden = x.shape
+    best = torch.empty(rows, candidates + 1, dtype=torch.long)
+    unsure = torch.empty(rows, dtype=torch.uint8)
+    lib.shortlist_head(x.data_ptr(), rows, hidden, weight.data_ptr(), weight.shape[0],
+                       candidates, margin, logits.data_ptr(), best.data_ptr(), unsure.data_ptr())
+    return unsure.nonzero().squeeze(1)
 
 
 def rotary_kv_write(
@@ -180,8 +213,135 @@ def paged_attention(
     return out
 
 
+# -- every layer in one call (decoder.c) --------------------------------------------------------
+
+
+class _Projection(ctypes.Structure):
+    _fields_ = [("nibbles", _pointer), ("d", _pointer), ("m", _pointer), ("bias", _pointer),
+                ("out", _int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _pointer), ("post_norm", _pointer), ("qkv", _Projection),
+                ("attn_out", _Projection), ("gate_up", _Projection), ("down", _Projection)]
+
+
+class _Decoder(ctypes.Structure):
+    _fields_ = [("layers", _pointer), ("num_layers", _int64), ("hidden", _int64),
+                ("heads", _int64), ("kv_heads", _int64), ("head_dim", _int64), ("ffn", _int64),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("rope_cos", _pointer),
+                ("rope_sin", _pointer)]
+
+
+class _Group(ctypes.Structure):
+    _fields_ = [("first_row", _int64), ("batch", _int64), ("queries", _int64),
+                ("rows", _pointer), ("valid", _pointer), ("table", _pointer),
+                ("span_start", _int64), ("length", _int64), ("mask", _pointer),
+                ("causal", _int64)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("rows", _int64), ("positions", _pointer), ("write_slots", _pointer),
+                ("groups", _pointer), ("num_groups", _int64), ("k_cache", _pointer),
+                ("v_cache", _pointer), ("cache_slots", _int64), ("threads", ctypes.c_int)]
+
+
+@dataclass
+class DecoderLayer:
+    """One layer's weights for `decode_layers`: fp32 norms, native int4 projections with fp32
+    biases (or none)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: tuple[NativeQ4, torch.Tensor | None]
+    attn_out: tuple[NativeQ4, torch.Tensor | None]
+    gate_up: tuple[NativeQ4, torch.Tensor | None]
+    down: tuple[NativeQ4, torch.Tensor | None]
+
+
+@dataclass
+class AttentionSpan:
+    """One attention group: its `batch * queries` query rows (consecutive from `first_row`, or
+    listed in `rows` with the real ones flagged in `valid`), and `paged_attention`'s context
+    (a slot table `[batch, length]` or a span from `span_start`), mask and causal flag."""
+
+    first_row: int
+    rows: torch.Tensor | None
+    valid: torch.Tensor | None
+    batch: int
+    queries: int
+    table: torch.Tensor | None
+    span_start: int
+    length: int
+    mask: torch.Tensor | None
+    causal: bool
+
+
+class NativeDecoder:
+    """A model's layers in `decoder.c`'s form, built once at load: the tensors stay referenced
+    here for as long as C holds their addresses."""
+
+    def __init__(self, layers: list[DecoderLayer], heads: int, kv_heads: int, head_dim: int,
+                 eps: float, scale: float, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+                 ) -> None:
+        self._keep = (layers, rope_cos, rope_sin)
+        self._layers = (_Layer * len(layers))(*(_layer_struct(layer) for layer in layers))
+        hidden = layers[0].input_norm.numel()
+        ffn = layers[0].down[0].nibbles.shape[1] * 2
+        self._decoder = _Decoder(ctypes.addressof(self._layers), len(layers), hidden, heads,
+                                 kv_heads, head_dim, ffn, eps, scale, rope_cos.data_ptr(),
+                                 rope_sin.data_ptr())
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+                groups: list[AttentionSpan], k_cache: torch.Tensor, v_cache: torch.Tensor
+                ) -> torch.Tensor:
+        """Run every layer over the fp32 input rows `hidden` `[rows, hidden]` in place (the
+        final residual stream on return), writing K/V into the layer-major caches
+        `[layers, kv_heads, slots, head_dim]`."""
+        lib = library()
+        assert lib is not None and hidden.is_contiguous() and hidden.dtype == torch.float32
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        # the converted tensors live until the call returns
+        keep: list[torch.Tensor | None] = [positions := _longs(positions),
+                                           write_slots := _longs(write_slots)]
+        spans = (_Group * len(groups))()
+        for span, group in zip(spans, groups, strict=True):
+            table = None if group.table is None else _longs(group.table)
+            mask = None if group.mask is None else _bytes(group.mask)
+            rows = None if group.rows is None else _longs(group.rows)
+            valid = None if group.valid is None else _bytes(group.valid)
+            keep += [table, mask, rows, valid]
+            span.first_row, span.batch, span.queries = group.first_row, group.batch, group.queries
+            span.rows, span.valid = _address(rows), _address(valid)
+            span.table, span.span_start = _address(table), group.span_start
+            span.length, span.mask, span.causal = group.length, _address(mask), group.causal
+        step = _Step(hidden.shape[0], positions.data_ptr(), write_slots.data_ptr(),
+                     ctypes.addressof(spans), len(groups), k_cache.data_ptr(),
+                     v_cache.data_ptr(), k_cache.shape[2], torch.get_num_threads())
+        status = lib.decode_layers(ctypes.byref(self._decoder), ctypes.byref(step),
+                                   hidden.data_ptr())
+        if status != 0:
+            raise MemoryError(f"decode_layers: no memory for {hidden.shape[0]} rows")
+        return hidden
+
+
+def _layer_struct(layer: DecoderLayer) -> _Layer:
+    def projection(part: tuple[NativeQ4, torch.Tensor | None]) -> _Projection:
+        weight, bias = part
+        return _Projection(weight.nibbles.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(),
+                           _address(bias), weight.out_features)
+
+    return _Layer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
+                  projection(layer.qkv), projection(layer.attn_out), projection(layer.gate_up),
+                  projection(layer.down))
+
+
 def _longs(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.long).contiguous()
+
+
+def _bytes(flags: torch.Tensor) -> torch.Tensor:
+    return flags.contiguous().view(torch.uint8)
 
 
 def _address(t: torch.Tensor | None) -> int | None:
@@ -241,7 +401,7 @@ def _build() -> Path:
     assert compiler is not None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30, check=True).stdout
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in [*SOURCES, *HEADERS]]
     key = hashlib.sha256("\0".join([*texts, *FLAGS, version]).encode()).hexdigest()
     target = _cache_dir() / f"pie-trio-cpu-{key[:16]}.so"
     if target.exists():

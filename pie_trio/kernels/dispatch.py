@@ -129,6 +129,12 @@ class Kernels:
         total = hidden + delta
         return total, ops.rms_norm(total, weight, eps)
 
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of a fused gate/up projection `[rows, 2 * ffn]`: `silu(gate) * up`."""
+        if self.native_cpu and gate_up.dtype == torch.float32 and gate_up.device.type == "cpu":
+            return cpu_kernels.silu_mul(gate_up)
+        return ops.silu_mul(gate_up)
+
     def native_attention(self, q: torch.Tensor, queries: int) -> bool:
         """Whether `paged_attention` of these query rows runs the CPU's compiled loops."""
         return (self.native_cpu and q.dtype == torch.float32 and q.device.type == "cpu"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pie_trio.kernels import dispatch
+from pie_trio.kernels import cpu_kernels, dispatch
 from pie_trio.kernels import torch_ops as ops
 from pie_trio.kernels.dispatch import PagedContext
 from pie_trio.model.batch import AttentionGroup, ForwardBatch
@@ -118,6 +118,8 @@ class LlamaModel:
         # Tensor parallelism (`tensor_parallel.py`) sets this to an all-reduce: a shard's
         # attention output and down projections then yield partial sums of the whole layer's.
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = _whole
+        # Every layer in one native call for decode-sized batches, where the weights allow it.
+        self.native_decoder = self._native_decoder()
         # Reused gather buffers for context K/V (see ops.gather_kv); grown on demand.
         self._gather_k = torch.empty(0, dtype=dtype, device=device)
         self._gather_v = torch.empty(0, dtype=dtype, device=device)
@@ -163,6 +165,35 @@ class LlamaModel:
             return ops.pack_linear(weight)
         return ops.pack_shortlist_head(weight, pack_q4(Q4Weight.quantize(weight)))
 
+    def _native_decoder(self) -> cpu_kernels.NativeDecoder | None:
+        """The layers in `decoder.c`'s form: fp32 with every projection native int4."""
+        if not (self.kernels.native_cpu and self.dtype == torch.float32):
+            return None
+
+        def native(linear: ops.Linear | ops.QuantLinear
+                   ) -> tuple[cpu_kernels.NativeQ4, torch.Tensor | None] | None:
+            if not isinstance(linear, ops.QuantLinear) or linear.native is None:
+                return None
+            bias = linear.bias
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                return None
+            return linear.native, bias
+
+        layers = []
+        for layer in self.layers:
+            parts = [native(linear) for linear in (layer.qkv, layer.out, layer.gate_up,
+                                                   layer.down)]
+            if any(part is None for part in parts):
+                return None
+            qkv, out, gate_up, down = parts
+            assert qkv and out and gate_up and down  # narrowed by the check above
+            layers.append(cpu_kernels.DecoderLayer(layer.input_norm, layer.post_norm, qkv, out,
+                                                   gate_up, down))
+        cfg = self.config
+        return cpu_kernels.NativeDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                         cfg.rms_norm_eps, self.scale, self.rope_cos,
+                                         self.rope_sin)
+
     def _dense(self, weight: Weight) -> torch.Tensor:
         if isinstance(weight, Q4Weight):
             weight = weight.dequantize()
@@ -202,6 +233,12 @@ class LlamaModel:
         """Run every layer, writing K/V into the cache; returns logits (fp32) of output rows."""
         cfg = self.config
         hidden = self.inputs(batch, kv)
+        spans = self._native_spans(batch, hidden)
+        if spans is not None:
+            assert self.native_decoder is not None  # spans are planned only beside it
+            hidden = self.native_decoder.forward(hidden, batch.positions, batch.write_slots,
+                                                 spans, kv.k, kv.v)
+            return self.logits(hidden.index_select(0, batch.output_rows))
         rows = batch.num_rows
         store = self._store_kv(batch, hidden.dtype)
         q_size = cfg.num_heads * cfg.head_dim
@@ -215,12 +252,37 @@ class LlamaModel:
             attn = self._attention(q, kv.k[i], kv.v[i], batch.groups)
             delta = self.reduce(ops.linear(attn.reshape(rows, q_size), layer.out))
             hidden, x = add_norm(hidden, delta, layer.post_norm, eps)
-            delta = self.reduce(ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down))
+            mlp = self.kernels.silu_mul(ops.linear(x, layer.gate_up))
+            delta = self.reduce(ops.linear(mlp, layer.down))
             if i + 1 < len(self.layers):  # the residual sum and the next layer's input norm
                 hidden, x = add_norm(hidden, delta, self.layers[i + 1].input_norm, eps)
             else:
                 hidden = hidden + delta
         return self.logits(hidden.index_select(0, batch.output_rows))
+
+    def _native_spans(
+        self, batch: ForwardBatch, hidden: torch.Tensor
+    ) -> list[cpu_kernels.AttentionSpan] | None:
+        """The batch's attention groups for `native_decoder`, or None where it does not apply:
+        more rows than the int4 kernel takes, long query blocks, not fp32, or a tensor-parallel
+        shard (whose layers all-reduce)."""
+        if (self.native_decoder is None or self.reduce is not _whole
+                or not 0 < batch.num_rows <= ops.NATIVE_INT4_MAX_ROWS
+                or hidden.dtype != torch.float32):
+            return None
+        spans = []
+        for group in batch.groups:
+            if group.queries > cpu_kernels.ATTENTION_MAX_QUERIES:
+                return None
+            listed = group.rows if isinstance(group.rows, torch.Tensor) else None
+            first = 0 if isinstance(group.rows, torch.Tensor) else group.rows.start
+            context = PagedContext.from_slots(group.slots, group.span)
+            spans.append(cpu_kernels.AttentionSpan(
+                first, listed, group.valid,
+                group.batch, group.queries, context.table, context.span_start, context.length,
+                group.mask, group.causal,
+            ))  # fmt: skip
+        return spans
 
     def _store_kv(
         self, batch: ForwardBatch, dtype: torch.dtype

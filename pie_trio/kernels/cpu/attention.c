@@ -5,8 +5,11 @@
  * Layouts are those of torch_ops: activations token-major `[rows, heads, d]`, a layer's cache
  * `[kv_heads, slots, d]` (slot = page * page_size + offset).
  */
+#include "pool.h"
+
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -56,6 +59,72 @@ void rotary_kv_write(const float *qkv, int64_t rows, int64_t heads, int64_t kv_h
     }
 }
 
+struct attention {
+    const float *q;
+    int64_t queries, heads, d, group;
+    const float *k_cache, *v_cache;
+    int64_t cache_slots;
+    const int64_t *table;
+    int64_t table_cols, page_size, span_start;
+    const int32_t *lengths;
+    int64_t length;
+    const uint8_t *mask;
+    int causal;
+    float scale;
+    float *out;
+    int64_t pairs;
+    _Atomic int failed;
+};
+
+/* One (query row, head) pair: softmax(q k^T * scale) v over the keys it may attend. */
+static void attend_pair(const struct attention *job, int64_t p, float *scores, int64_t *where) {
+    const int64_t queries = job->queries, d = job->d, length = job->length;
+    const int64_t row = p / job->heads, h = p % job->heads, b = row / queries, i = row % queries;
+    const int64_t kvh = h / job->group, len_b = job->lengths ? job->lengths[b] : length;
+    const float *qv = job->q + p * d;
+    float *o = job->out + p * d;
+    for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
+    const uint8_t *allowed = job->mask ? job->mask + (b * queries + i) * length : NULL;
+    const int64_t last = job->causal ? len_b - queries + i : len_b - 1;
+    int64_t n = 0;
+    float best = -INFINITY;
+    for (int64_t j = 0; j < len_b && j <= last; j++) {
+        if (allowed && !allowed[j]) continue;
+        const int64_t slot =
+            job->table ? job->table[b * job->table_cols + j / job->page_size] * job->page_size +
+                             j % job->page_size
+                       : job->span_start + j;
+        const float score =
+            dot(qv, job->k_cache + (kvh * job->cache_slots + slot) * d, d) * job->scale;
+        scores[n] = score;
+        where[n++] = slot;
+        best = score > best ? score : best;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; j++) total += scores[j] = expf(scores[j] - best);
+    for (int64_t j = 0; j < n; j++) {
+        const float weight = scores[j] / total;
+        const float *v = job->v_cache + (kvh * job->cache_slots + where[j]) * d;
+        for (int64_t k = 0; k < d; k++) o[k] += weight * v[k];
+    }
+}
+
+static void attention_part(void *context, int index, int parts) {
+    struct attention *job = context;
+    int64_t first, last;
+    pool_share(job->pairs, index, parts, &first, &last);
+    if (first == last) return;
+    const size_t keys = (size_t)(job->length > 0 ? job->length : 1);
+    float *scores = malloc(sizeof(float) * keys);
+    int64_t *where = malloc(sizeof(int64_t) * keys);
+    if (scores == NULL || where == NULL)
+        atomic_store(&job->failed, 1);
+    else
+        for (int64_t p = first; p < last; p++) attend_pair(job, p, scores, where);
+    free(scores);
+    free(where);
+}
+
 /* Attention of `[batch * queries, heads, d]` query rows over paged contexts.
  * Key j of sequence b sits in slot `table[b * table_cols + j / page_size] * page_size +
  * j % page_size`, or `span_start + j` without a table; it exists when j < lengths[b] (or
@@ -69,48 +138,10 @@ int paged_attention(const float *q, int64_t batch, int64_t queries, int64_t head
                      int64_t page_size, int64_t span_start, const int32_t *lengths,
                      int64_t length, const uint8_t *mask, int causal, float scale, float *out,
                      int threads) {
-    const int64_t pairs = batch * queries * heads, group = heads / kv_heads;
-    const int parallel = pairs * length * d > (1 << 18);
-    int failed = 0;
-#pragma omp parallel num_threads(threads) if (parallel)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)(length > 0 ? length : 1));
-        int64_t *where = malloc(sizeof(int64_t) * (size_t)(length > 0 ? length : 1));
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < pairs; p++) {
-            const int64_t row = p / heads, h = p % heads, b = row / queries, i = row % queries;
-            const int64_t kvh = h / group, len_b = lengths ? lengths[b] : length;
-            const float *qv = q + p * d;
-            float *o = out + p * d;
-            for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
-            if (scores == NULL || where == NULL) {
-                failed = 1;
-                continue;
-            }
-            const uint8_t *allowed = mask ? mask + (b * queries + i) * length : NULL;
-            const int64_t last = causal ? len_b - queries + i : len_b - 1;
-            int64_t n = 0;
-            float best = -INFINITY;
-            for (int64_t j = 0; j < len_b && j <= last; j++) {
-                if (allowed && !allowed[j]) continue;
-                const int64_t slot = table ? table[b * table_cols + j / page_size] * page_size +
-                                                 j % page_size
-                                           : span_start + j;
-                const float score = dot(qv, k_cache + (kvh * cache_slots + slot) * d, d) * scale;
-                scores[n] = score;
-                where[n++] = slot;
-                best = score > best ? score : best;
-            }
-            float total = 0.0f;
-            for (int64_t j = 0; j < n; j++) total += scores[j] = expf(scores[j] - best);
-            for (int64_t j = 0; j < n; j++) {
-                const float weight = scores[j] / total;
-                const float *v = v_cache + (kvh * cache_slots + where[j]) * d;
-                for (int64_t k = 0; k < d; k++) o[k] += weight * v[k];
-            }
-        }
-        free(scores);
-        free(where);
-    }
-    return failed ? -1 : 0;
+    struct attention job = {q, queries, heads, d, heads / kv_heads, k_cache, v_cache,
+                            cache_slots, table, table_cols, page_size, span_start, lengths,
+                            length, mask, causal, scale, out, batch * queries * heads, 0};
+    const int parallel = job.pairs * length * d > (1 << 18);
+    pool_run(attention_part, &job, parallel ? threads : 1);
+    return atomic_load(&job.failed) ? -1 : 0;
 }

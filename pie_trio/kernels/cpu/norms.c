@@ -5,6 +5,8 @@
  * add_rms_norm: total = hidden + delta (with delta NULL: the norm of hidden alone, total
  * unwritten), out = total * rsqrt(mean(total^2) + eps) * weight, row by row. The sum of
  * squares is accumulated in double.
+ *
+ * silu_mul: SwiGLU of a fused gate/up projection `[rows, 2 * ffn]`: silu(gate) * up.
  */
 #include <math.h>
 #include <stddef.h>
@@ -25,5 +27,13 @@ void add_rms_norm(const float *hidden, const float *delta, const float *weight, 
         const float scale = (float)(1.0 / sqrt(squares / (double)dim + (double)eps));
         float *o = out + r * dim;
         for (int64_t j = 0; j < dim; j++) o[j] = h[j] * scale * weight[j];
+    }
+}
+
+void silu_mul(const float *gate_up, int64_t rows, int64_t ffn, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * ffn, *up = gate + ffn;
+        for (int64_t j = 0; j < ffn; j++)
+            out[r * ffn + j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
     }
 }

@@ -13,9 +13,10 @@
  * one fp32 FMA: llama.cpp's integer scheme with one more digit. The offset term m * sum(x)
  * uses the exact fp32 block sums.
  *
- * Threads split the output rows. The OpenMP runtime is the one torch already loaded (same
- * soname), so these threads are torch's own and do not compete with them.
+ * Threads (pool.c's) split the output rows.
  */
+#include "pool.h"
+
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -126,6 +127,34 @@ static void tile(const int8_t *hi, const int8_t *lo, const float *dx, const floa
     }
 }
 
+struct matmul {
+    const int8_t *hi, *lo;
+    const float *dx, *sums;
+    int64_t rows, in, blocks, out;
+    const uint8_t *qs;
+    const float *d, *m, *bias;
+    float *y;
+};
+
+static void matmul_part(void *context, int index, int parts) {
+    const struct matmul *job = context;
+    const int64_t rows = job->rows, in = job->in, blocks = job->blocks, out = job->out;
+    int64_t first, last;
+    pool_share(out, index, parts, &first, &last);
+    for (int64_t o = first; o < last; o++) {
+        const uint8_t *qs_o = job->qs + o * blocks * (BLOCK / 2);
+        const float *d_o = job->d + o * blocks, *m_o = job->m + o * blocks;
+        const float b_o = job->bias ? job->bias[o] : 0.0f;
+        for (int64_t r = 0; r < rows; r += TILE) {
+            const int n = rows - r < TILE ? (int)(rows - r) : TILE;
+            float result[TILE];
+            tile(job->hi + r * in, job->lo + r * in, job->dx + r * blocks,
+                 job->sums + r * blocks, in, n, qs_o, d_o, m_o, blocks, result);
+            for (int i = 0; i < n; i++) job->y[(r + i) * out + o] = result[i] + b_o;
+        }
+    }
+}
+
 /* Returns 0, or -1 when the activation digits could not be allocated. */
 int q4_matmul(const float *x, int64_t rows, int64_t in, const uint8_t *qs, const float *d,
               const float *m, int64_t out, const float *bias, float *y, int threads) {
@@ -139,19 +168,8 @@ int q4_matmul(const float *x, int64_t rows, int64_t in, const uint8_t *qs, const
     int8_t *lo = hi + rows * in;
     float *sums = dx + count;
     quantize_rows(x, count, hi, lo, dx, sums);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < out; o++) {
-        const uint8_t *qs_o = qs + o * blocks * (BLOCK / 2);
-        const float *d_o = d + o * blocks, *m_o = m + o * blocks;
-        const float b_o = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < rows; r += TILE) {
-            const int n = rows - r < TILE ? (int)(rows - r) : TILE;
-            float result[TILE];
-            tile(hi + r * in, lo + r * in, dx + r * blocks, sums + r * blocks, in, n, qs_o, d_o,
-                 m_o, blocks, result);
-            for (int i = 0; i < n; i++) y[(r + i) * out + o] = result[i] + b_o;
-        }
-    }
+    struct matmul job = {hi, lo, dx, sums, rows, in, blocks, out, qs, d, m, bias, y};
+    pool_run(matmul_part, &job, threads);
     free(hi), free(dx);
     return 0;
 }
