@@ -87,20 +87,26 @@ def test_row_moves_commute_with_dequantisation():
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
 
 
+# The native kernel's error on fp32 input: two-digit activations, ~6e-5 of the output's size.
+NATIVE_RTOL = 1e-3
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_int4_linear_matches_dequantised_fp32(type_name, rows, dtype, kernel):
-    raw, reference = gguf_q4(type_name, 192, 256, seed=rows)
+@pytest.mark.parametrize("inputs", [256, 576, 96])  # 8, 18 and 3 blocks: whole runs of 8, not
+def test_int4_linear_matches_dequantised_fp32(type_name, rows, dtype, kernel, inputs):
+    raw, reference = gguf_q4(type_name, 192, inputs, seed=rows)
     bias = torch.randn(192) * 0.1
     layer = pack_q4(from_gguf_blocks(raw, type_name), bias.to(dtype), native=kernel_of(kernel))
     assert (layer.native is not None) == (kernel == "native")
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(3))
     y = int4_matmul(x.to(dtype), layer)
     assert y.dtype == dtype and y.shape == (rows, 192)  # the model keeps its compute dtype
     expected = torch.nn.functional.linear(x, torch.from_numpy(np.array(reference)), bias)
-    assert_close_relative(y, expected, LINEAR_RTOL)
+    precise = kernel == "native" and dtype == torch.float32
+    assert_close_relative(y, expected, NATIVE_RTOL if precise else LINEAR_RTOL)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

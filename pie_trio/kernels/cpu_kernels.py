@@ -2,17 +2,18 @@
 
 torch's int4 weight-only kernel takes bf16 activations and spends most of a batch-1 decode step
 unpacking nibbles and converting bf16. `q4_matmul.c` runs GGUF 4-bit blocks with llama.cpp's
-x86 scheme (integer dot products of 4-bit weights and int8 activations, AVX2 + FMA), writing each
-activation as two int8 digits so that it keeps about 16 bits: fp32 in and out, ~1.6x the int4
-kernel's speed at 1 row and no bf16 casts around it. `norms.c` and `attention.c` replace the
-torch ops around the projections where their dispatch costs more than their arithmetic.
+x86 scheme (integer dot products of 4-bit weights and int8 activations, AVX2 + FMA + F16C),
+writing each activation as two int8 digits so that it keeps about 16 bits: fp32 in and out, no
+bf16 casts around it. `norms.c` and `attention.c` replace the torch ops around the projections
+where their dispatch costs more than their arithmetic; `decoder.c` runs them all, every layer of
+a decode batch, in one call; `head.c` is the exact stage of the shortlist LM head. `pool.c`
+holds the worker threads they share.
 
 The library is built on first use with the system's C compiler and cached by the hash of its
 source, flags and compiler (`~/.cache/pie-trio/kernels/`), so a machine pays about a second once.
 Where it cannot be had (no compiler, a CPU without AVX2/FMA, not x86-64, or
 `PIE_TRIO_CPU_KERNELS=0`) `library()` is None, the reason is logged once, and int4 projections
-run through torch's kernel as before. ctypes releases the GIL for the call; the C code's OpenMP
-threads are torch's own (the same libgomp, already loaded).
+run through torch's kernel as before. ctypes releases the GIL for the call.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "PIE_TRIO_CPU_KERNELS"  # "0" turns the native kernels off
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
 HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
 GROUP = 32  # weights per GGUF block
+# Within each run of eight blocks, q4_matmul.c keeps scales in this order of blocks (the order
+# its vphaddd rounds leave the blocks' sums in).
+_SCALE_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 # Every entry point: its result type and argument types.
@@ -65,11 +69,12 @@ ATTENTION_MAX_QUERIES = 16
 @dataclass
 class NativeQ4:
     """A `[out, in]` weight for `q4_matmul.c`: `w = d*q + m` per block of 32 inputs, the
-    block's 32 values in 16 bytes (GGUF's nibble order), d and m fp32."""
+    block's 32 values in 16 bytes (GGUF's nibble order), d and m fp16 (GGUF's own precision),
+    each run of eight blocks' d and m in `_SCALE_ORDER`."""
 
     nibbles: torch.Tensor  # uint8 [out, in / 2]
-    d: torch.Tensor  # fp32 [out, in / 32]
-    m: torch.Tensor  # fp32 [out, in / 32]
+    d: torch.Tensor  # fp16 [out, in / 32]
+    m: torch.Tensor  # fp16 [out, in / 32]
 
     @property
     def out_features(self) -> int:
@@ -78,13 +83,23 @@ class NativeQ4:
 
 def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> NativeQ4 | None:
     """`q` (uint8 0..15 `[out, in]`), `d`, `m` in the kernel's layout; None where the native
-    kernels are unavailable."""
+    kernels are unavailable, or a scale is beyond fp16 (GGUF's are fp16 already)."""
     if library() is None:
         return None
     out, inp = q.shape
     blocks = q.to(torch.uint8).view(out, inp // GROUP, 2, GROUP // 2)
     nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
-    return NativeQ4(nibbles, d.float().contiguous(), m.float().contiguous())
+    d16, m16 = _scale_order(d.half()), _scale_order(m.half())
+    if not (d16.isfinite().all() and m16.isfinite().all()):
+        return None
+    return NativeQ4(nibbles, d16, m16)
+
+
+def _scale_order(scales: torch.Tensor) -> torch.Tensor:
+    """Per-block scales `[out, blocks]` with each whole run of eight in `_SCALE_ORDER`."""
+    whole = scales.shape[1] // 8 * 8
+    runs = scales[:, :whole].reshape(scales.shape[0], -1, 8)[:, :, _SCALE_ORDER]
+    return torch.cat([runs.reshape(scales.shape[0], whole), scales[:, whole:]], 1).contiguous()
 
 
 def q4_matmul(x: torch.Tensor, weight: NativeQ4, bias: torch.Tensor | None) -> torch.Tensor:

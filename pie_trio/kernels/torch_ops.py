@@ -153,10 +153,13 @@ def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
 # A `ShortlistHead`'s defaults, measured on SmolLM2-135M (docs/model.md, "The LM head in two
 # stages"). Rows: batches of up to this many run in two stages, larger ones the exact head alone
 # (the int4 kernel's lead over oneDNN's fp32 matmul shrinks with rows while the shortlist's cost
-# grows: a win at 1-2 rows, a tie at 4, a loss from 8). Candidates and margin: the int4 copy's
+# grows: a win at 1-2 rows, a tie at 4, a loss from 8; beside the native kernel, with its exact
+# stage in C, 1.8 / 3.2 / 6.6 ms against 7.7 / 7.4 / 9.0 at 1 / 4 / 8 rows, and a loss from 12).
+# Candidates and margin: the int4 copy's
 # error on the tokens at the top is at most ~1.9 (the fp32 argmax ranked at worst 9th in its
 # order); with 64 candidates, 1% of rows fall short of a 3.0 margin and are recomputed in full.
 SHORTLIST_MAX_ROWS = 2
+NATIVE_SHORTLIST_MAX_ROWS = 8
 SHORTLIST_CANDIDATES = 64
 SHORTLIST_MARGIN = 3.0
 
@@ -171,8 +174,8 @@ class ShortlistHead:
     count nor the other outputs, so the candidates' rows, packed alone, give the very same
     numbers. Beside the native one, `cpu_kernels.shortlist_head` selects and takes the fp32 dot
     products in C (without the reorder and a dozen ops, ~1.5 ms less a step), equal to oneDNN's
-    up to the order of the sums (~1e-7 relative). Logits left out of the
-    shortlist carry the int4 copy's error. A row whose best exact logit is not `margin` above
+    up to the order of the sums (~4e-6 relative). Logits left out of the shortlist carry the
+    int4 copy's error. A row whose best exact logit is not `margin` above
     every approximate one left out is recomputed exactly in full, so with `margin` above the
     copy's error near the top no token left out can be the argmax.
     """
@@ -197,7 +200,8 @@ def pack_shortlist_head(
     exact = pack_linear(weight)
     if exact.packed is None or weight.shape[0] <= candidates:
         return exact
-    return ShortlistHead(exact, weight, approx, candidates, margin)
+    rows = SHORTLIST_MAX_ROWS if approx.native is None else NATIVE_SHORTLIST_MAX_ROWS
+    return ShortlistHead(exact, weight, approx, candidates, margin, rows)
 
 
 def _shortlist_linear(x: torch.Tensor, head: ShortlistHead) -> torch.Tensor:

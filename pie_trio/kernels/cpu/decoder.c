@@ -16,7 +16,8 @@
 
 struct projection { /* a q4_matmul weight: y = x W^T + bias */
     const uint8_t *nibbles;
-    const float *d, *m, *bias; /* bias may be NULL */
+    const uint16_t *d, *m; /* fp16 */
+    const float *bias;     /* may be NULL */
     int64_t out;
 };
 

@@ -6,8 +6,8 @@
  * say), stops spinning between jobs: every job then pays a futex wake of each worker, and a
  * batch-1 step ran ~1.6x slower from the executor's thread than from the main one. These
  * workers spin on a generation counter for a while after each job (SPIN_NS), so the next job
- * of the same step finds them awake, and sleep on a futex after that, so an idle server burns
- * nothing. One caller holds the pool at a time; another runs its job alone on its own thread
+ * of the same step finds them awake, and sleep on a futex after that, so an idle server (or
+ * torch's threads, between our calls) loses nothing to them. One caller holds the pool at a time; another runs its job alone on its own thread
  * rather than wait.
  */
 #define _GNU_SOURCE
@@ -24,7 +24,11 @@
 #include <unistd.h>
 
 #define MAX_WORKERS 63
-#define SPIN_NS 2000000 /* how long an idle worker keeps spinning: a few steps' Python */
+/* How long an idle worker keeps spinning: longer than the gaps between the jobs of one
+ * decode_layers call (microseconds), shorter than the gaps between steps, where spinning
+ * workers would take cores from torch's own threads (a batch of 32 runs oneDNN between our
+ * attention calls, and its threads then waited on the descheduled ones). */
+#define SPIN_NS 100000
 
 static struct {
     pthread_mutex_t owner; /* held by the caller whose job runs */
