@@ -6,6 +6,7 @@
  * `[kv_heads, slots, d]` (slot = page * page_size + offset).
  */
 #include "pool.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -13,19 +14,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
-
-static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
 
 /* Rotate the queries and keys of fused QKV rows `[rows, (heads + 2 kv_heads) * d]` by each
  * row's position ("rotate half": `x * cos + roll(x, d/2) * signed_sin`, the tables being

@@ -6,26 +6,9 @@
  * (else the caller recomputes the row in full). A selection and a few dozen dot products: in
  * torch the same stage was a dozen ops and a oneDNN weight reorder, ~1.5 ms a step.
  */
-#include <immintrin.h>
 #include <stdint.h>
 
-static float dot(const float *a, const float *b, int64_t n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    }
-    for (; i + 8 <= n; i += 8)
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    const __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
+#include "simd.h"
 
 /* The indices of the `keep` largest of `values`, largest first (ties: the lower index). */
 static void select_best(const float *values, int64_t count, int64_t keep, int64_t *best) {

@@ -23,6 +23,7 @@
  * Threads (pool.c's) split the output rows.
  */
 #include "pool.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -37,13 +38,6 @@
 
 /* Where block j of a group goes in the group's scales and sums. */
 static inline int slot_of(int j) { return (j & 1) ? GROUP / 2 + j / 2 : j / 2; }
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* Block i of a row: its digits, scale and sum, stored where the kernel reads them. */
 static void quantize_block(const float *xb, int64_t i, int64_t groups, int8_t *hi, int8_t *lo,
