@@ -1,14 +1,14 @@
 /* Worker threads that spin between jobs, then sleep.
  *
- * A decode step runs a few hundred short parallel jobs (a projection, an attention) separated
- * by tens of microseconds of Python. OpenMP's runtime keeps one team per calling thread and,
- * once those teams outnumber the cores (torch on the executor's thread and on the event loop's,
- * say), stops spinning between jobs: every job then pays a futex wake of each worker, and a
- * batch-1 step ran ~1.6x slower from the executor's thread than from the main one. These
- * workers spin on a generation counter for a while after each job (SPIN_NS), so the next job
- * of the same step finds them awake, and sleep on a futex after that, so an idle server (or
- * torch's threads, between our calls) loses nothing to them. One caller holds the pool at a time; another runs its job alone on its own thread
- * rather than wait.
+ * A decode step runs about 150 short parallel jobs (a projection, an attention) a few
+ * microseconds apart. torch's OpenMP threads wait passively (pie_trio/__init__.py sets
+ * OMP_WAIT_POLICY=PASSIVE: spinning ones took the CPU from guest threads between forwards), and
+ * OpenMP keeps one team per calling thread, so every parallel region woke its workers with a
+ * futex; a batch-1 forward measured ~28 ms on the executor's thread against ~17 ms on the main
+ * one. These workers spin on a generation counter for a while after each job (SPIN_NS), so the
+ * next job of the same step finds them awake, and sleep on a futex after that, so an idle
+ * server (or torch's threads, between our calls) loses nothing to them. One caller holds the
+ * pool at a time; another runs its job alone on its own thread rather than wait.
  */
 #define _GNU_SOURCE
 #include "pool.h"
