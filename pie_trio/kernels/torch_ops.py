@@ -155,9 +155,9 @@ def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
 # (the int4 kernel's lead over oneDNN's fp32 matmul shrinks with rows while the shortlist's cost
 # grows: a win at 1-2 rows, a tie at 4, a loss from 8; beside the native kernel, with its exact
 # stage in C, 1.8 / 3.2 / 6.6 ms against 7.7 / 7.4 / 9.0 at 1 / 4 / 8 rows, and a loss from 12).
-# Candidates and margin: the int4 copy's
-# error on the tokens at the top is at most ~1.9 (the fp32 argmax ranked at worst 9th in its
-# order); with 64 candidates, 1% of rows fall short of a 3.0 margin and are recomputed in full.
+# Candidates and margin: the int4 copy's error on the tokens at the top is at most ~1.9 (the
+# fp32 argmax ranked at worst 9th in its order); with 64 candidates, 1% of rows fall short of a
+# 3.0 margin and are recomputed in full.
 SHORTLIST_MAX_ROWS = 2
 NATIVE_SHORTLIST_MAX_ROWS = 8
 SHORTLIST_CANDIDATES = 64
@@ -175,9 +175,9 @@ class ShortlistHead:
     numbers. Beside the native one, `cpu_kernels.shortlist_head` selects and takes the fp32 dot
     products in C (without the reorder and a dozen ops, ~1.5 ms less a step), equal to oneDNN's
     up to the order of the sums (~4e-6 relative). Logits left out of the shortlist carry the
-    int4 copy's error. A row whose best exact logit is not `margin` above
-    every approximate one left out is recomputed exactly in full, so with `margin` above the
-    copy's error near the top no token left out can be the argmax.
+    int4 copy's error. A row whose best exact logit is not `margin` above every approximate one
+    left out is recomputed exactly in full, so with `margin` above the copy's error near the top
+    no token left out can be the argmax.
     """
 
     exact: Linear  # the fp32 head, oneDNN-packed: what rows run without a shortlist

@@ -233,7 +233,7 @@ class LlamaModel:
         """Run every layer, writing K/V into the cache; returns logits (fp32) of output rows."""
         cfg = self.config
         hidden = self.inputs(batch, kv)
-        spans = self._native_spans(batch, hidden)
+        spans = self._native_spans(batch)
         if spans is not None:
             assert self.native_decoder is not None  # spans are planned only beside it
             hidden = self.native_decoder.forward(hidden, batch.positions, batch.write_slots,
@@ -260,27 +260,25 @@ class LlamaModel:
                 hidden = hidden + delta
         return self.logits(hidden.index_select(0, batch.output_rows))
 
-    def _native_spans(
-        self, batch: ForwardBatch, hidden: torch.Tensor
-    ) -> list[cpu_kernels.AttentionSpan] | None:
+    def _native_spans(self, batch: ForwardBatch) -> list[cpu_kernels.AttentionSpan] | None:
         """The batch's attention groups for `native_decoder`, or None where it does not apply:
-        more rows than the int4 kernel takes, long query blocks, not fp32, or a tensor-parallel
-        shard (whose layers all-reduce)."""
+        no native decoder (weights or dtype), more rows than the int4 kernel takes, long query
+        blocks, or a tensor-parallel shard (whose layers all-reduce)."""
         if (self.native_decoder is None or self.reduce is not _whole
-                or not 0 < batch.num_rows <= ops.NATIVE_INT4_MAX_ROWS
-                or hidden.dtype != torch.float32):
+                or not 0 < batch.num_rows <= ops.NATIVE_INT4_MAX_ROWS):
             return None
         spans = []
         for group in batch.groups:
             if group.queries > cpu_kernels.ATTENTION_MAX_QUERIES:
                 return None
-            listed = group.rows if isinstance(group.rows, torch.Tensor) else None
-            first = 0 if isinstance(group.rows, torch.Tensor) else group.rows.start
+            if isinstance(group.rows, slice):
+                first, listed = group.rows.start, None
+            else:
+                first, listed = 0, group.rows
             context = PagedContext.from_slots(group.slots, group.span)
             spans.append(cpu_kernels.AttentionSpan(
-                first, listed, group.valid,
-                group.batch, group.queries, context.table, context.span_start, context.length,
-                group.mask, group.causal,
+                first, listed, group.valid, group.batch, group.queries, context.table,
+                context.span_start, context.length, group.mask, group.causal,
             ))  # fmt: skip
         return spans
 

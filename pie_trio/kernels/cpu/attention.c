@@ -5,10 +5,10 @@
  * Layouts are those of torch_ops: activations token-major `[rows, heads, d]`, a layer's cache
  * `[kv_heads, slots, d]` (slot = page * page_size + offset).
  */
+#include "kernels.h"
 #include "pool.h"
 #include "simd.h"
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>

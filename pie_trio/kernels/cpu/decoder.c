@@ -7,7 +7,6 @@
  * kernels, so its results are that forward's bit for bit; only the Python between the kernels
  * is gone. Projections must all be native int4 (`struct projection`), activations fp32.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

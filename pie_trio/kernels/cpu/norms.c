@@ -8,6 +8,8 @@
  *
  * silu_mul: SwiGLU of a fused gate/up projection `[rows, 2 * ffn]`: silu(gate) * up.
  */
+#include "kernels.h"
+
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>

@@ -31,8 +31,7 @@
 #define SPIN_NS 100000
 
 static struct {
-    pthread_mutex_t owner; /* held by the caller whose job runs */
-    pthread_mutex_t start; /* guards starting workers */
+    pthread_mutex_t owner; /* held by the caller whose job runs (and who starts workers) */
     int workers;
     _Atomic uint32_t generation; /* bumped per job: the workers' wake-up word */
     _Atomic int sleepers;
@@ -40,7 +39,7 @@ static struct {
     pool_task task;
     void *context;
     int parts;
-} pool = {.owner = PTHREAD_MUTEX_INITIALIZER, .start = PTHREAD_MUTEX_INITIALIZER};
+} pool = {.owner = PTHREAD_MUTEX_INITIALIZER};
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -90,10 +89,9 @@ static void *work(void *argument) {
     return NULL;
 }
 
-/* Start workers up to `wanted`; returns how many run. */
+/* Start workers up to `wanted`; returns how many run. Called by the pool's owner only. */
 static int grow(int wanted) {
     if (wanted > MAX_WORKERS) wanted = MAX_WORKERS;
-    pthread_mutex_lock(&pool.start);
     while (pool.workers < wanted) {
         pthread_t thread;
         pthread_attr_t attributes;
@@ -106,16 +104,13 @@ static int grow(int wanted) {
         if (failed) break;
         pool.workers++;
     }
-    const int workers = pool.workers;
-    pthread_mutex_unlock(&pool.start);
-    return workers;
+    return pool.workers;
 }
 
 /* A forked child has none of the parent's workers: start from none. */
 static void forget_workers(void) {
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     pool.owner = fresh;
-    pool.start = fresh;
     pool.workers = 0;
     atomic_store(&pool.sleepers, 0);
 }

@@ -22,6 +22,7 @@
  *
  * Threads (pool.c's) split the output rows.
  */
+#include "kernels.h"
 #include "pool.h"
 #include "simd.h"
 
