@@ -128,8 +128,10 @@ void pool_run(pool_task task, void *context, int parts) {
         run_alone(task, context, parts);
         return;
     }
+    /* past MAX_WORKERS, or where threads are refused: fewer, bigger parts */
     const int helpers = grow(parts - 1);
-    if (helpers < parts - 1) { /* fewer threads than asked: each part still runs once */
+    if (helpers < parts - 1) parts = helpers + 1;
+    if (parts == 1) {
         pthread_mutex_unlock(&pool.owner);
         run_alone(task, context, parts);
         return;

@@ -7,8 +7,9 @@
 /* A share of one job: part `index` of `parts`. */
 typedef void (*pool_task)(void *context, int index, int parts);
 
-/* Run `task` in `parts` parts, this thread taking part 0, and return when all are done.
- * Runs every part here, in turn, when `parts` is 1 or another caller holds the pool. */
+/* Run `task` in `parts` parts (fewer when the pool cannot have that many threads; the task
+ * is told how many), this thread taking part 0, and return when all are done. Runs every part
+ * here, in turn, when `parts` is 1 or another caller holds the pool. */
 void pool_run(pool_task task, void *context, int parts);
 
 /* The first and one-past-last of `total` items that part `index` of `parts` takes. */
