@@ -53,8 +53,11 @@ def test_add_rms_norm_matches_torch(with_delta):
 
 
 @needs_native
-def test_silu_mul_matches_torch():
-    gate_up = randn(3, 2 * 80, seed=11) * 4
+@pytest.mark.parametrize("ffn", [80, 83])  # eight lanes at a time, and a scalar tail
+def test_silu_mul_matches_torch(ffn):
+    gate_up = randn(3, 2 * ffn, seed=11) * 4
+    # the vector exp clamps its input to [-87, 88]: far-out gates still give silu's limits
+    gate_up[0, :8] = torch.tensor([-200.0, -90.0, -87.5, -20.0, 0.0, 20.0, 90.0, 200.0])
     assert torch.allclose(cpu_kernels.silu_mul(gate_up), ops.silu_mul(gate_up), rtol=1e-6,
                           atol=1e-6)
 
@@ -123,8 +126,8 @@ def test_rotary_kv_write_matches_the_reference():
     assert not caches[0][:, 1].any()  # slot 1 was nobody's
 
 
-def attention_case(batch: int, queries: int, length: int, seed: int):
-    heads, kv_heads, head_dim = 6, 2, 16
+def attention_case(batch: int, queries: int, length: int, seed: int, head_dim: int = 16):
+    heads, kv_heads = 6, 2
     k_cache, v_cache = randn(kv_heads, 80, head_dim, seed=seed), randn(kv_heads, 80, head_dim,
                                                                         seed=seed + 1)
     q = randn(batch * queries, heads, head_dim, seed=seed + 2)
@@ -159,6 +162,20 @@ def test_paged_attention_matches_the_reference(layout, masking):
     assert torch.allclose(ours, theirs, atol=1e-5)
     if mask is not None:
         assert not ours[0].any()
+
+
+@needs_native
+@pytest.mark.parametrize("head_dim", [8, 64, 75, 128])  # value sums: 64 wide, 8, and 1 at a time
+def test_paged_attention_head_sizes(head_dim):
+    q, k_cache, v_cache = attention_case(2, 1, 37, seed=9, head_dim=head_dim)
+    slots = torch.randperm(80, generator=torch.Generator().manual_seed(10))[:74]
+    context = PagedContext.from_slots(slots.view(2, 37), None)
+    scale = head_dim**-0.5
+    ours = cpu_kernels.paged_attention(q, k_cache, v_cache, context.table, context.page_size,
+                                       context.span_start, context.lengths, context.length, None,
+                                       2, 1, True, scale)
+    theirs = reference_paged_attention(q, k_cache, v_cache, context, 2, 1, None, True, scale)
+    assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 @needs_native

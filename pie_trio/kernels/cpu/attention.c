@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Rotate the queries and keys of fused QKV rows `[rows, (heads + 2 kv_heads) * d]` by each
  * row's position ("rotate half": `x * cos + roll(x, d/2) * signed_sin`, the tables being
@@ -64,39 +65,92 @@ struct attention {
     _Atomic int failed;
 };
 
-/* One (query row, head) pair: softmax(q k^T * scale) v over the keys it may attend. */
-static void attend_pair(const struct attention *job, int64_t p, float *scores, int64_t *where) {
-    const int64_t queries = job->queries, d = job->d, length = job->length;
-    const int64_t row = p / job->heads, h = p % job->heads, b = row / queries, i = row % queries;
-    const int64_t kvh = h / job->group, len_b = job->lengths ? job->lengths[b] : length;
-    const float *qv = job->q + p * d;
-    float *o = job->out + p * d;
-    for (int64_t k = 0; k < d; k++) o[k] = 0.0f;
-    const uint8_t *allowed = job->mask ? job->mask + (b * queries + i) * length : NULL;
+/* The slots of the keys query row `row` attends, in key order; returns how many. */
+static int64_t row_slots(const struct attention *job, int64_t row, int64_t *where) {
+    const int64_t queries = job->queries, b = row / queries, i = row % queries;
+    const int64_t len_b = job->lengths ? job->lengths[b] : job->length;
+    const uint8_t *allowed = job->mask ? job->mask + (b * queries + i) * job->length : NULL;
     const int64_t last = job->causal ? len_b - queries + i : len_b - 1;
+    const int64_t *pages = job->table ? job->table + b * job->table_cols : NULL;
+    const int64_t page_size = job->page_size;
     int64_t n = 0;
-    float best = -INFINITY;
     for (int64_t j = 0; j < len_b && j <= last; j++) {
         if (allowed && !allowed[j]) continue;
-        const int64_t slot =
-            job->table ? job->table[b * job->table_cols + j / job->page_size] * job->page_size +
-                             j % job->page_size
-                       : job->span_start + j;
-        const float score =
-            dot(qv, job->k_cache + (kvh * job->cache_slots + slot) * d, d) * job->scale;
-        scores[n] = score;
-        where[n++] = slot;
-        best = score > best ? score : best;
+        where[n++] = !pages         ? job->span_start + j
+                     : page_size == 1 ? pages[j] /* a slot table: no division per key */
+                                      : pages[j / page_size] * page_size + j % page_size;
     }
-    float total = 0.0f;
-    for (int64_t j = 0; j < n; j++) total += scores[j] = expf(scores[j] - best);
-    for (int64_t j = 0; j < n; j++) {
-        const float weight = scores[j] / total;
-        const float *v = job->v_cache + (kvh * job->cache_slots + where[j]) * d;
-        for (int64_t k = 0; k < d; k++) o[k] += weight * v[k];
+    return n;
+}
+
+/* scores[0, n) = e^(score - best); returns their sum. */
+static float exponentiate(float *scores, int64_t n, float best) {
+    const __m256 shift = _mm256_set1_ps(best);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + j), shift));
+        _mm256_storeu_ps(scores + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum), tail[8] = {0};
+    if (j < n) { /* the last few through one padded vector */
+        memcpy(tail, scores + j, sizeof(float) * (size_t)(n - j));
+        _mm256_storeu_ps(tail, exp256(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)));
+        for (int64_t k = 0; k < n - j; k++) total += scores[j + k] = tail[k];
+    }
+    return total;
+}
+
+/* o = sum_j weights[j] * values[where[j]] * scale over d floats: 64 columns at a time in
+ * registers (one pass over the keys each), then 8, then one. */
+static void weighted_sum(const float *weights, const int64_t *where, int64_t n,
+                         const float *values, int64_t d, float scale, float *o) {
+    int64_t k = 0;
+    for (; k + 64 <= d; k += 64) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 w = _mm256_set1_ps(weights[j]);
+            const float *v = values + where[j] * d + k;
+            for (int c = 0; c < 8; c++)
+                acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < 8; c++)
+            _mm256_storeu_ps(o + k + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(scale)));
+    }
+    for (; k + 8 <= d; k += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[j]),
+                                  _mm256_loadu_ps(values + where[j] * d + k), acc);
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(acc, _mm256_set1_ps(scale)));
+    }
+    for (; k < d; k++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n; j++) acc += weights[j] * values[where[j] * d + k];
+        o[k] = acc * scale;
     }
 }
 
+/* One (query row, head) pair over the `n` keys at `where`: softmax(q k^T * scale) v. */
+static void attend_pair(const struct attention *job, int64_t p, const int64_t *where,
+                        int64_t n, float *scores) {
+    const int64_t d = job->d, kvh = p % job->heads / job->group;
+    const float *qv = job->q + p * d;
+    const float *keys = job->k_cache + kvh * job->cache_slots * d;
+    float best = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        const float score = dot(qv, keys + where[j] * d, d) * job->scale;
+        scores[j] = score;
+        best = score > best ? score : best;
+    }
+    const float total = exponentiate(scores, n, best);
+    weighted_sum(scores, where, n, job->v_cache + kvh * job->cache_slots * d, d,
+                 n ? 1.0f / total : 0.0f, job->out + p * d);
+}
+
+/* A share of the pairs; a row's key slots are listed once for all its heads. */
 static void attention_part(void *context, int index, int parts) {
     struct attention *job = context;
     int64_t first, last;
@@ -105,10 +159,15 @@ static void attention_part(void *context, int index, int parts) {
     const size_t keys = (size_t)(job->length > 0 ? job->length : 1);
     float *scores = malloc(sizeof(float) * keys);
     int64_t *where = malloc(sizeof(int64_t) * keys);
-    if (scores == NULL || where == NULL)
+    if (scores == NULL || where == NULL) {
         atomic_store(&job->failed, 1);
-    else
-        for (int64_t p = first; p < last; p++) attend_pair(job, p, scores, where);
+    } else {
+        int64_t row = -1, n = 0;
+        for (int64_t p = first; p < last; p++) {
+            if (p / job->heads != row) n = row_slots(job, row = p / job->heads, where);
+            attend_pair(job, p, where, n, scores);
+        }
+    }
     free(scores);
     free(where);
 }
@@ -129,7 +188,9 @@ int paged_attention(const float *q, int64_t batch, int64_t queries, int64_t head
     struct attention job = {q, queries, heads, d, heads / kv_heads, k_cache, v_cache,
                             cache_slots, table, table_cols, page_size, span_start, lengths,
                             length, mask, causal, scale, out, batch * queries * heads, 0};
-    const int parallel = job.pairs * length * d > (1 << 18);
+    /* split from a few thousand multiply-adds a part: a batch-1 decode step's 9 heads over a
+     * couple of hundred keys already pay for the pool's hand-off */
+    const int parallel = job.pairs > 1 && job.pairs * length * d > (1 << 14);
     pool_run(attention_part, &job, parallel ? threads : 1);
     return atomic_load(&job.failed) ? -1 : 0;
 }
