@@ -204,11 +204,13 @@ async def test_websocket_text_frame_closes_1003(server):
 
 async def test_websocket_oversize_message_closes_1009(server):
     async with trio_websocket.open_websocket_url(server.addresses.ws) as ws:
-        # The server refuses from the frame header, so the close may arrive mid-send.
+        # The server refuses from the frame header, so the close may arrive mid-send, and the
+        # connection it then drops may reset before the frame is read (1006; test_server_hostile
+        # checks the frame's code).
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await ws.send_message(b"\0" * (server.config.max_frame_size + 1))
             await ws.get_message()
-        assert closed.value.reason.code == 1009
+        assert closed.value.reason.code in (1009, 1006)
 
 
 async def test_tcp_oversize_frame_is_refused_then_closed(server):

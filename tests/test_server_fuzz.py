@@ -98,7 +98,11 @@ async def _websocket_round(url: str, frames: list[bytes], ending: str | None) ->
             await ws.send_message("text" if ending == "text" else b"\0" * (FRAME_LIMIT + 1))
             while True:
                 await ws.get_message()
-        assert closed.value.reason.code == (1003 if ending == "text" else 1009)
+        if ending == "text":
+            assert closed.value.reason.code == 1003
+        else:  # 1006: the server dropped the connection mid-upload and the peer's reset
+            # overtook its 1009 close frame (test_server_hostile checks the frame's code)
+            assert closed.value.reason.code in (1009, 1006)
 
 
 def test_fuzz_websocket(server):
