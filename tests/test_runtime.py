@@ -190,6 +190,31 @@ async def test_runtime_shutdown_evicts_everyone(tiny_runner):
     assert thread_count() <= baseline + 1  # an idle executor worker may linger in trio's cache
 
 
+class _LoopPasses(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.passes += 1
+
+
+async def test_epoch_ticks_cost_the_event_loop_nothing(tiny_runner):
+    """The epoch ticker is a thread: an idle runtime's event loop does not wake 100 times a
+    second for it, yet a spinning guest still meets its CPU budget, and the ticker is joined
+    when the runtime stops."""
+    baseline = thread_count()
+    async with running_stack(tiny_runner, FAST_LIMITS) as stack:
+        passes = _LoopPasses()
+        trio.lowlevel.add_instrument(passes)
+        await trio.sleep(0.5)  # a trio timer ticking every 10 ms would make ~50 passes
+        trio.lowlevel.remove_instrument(passes)
+        assert passes.passes < 20
+        with trio.fail_after(30):
+            outcome = await finish(await stack.launch("spin"))
+        assert (outcome.reason, outcome.limit) == ("limit", "cpu_time")
+    assert thread_count() <= baseline + 1  # an idle executor worker may linger in trio's cache
+
+
 # -- 1,000 randomised lifecycles -----------------------------------------------------------
 
 LIFECYCLES = 1000
