@@ -131,7 +131,7 @@ async def tick_epochs(engine: wasmtime.Engine) -> None:
 
     The ticks come from a thread of their own, joined on the way out. As a trio timer each tick
     cost a pass of the run loop with a cancel scope's expiry and a `Cancelled` raised and caught:
-    ~0.1-0.4 ms of the event loop's CPU (measured on the 2-core development VM), a hundred times
+    ~0.1-0.5 ms of the event loop's CPU (~0.46 ms measured on a loaded 2-core VM), a hundred times
     a second, on a machine where the forward's kernel threads want both cores. A thread asleep
     in `Event.wait` costs the OS's wake-up and a few microseconds of Python.
     """
