@@ -10,9 +10,11 @@ runtime) in one process, the model in it too unless --model-process puts it in a
 (pie_trio/model/remote.py, as `pie-trio serve --model-process` does):
 
 1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
-   control layer answers: one guest→trio→guest round trip each. For comparison, N `call`s of
-   `version` (tests/guests/local.wat), which the runtime answers in the guest thread, and the
-   floor: N bare thread→trio→thread round trips (`run_sync_soon` and a lock). Also how much
+   control layer answers on the guest's own thread (it touches no shared state), and N `call`s
+   of `ping` naming queue 0, which wait in line on the trio thread: one guest→trio→guest round
+   trip and a pass of the queue's task each. For comparison, N `call`s of `version`
+   (tests/guests/local.wat), which the runtime answers in the guest thread, and the floor: N
+   bare thread→trio→thread round trips (`run_sync_soon` and a lock). Also how much
    CPU a spinning guest (tests/guests/spin.wat) gets past a 0.5 s CPU budget.
 2. spawn time: launch K trivial guests at once (tests/guests/exit.wat) and wait until every one
    has terminated, for K = 1, 4, 16, 64, 256, 1024.
@@ -73,20 +75,23 @@ async def run_to_end(instance, on_message: Callable[[], None] | None = None) -> 
 
 async def bench_calls(runtime, guests: dict[str, str], calls: int) -> dict:
     results = {}
-    for name, guest in (("ping_via_control_us", "ping"), ("local_answer_us", "local")):
-        await run_to_end(await runtime.launch(guests[guest], ["100"], "bench"))  # warm up
+    for name, guest, queued in (("ping_via_control_us", "ping", "0"),
+                                ("ping_on_queue_us", "ping", "1"),
+                                ("local_answer_us", "local", "0")):
+        await run_to_end(await runtime.launch(guests[guest], ["100", queued], "bench"))  # warm
         start = time.perf_counter()
         # Unpaced: this measures the cost of one call, not the fair share a shared server
         # grants a guest that does nothing but call the host.
         from pie_trio.runtime.sandbox import InstanceLimits
 
         unpaced = InstanceLimits(host_call_share=1, host_call_total_share=1)
-        end = await run_to_end(await runtime.launch(guests[guest], [str(calls)], "bench",
-                                                    limits=unpaced))
+        end = await run_to_end(await runtime.launch(guests[guest], [str(calls), queued],
+                                                    "bench", limits=unpaced))
         elapsed = time.perf_counter() - start
         assert end["reason"] == "finished", end
         results[name] = round(elapsed / calls * 1e6, 2)
-        log(f"  {guest:5s}: {results[name]:8.2f} µs per call ({calls} calls)")
+        label = "ping on queue 0" if queued == "1" else guest
+        log(f"  {label:15s}: {results[name]:8.2f} µs per call ({calls} calls)")
     return results
 
 

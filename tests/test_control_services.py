@@ -403,12 +403,34 @@ async def test_immediate_ops_are_answered_before_start_request_returns(stack):
     await ctl.close()
 
 
+async def test_stateless_ops_are_answered_on_any_thread(stack):
+    """ping, clock and model_info touch no shared state: `answer_stateless` answers them at once
+    (the runtime calls it on the guest's thread); anything else, a queue named, or a closed
+    instance gets None and goes through `start_request`."""
+    _, controller = stack
+    ctl = controller.attach("a")
+    answer = await trio.to_thread.run_sync(ctl.answer_stateless, {"op": "ping", "payload": 7})
+    assert answer == {"ok": 7}
+    assert isinstance(ctl.answer_stateless({"op": "clock"})["ok"], float)
+    assert ctl.answer_stateless({"op": "model_info"})["ok"]["vocab_size"] > 0
+    assert ctl.answer_stateless({"op": "ping", "bogus": 1}) == {
+        "error": "ping: unknown field 'bogus'; expected some of: payload, queue"}
+    for other in ({"op": "store_get", "key": "k"}, {"op": "ping", "queue": 0},
+                  {"op": "forward"}, {"op": 3}, ["ping"]):
+        assert ctl.answer_stateless(other) is None
+    await ctl.close()
+    assert ctl.answer_stateless({"op": "ping"}) is None
+
+
 def test_immediate_ops_never_touch_kv():
     """An immediate op skips the residency gate (preemption.py), so it must not be a KV op."""
     from pie_trio.control.dispatch import OPS, ImmediateOp
+    from pie_trio.control.interface import STATELESS_OPS
     from pie_trio.control.preemption import GATED_OPS
 
     immediate = {name for name, op in OPS.items() if isinstance(op, ImmediateOp)}
     assert immediate == {"ping", "clock", "store_get", "store_set", "store_delete", "store_list",
                          "model_info"}
     assert not immediate & GATED_OPS
+    stateless = {name for name, op in OPS.items() if isinstance(op, ImmediateOp) and op.stateless}
+    assert stateless == STATELESS_OPS  # the runtime asks `answer_stateless` for these only

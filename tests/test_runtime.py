@@ -5,6 +5,7 @@ adversarial guests from normal ones, and a randomised lifecycle run proving noth
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import trio
@@ -29,6 +30,20 @@ async def test_ping_round_trips_and_exit_codes(tiny_runner):
         assert (await finish(await stack.launch("exit", 0))).reason == "finished"
         failed = await finish(await stack.launch("exit", 3))
         assert failed.reason == "error" and "code 3" in failed.detail
+
+
+async def test_stateless_ops_are_answered_on_the_guest_thread(tiny_runner):
+    """`ping` (like `clock` and `model_info`) is answered by the control layer on the guest's
+    own thread: a guest makes all its pings while the trio thread is blocked, and only its end
+    waits for it. A ping naming a queue waits in line on the trio thread as before."""
+    async with running_stack(tiny_runner) as stack:
+        instance = await stack.launch("ping", 500)
+        give_up = time.monotonic() + 60  # only a bound on the wait, never an expectation
+        while not instance.guest.finished and time.monotonic() < give_up:
+            time.sleep(0.001)  # blocks the trio thread: nothing posted to it can run
+        assert instance.guest.finished  # 500 pings answered (ping.wat traps on a wrong one)
+        assert (await finish(instance)).reason == "finished"
+        assert (await finish(await stack.launch("ping", 50, 1))).reason == "finished"
 
 
 async def test_abi_contract(tiny_runner):

@@ -11,7 +11,9 @@ the priority of the queue it runs on.
 Most handlers are coroutines and run in a task of their own (or their queue's). The few that
 never wait (`ImmediateOp`: ping, clock, the store, model_info) are answered on the spot by
 `answer_now` when the request names no queue: no task, no extra pass of trio's loop, which is
-most of what a guest's round trip through the control layer costs.
+most of what a guest's round trip through the control layer costs. Those that touch no shared
+state either (ping, clock, model_info) may be answered on any thread: the runtime answers them
+on the guest's own thread, with no crossing to the trio thread at all.
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ class Op:
 
 @dataclass(frozen=True)
 class ImmediateOp:
-    """An op whose handler is a plain function: it answers without waiting for anything."""
+    """An op whose handler is a plain function: it answers without waiting for anything.
+    `stateless`: it reads nothing any other op writes, so any thread may answer it (the
+    runtime does so on the guest's own thread: `answer_stateless`)."""
 
     handler: ImmediateHandler
     fields: tuple[str, ...] = ()
+    stateless: bool = False
 
 
 OPS: dict[str, Op | ImmediateOp] = {
@@ -68,9 +73,9 @@ OPS: dict[str, Op | ImmediateOp] = {
     "store_delete": ImmediateOp(store.store_delete, ("key",)),
     "store_list": ImmediateOp(store.store_list, ("prefix",)),
     "sleep": Op(clock.sleep, ("ms",)),
-    "clock": ImmediateOp(clock.clock),
-    "ping": ImmediateOp(clock.ping, ("payload",)),
-    "model_info": ImmediateOp(model_view.model_info),
+    "clock": ImmediateOp(clock.clock, stateless=True),
+    "ping": ImmediateOp(clock.ping, ("payload",), stateless=True),
+    "model_info": ImmediateOp(model_view.model_info, stateless=True),
     "create_queue": Op(queues.create_queue, ("priority",)),
     "set_priority": Op(queues.set_priority, ("priority",)),
     "synchronize": Op(queues.synchronize),
@@ -142,14 +147,15 @@ async def answer(ctx: InstanceContext, request: Any, queue: Queue | None) -> Res
     return {"ok": value}
 
 
-def answer_now(ctx: InstanceContext, request: Any) -> Response | None:
+def answer_now(ctx: InstanceContext, request: Any, *, stateless: bool = False) -> Response | None:
     """The response to a request for an immediate op that names no queue, computed now; None
-    for any other request (it goes through `run`)."""
+    for any other request (it goes through `run`). With `stateless`, only for the ops any
+    thread may answer (and None for the other immediate ops too)."""
     if not isinstance(request, dict) or request.get("queue") is not None:
         return None
     name = request.get("op")
     op = OPS.get(name) if isinstance(name, str) else None
-    if not isinstance(op, ImmediateOp):
+    if not isinstance(op, ImmediateOp) or (stateless and not op.stateless):
         return None
     try:
         _check_known_fields(op, request)

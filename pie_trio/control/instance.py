@@ -107,6 +107,14 @@ class InstanceControl:
         else:
             self._route(item)
 
+    def answer_stateless(self, request: dict[str, Any]) -> Response | None:
+        """The response to a request for a stateless op (ping, clock, model_info) naming no
+        queue, computed now on the calling thread, whichever it is; None for any other request,
+        and once the instance is closing (`start_request` answers those)."""
+        if self.closed:
+            return None
+        return dispatch.answer_now(self.context, request, stateless=True)
+
     async def close(self) -> None:
         """Cancel pending requests and free everything the instance holds. Idempotent."""
         self.closed = True
@@ -114,7 +122,8 @@ class InstanceControl:
             self._serving = True
             self._release_everything()
             self._finished.set()
-        self._cancel_scope.cancel()
+        else:
+            self._cancel_scope.cancel()
         await self._finished.wait()
         await self._releaser.flushed()
 

@@ -17,6 +17,10 @@ RUNTIME_OPS: frozenset[str] = frozenset(
      "launch", "send_to", "child_receive", "child_wait", "child_kill"}
 )
 
+# The ops that touch no shared state: `AttachedInstance.answer_stateless` answers them on any
+# thread (dispatch.py marks them `stateless`); the runtime asks for no other op there.
+STATELESS_OPS: frozenset[str] = frozenset({"ping", "clock", "model_info"})
+
 Response = dict[str, Any]  # {"ok": value} or {"error": message}
 OnDone = Callable[[Response], None]
 
@@ -30,6 +34,13 @@ class AttachedInstance(Protocol):
         response: before this returns for an op answered on the spot (`ping`, `clock`, the
         store, `model_info`, naming no queue), later for the others; requests pending when the
         instance closes get ``instance closed``."""
+        ...
+
+    def answer_stateless(self, request: dict[str, Any]) -> Response | None:
+        """The response to a request for an op that touches no shared state (`ping`, `clock`,
+        `model_info`) naming no queue, computed now; None for any other request (it goes to
+        `start_request`). Unlike everything else here, any thread may call this: the runtime
+        calls it on the guest's thread, so those answers need no crossing."""
         ...
 
     async def close(self) -> None:

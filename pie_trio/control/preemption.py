@@ -98,7 +98,8 @@ class Residency:
         self.parked = 0  # of those, waiting for pages inside an allocation
         self.swapped: dict[int, int] = {}  # virtual page id -> host key
         self.closed = False
-        self.restore_scope = trio.CancelScope()  # cancelled when the instance ends
+        # The scope of its restore while it is swapped out (cancelled when the instance ends).
+        self.restore_scope: trio.CancelScope | None = None
         self._preemption = preemption
 
     @property
@@ -182,7 +183,8 @@ class Preemption:
     def forget(self, residency: Residency) -> None:
         residency.closed = True
         self._residents.pop(residency.instance_id, None)
-        residency.restore_scope.cancel()
+        if residency.restore_scope is not None:
+            residency.restore_scope.cancel()
         keys = sorted(set(residency.swapped.values()))
         residency.swapped.clear()
         self._releaser.release(HOST_COPIES, keys)
@@ -332,6 +334,7 @@ class Preemption:
 
     async def _restore(self, residency: Residency) -> None:
         """Wait for the pages `residency` had, then bring its host copies back."""
+        assert residency.restore_scope is not None  # set when it was swapped out
         with residency.restore_scope:
             await self._wait_for(Waiter(residency, residency.host_copies(), restore=True))
             self._moving += 1

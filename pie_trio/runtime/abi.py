@@ -9,7 +9,9 @@ must stop the guest records why on the instance's `Guard` and returns a trap).
 `HostCalls` keeps one instance's handles: `submit` posts the request to the trio thread and
 returns a handle at once; `wait`/`take` block (through the `Bridge`) until the trio thread has
 stored the response in `ready`. Requests the runtime can answer from what it already knows
-(`version`, `instance_id`, `args`, `models`, `set_return`, `send`) never leave the guest thread.
+(`version`, `instance_id`, `args`, `models`, `set_return`, `send`) never leave the guest thread,
+nor do those the control layer may answer on any thread (`ping`, `clock`, `model_info`:
+`AttachedInstance.answer_stateless`).
 
 Hostile guests. No exception may leave a trampoline (ctypes would print and drop it, and
 wasmtime then reads a result that was never written; the process may abort): every failure
@@ -38,7 +40,7 @@ import wasmtime
 from msgpack import unpackb
 from wasmtime import _ffi as ffi
 
-from pie_trio.control.interface import RUNTIME_OPS
+from pie_trio.control.interface import RUNTIME_OPS, STATELESS_OPS
 from pie_trio.runtime.bridge import Bridge
 from pie_trio.runtime.sandbox import Guard, InstanceLimits, Stopped, Termination, limit_hit
 
@@ -72,6 +74,7 @@ class Host(Protocol):
     consumed_bytes: int  # output the client has read so far (updated by the trio thread)
 
     def handle_request(self, handle: int, request: dict[str, Any]) -> None: ...
+    def answer_stateless(self, request: dict[str, Any]) -> dict[str, Any] | None: ...
     def emit(self, event: dict[str, Any], nbytes: int) -> None: ...
 
 
@@ -346,6 +349,8 @@ class HostCalls:
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             return {"error": "a request must be a msgpack map with a string 'op'"}
         op = request["op"]
+        if op in STATELESS_OPS:
+            return self.host.answer_stateless(request)  # None if it names a queue
         if op not in LOCAL_OPS:
             return None
         if op in self._answers:

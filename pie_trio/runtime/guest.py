@@ -60,6 +60,11 @@ class GuestThread:
         self._done = threading.Lock()
         self._done.acquire()  # released once the guest will never touch the instance again
 
+    @property
+    def finished(self) -> bool:
+        """Its run is over: it started, and will never touch the instance again."""
+        return self._started and not self.alive
+
     def join(self) -> None:
         """Wait until the guest's run is over: at once once its end has been reported, which
         is the run's very last act."""

@@ -3,7 +3,8 @@
 An `Instance` lives in one trio task in the runtime's nursery; its guest runs in a thread of
 its own while it runs (a reused worker: `guest.py`). The guest thread reaches this side only
 through the bridge: requests for the control layer (`handle_request`), events for the client
-(`emit`) and, last of all, its end (`_guest_exited`). Everything here runs on the trio thread.
+(`emit`) and, last of all, its end (`_guest_exited`). Everything here runs on the trio thread,
+but for `answer_stateless`, which the guest thread calls directly.
 
 Ending. However an instance ends — the guest returns or traps, its owner kills it, a limit
 trips, the runtime shuts down — the same steps run, in this order: the guest thread is stopped
@@ -174,8 +175,10 @@ class Instance:
 
     async def _wait_for_exit(self) -> None:
         wall_time = self.limits.wall_time
-        deadline = math.inf if wall_time is None else self._started_at + wall_time
-        with trio.move_on_at(deadline):
+        if wall_time is None:
+            await self._exited.wait()
+            return
+        with trio.move_on_at(self._started_at + wall_time):
             await self._exited.wait()
             return
         if self.guard.request_stop(limit_hit(
@@ -242,6 +245,11 @@ class Instance:
         except Exception as exc:  # the control layer answers errors; this is a last resort
             log.exception("control layer refused a request")
             self._complete(handle, {"error": f"{request.get('op')}: {exc}"})
+
+    def answer_stateless(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Guest thread: the control layer's answer to a stateless op (`ping`, `clock`,
+        `model_info`), computed on that thread; None for any other request."""
+        return self._ctl.answer_stateless(request)
 
     def emit(self, event: dict[str, Any], nbytes: int) -> None:
         """An event from the guest (message, stdout, stderr) for the client, and its size."""
