@@ -124,7 +124,8 @@ class InstanceControl:
             self._finished.set()
         else:
             self._cancel_scope.cancel()
-        await self._finished.wait()
+        if not self._finished.is_set():  # (an Event's wait passes the turn even when set)
+            await self._finished.wait()
         await self._releaser.flushed()
 
     def usage(self) -> dict[str, int]:
