@@ -5,6 +5,7 @@ adversarial guests from normal ones, and a randomised lifecycle run proving noth
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from test_runtime_support import (
     thread_count,
 )
 
+from pie_trio.runtime.guest import GuestThreads
 from pie_trio.runtime.instance import InstanceGone
 from pie_trio.runtime.runtime import Runtime
 from pie_trio.runtime.sandbox import InstanceLimits, MiB
@@ -44,6 +46,42 @@ async def test_stateless_ops_are_answered_on_the_guest_thread(tiny_runner):
         assert instance.guest.finished  # 500 pings answered (ping.wat traps on a wrong one)
         assert (await finish(instance)).reason == "finished"
         assert (await finish(await stack.launch("ping", 50, 1))).reason == "finished"
+
+
+class _Job:
+    """What the guest thread pool runs, reduced to a record of the thread that ran it."""
+
+    def __init__(self, hold: threading.Event | None = None) -> None:
+        self.hold = hold
+        self.thread: threading.Thread | None = None
+        self.ran = threading.Event()
+
+    def run(self) -> None:
+        self.thread = threading.current_thread()
+        if self.hold is not None:
+            self.hold.wait(30)
+        self.ran.set()
+
+    def not_started(self, exc: BaseException) -> None:
+        raise AssertionError(f"no thread for a job: {exc}")
+
+
+def test_a_worker_coming_free_takes_the_guests_waiting_for_a_thread():
+    """Guests launched while every worker is busy wait for the spawner; a worker that comes
+    free takes them first, so a burst of short guests does not start a thread each."""
+    threads = GuestThreads()  # its spawner not started yet: launches wait in its queue
+    hold = threading.Event()
+    first, second, third = _Job(hold), _Job(), _Job()
+    threads.start(first)
+    threads._spawn_next()  # what the spawner does: a new worker thread, for `first`
+    threads.start(second)
+    threads.start(third)
+    hold.set()
+    assert third.ran.wait(30)
+    assert first.thread is second.thread is third.thread
+    with threads:  # starts and stops the spawner; every worker is joined on the way out
+        pass
+    assert first.thread is not None and not first.thread.is_alive()
 
 
 async def test_abi_contract(tiny_runner):

@@ -233,7 +233,9 @@ class GuestThreads:
 
     A launch hands its guest to an idle worker (the most recently idle: its stack and wasmtime's
     per-thread state are warm) or, when none is idle, to the spawner thread, which starts a new
-    worker for it unless one has come free meanwhile. `Thread.start()` waits until the new
+    worker for it unless one has come free meanwhile; and a worker coming free takes a guest
+    still waiting for the spawner before it goes idle, so a burst of short-lived guests runs on
+    the threads of those that ended instead of a new one each. `Thread.start()` waits until the new
     thread runs and hands the GIL back, which takes about a millisecond (more under load): done
     on the trio thread, a burst of launches would stall every other instance's host calls for
     that long each. Workers idle for IDLE_WORKER_SECONDS exit; leaving the context stops and
@@ -300,7 +302,11 @@ class GuestThreads:
         return True
 
     def _next_guest(self, worker: _Worker) -> GuestThread | None:
-        """Wait idle for the worker's next guest; None when it should exit."""
+        """The worker's next guest: one waiting for a thread, else the next launch handed to it
+        while it waits idle; None when it should exit."""
+        waiting = self._waiting_guest()
+        if waiting is not None:
+            return waiting
         self._idle.append(worker)
         if self._closed and self._leave_idle(worker):  # closed meanwhile, and nobody took it
             return None
@@ -311,6 +317,19 @@ class GuestThreads:
         if self._leave_idle(worker):
             return None
         return worker.jobs.get()  # taken off the idle deque just now: its guest is on the way
+
+    def _waiting_guest(self) -> GuestThread | None:
+        """A guest the spawner has not reached yet, taken off its queue (None if there is none).
+
+        A burst of short-lived guests would otherwise get a new thread each while those started
+        a moment earlier end: every thread added is one more contending for the GIL."""
+        try:
+            guest = self._spawns.get_nowait()
+        except queue.Empty:
+            return None
+        if guest is None:  # the spawner's signal to stop: it is for the spawner
+            self._spawns.put(None)
+        return guest
 
     def _leave_idle(self, worker: _Worker) -> bool:
         """Take `worker` off the idle deque; False if someone else already did."""
