@@ -488,6 +488,16 @@ async def test_higher_priority_goes_first_when_more_waits_than_one_batch_holds()
 # ---- failures and shutdown ----------------------------------------------------------------------
 
 
+async def test_calls_enqueued_before_run_are_answered_once_it_starts(tiny_runner):
+    executor = Executor(tiny_runner)
+    early = executor.enqueue(AllocPages("early", 1))
+    async with running(executor):
+        pages = await early.wait()
+        assert len(pages) == 1
+        result = await executor.submit(prefill("early", pages, prompt_for(0)))
+        assert len(result.tokens) == 1
+
+
 async def test_shutdown_finishes_the_forward_in_flight_and_fails_the_rest():
     runner = Gated(make_tiny_runner())
     executor = Executor(runner)
@@ -499,6 +509,7 @@ async def test_shutdown_finishes_the_forward_in_flight_and_fails_the_rest():
         except CallError as exc:
             outcomes[name] = exc
 
+    threads_before = set(threading.enumerate())
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as nursery:
             await nursery.start(executor.run)
@@ -514,3 +525,6 @@ async def test_shutdown_finishes_the_forward_in_flight_and_fails_the_rest():
     assert isinstance(outcomes["queued"], CallError) and "stopped" in str(outcomes["queued"])
     with pytest.raises(CallError, match="not running"):
         await executor.submit(AllocPages("late", 1))
+    for thread in set(threading.enumerate()) - threads_before:  # the executor's worker ends
+        thread.join(10)
+        assert not thread.is_alive(), thread.name

@@ -1,17 +1,17 @@
 """The executor: one trio task that owns the model runner and its page and slot pools.
 
 Callers `await executor.submit(call, priority)` from any task (or `executor.enqueue` several
-calls in order and await each `request.wait()`). Each request travels over a
-memory channel to the executor, which answers it with the call's result or a `CallError` for
-that caller alone. Inside `Executor.run` two child tasks share the executor's state (they are
-one actor, on one trio thread, never running at the same time):
+calls in order and await each `request.wait()`). The executor answers each with the call's
+result or a `CallError` for that caller alone. Its state is one actor's, touched only on the
+trio thread:
 
-- intake: receives requests, answers allocations and frees at once (bookkeeping only, even while
-  a forward is running), validates the rest (`runner.check` + ownership) so that a bad call
-  fails alone, and queues the good ones;
-- scheduler: once per tick, plans the queued calls into same-kind groups (the swaps, embed,
-  copy_kv, mask_kv, then forward), runs the whole plan in one worker thread, and resolves every
-  caller.
+- intake (`enqueue`, in the caller's task: a hop through a task of its own would cost every
+  call a pass of trio's loop): answers allocations and frees at once (bookkeeping only, even
+  while a forward is running), validates the rest (`runner.check` + ownership) so that a bad
+  call fails alone, queues the good ones and wakes the scheduler;
+- scheduler (the task `Executor.run` runs): once per tick, plans the queued calls into
+  same-kind groups (the swaps, embed, copy_kv, mask_kv, then forward), runs the whole plan in
+  the executor's own worker thread (worker.py), and resolves every caller.
 
 Order between calls. Calls that are pending at the same time are concurrent: a caller that
 needs one call done before the next awaits the first. Still, a guest or the control layer may
@@ -40,6 +40,7 @@ a forward in flight finishes first; then every call still waiting fails with `Ca
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter, deque
@@ -52,6 +53,7 @@ import trio
 
 from pie_trio.executor.policies import BatchPolicy, make_policy
 from pie_trio.executor.pool import IdPool
+from pie_trio.executor.worker import Worker
 from pie_trio.model.calls import (
     BATCHED_KINDS,
     AllocPages,
@@ -241,7 +243,8 @@ class Executor:
         self.pages = IdPool(self.info.num_pages, "page")
         self.slots = IdPool(self.info.num_slots, "slot")
         self.stats = ExecutorStats()
-        self._send, self._receive = trio.open_memory_channel[Request](math.inf)
+        self._early: list[Request] | None = []  # enqueued before `run`; None once running
+        self._stopped = False
         self._pending: list[Request] = []  # admitted batched calls, in arrival order
         self._in_flight: list[Request] = []
         # Ids allocated since the last tick began, wiped before that tick's calls run.
@@ -252,7 +255,7 @@ class Executor:
         self._arrived = trio.Event()
         self._forward_deadline = math.inf  # when the policy fires for the forwards now waiting
         # The runner is only ever called from this one thread, one plan at a time.
-        self._limiter = trio.CapacityLimiter(1)
+        self._worker = Worker("pie-trio executor")
         self._started = False
 
     # ---- callers -------------------------------------------------------------------------
@@ -285,11 +288,14 @@ class Executor:
         Calls enqueued one after another arrive in that order, which is what lets one caller
         keep several dependent calls in flight (see "Order between calls" in the module docstring).
         """
+        if self._stopped:
+            raise CallError("the executor is not running")
         request = Request(call, priority)
-        try:
-            self._send.send_nowait(request)  # unbounded: never blocks, keeps arrival order
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise CallError("the executor is not running") from None
+        if self._early is not None:
+            self._early.append(request)
+        else:
+            self._admit(request)
+            self._arrived.set()
         return request
 
     @property
@@ -304,37 +310,22 @@ class Executor:
         if self._started:
             raise RuntimeError("an Executor runs once")
         self._started = True
+        self._worker.start()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._intake)
-                nursery.start_soon(self._schedule)
-                task_status.started()
+            early, self._early = self._early or [], None
+            for request in early:
+                self._admit(request)
+            task_status.started()
+            await self._schedule()
         finally:
             self._shut_down()
 
     def _shut_down(self) -> None:
-        while True:
-            try:
-                self._pending.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        self._receive.close()
-        for request in self._in_flight + self._pending:
+        self._stopped = True
+        self._worker.stop()
+        for request in self._in_flight + self._pending + (self._early or []):
             request.resolve(outcome.Error(CallError("the executor stopped")))
-        self._in_flight, self._pending = [], []
-
-    async def _intake(self) -> None:
-        while True:
-            request = await self._receive.receive()
-            self._admit(request)
-            # Take the whole burst before waking the scheduler, so one tick sees all of it.
-            while True:
-                try:
-                    request = self._receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                self._admit(request)
-            self._arrived.set()
+        self._in_flight, self._pending, self._early = [], [], []
 
     def _admit(self, request: Request) -> None:
         call = request.call
@@ -422,9 +413,7 @@ class Executor:
             fresh = (sorted(self._fresh_pages), sorted(self._fresh_slots))
             self._fresh_pages, self._fresh_slots = set(), set()
             started = trio.current_time()
-            results = await trio.to_thread.run_sync(
-                self._execute, fresh, work, limiter=self._limiter
-            )
+            results = await self._worker.run(functools.partial(self._execute, fresh, work))
             took = trio.current_time() - started
             resolved, self._in_flight = len(self._in_flight), []
             self._resolve(plan, results)
