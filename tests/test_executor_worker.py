@@ -101,3 +101,26 @@ async def test_a_worker_stopped_while_running_ends_after_the_function():
     assert worker.thread is not None
     worker.thread.join(10)
     assert not worker.thread.is_alive()
+
+
+async def test_a_second_run_while_one_is_waiting_is_refused(worker):
+    entered, gate = threading.Event(), threading.Event()
+
+    def gated() -> int:
+        entered.set()
+        gate.wait(10)
+        return 1
+
+    async with trio.open_nursery() as nursery:
+        results = []
+
+        async def caller() -> None:
+            results.append(await worker.run(gated))
+
+        nursery.start_soon(caller)
+        await trio.to_thread.run_sync(entered.wait, 10)
+        with pytest.raises(RuntimeError, match="one function at a time"):
+            await worker.run(lambda: 2)
+        gate.set()
+    assert results == [1]
+    assert await worker.run(lambda: 3) == 3

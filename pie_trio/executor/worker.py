@@ -33,6 +33,7 @@ class Worker:
         self._wake.acquire()  # held while there is nothing to do: acquiring parks the thread
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._busy = False  # a `run` is waiting for its function (trio thread only)
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -52,14 +53,16 @@ class Worker:
         """`fn()` in the worker thread; its result or its exception here. Not interruptible."""
         if self._thread is None or self._stopping:
             raise RuntimeError("the worker is not running")
-        if self._job is not None:
+        if self._busy:
             raise RuntimeError("the worker runs one function at a time")
         await trio.lowlevel.checkpoint_if_cancelled()  # (no yield unless cancelled)
         task = trio.lowlevel.current_task()
 
         def deliver(result: outcome.Outcome[Any]) -> None:  # on the trio thread
+            self._busy = False
             trio.lowlevel.reschedule(task, result)
 
+        self._busy = True
         self._job = (fn, deliver)
         self._wake.release()
         result: T = await trio.lowlevel.wait_task_rescheduled(
