@@ -4,12 +4,37 @@ a running function waited for when its caller is cancelled, and no thread left a
 from __future__ import annotations
 
 import threading
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
 
 from pie_trio.executor.worker import Worker
+
+
+@asynccontextmanager
+async def gated_run(worker: Worker, value: int):
+    """A `worker.run` whose function is running, held until the block ends; yields the list
+    its result lands in (after the block)."""
+    entered, gate = threading.Event(), threading.Event()
+    results: list[int] = []
+
+    def gated() -> int:
+        entered.set()
+        gate.wait(10)
+        return value
+
+    async def caller() -> None:
+        results.append(await worker.run(gated))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        await trio.to_thread.run_sync(entered.wait, 10)
+        try:
+            yield results
+        finally:
+            gate.set()
 
 
 @pytest.fixture
@@ -80,23 +105,8 @@ async def test_a_stopped_worker_refuses_work_and_its_thread_ends():
 async def test_a_worker_stopped_while_running_ends_after_the_function():
     worker = Worker("test worker")
     worker.start()
-    entered, gate = threading.Event(), threading.Event()
-
-    def gated() -> int:
-        entered.set()
-        gate.wait(10)
-        return 7
-
-    async with trio.open_nursery() as nursery:
-        results = []
-
-        async def caller() -> None:
-            results.append(await worker.run(gated))
-
-        nursery.start_soon(caller)
-        await trio.to_thread.run_sync(entered.wait, 10)
+    async with gated_run(worker, 7) as results:
         worker.stop()
-        gate.set()
     assert results == [7]
     assert worker.thread is not None
     worker.thread.join(10)
@@ -104,23 +114,8 @@ async def test_a_worker_stopped_while_running_ends_after_the_function():
 
 
 async def test_a_second_run_while_one_is_waiting_is_refused(worker):
-    entered, gate = threading.Event(), threading.Event()
-
-    def gated() -> int:
-        entered.set()
-        gate.wait(10)
-        return 1
-
-    async with trio.open_nursery() as nursery:
-        results = []
-
-        async def caller() -> None:
-            results.append(await worker.run(gated))
-
-        nursery.start_soon(caller)
-        await trio.to_thread.run_sync(entered.wait, 10)
+    async with gated_run(worker, 1) as results:
         with pytest.raises(RuntimeError, match="one function at a time"):
             await worker.run(lambda: 2)
-        gate.set()
     assert results == [1]
     assert await worker.run(lambda: 3) == 3
