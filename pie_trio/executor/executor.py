@@ -323,9 +323,9 @@ class Executor:
     def _shut_down(self) -> None:
         self._stopped = True
         self._worker.stop()
-        for request in self._in_flight + self._pending + (self._early or []):
+        for request in self._in_flight + self._pending:
             request.resolve(outcome.Error(CallError("the executor stopped")))
-        self._in_flight, self._pending, self._early = [], [], []
+        self._in_flight, self._pending = [], []
 
     def _admit(self, request: Request) -> None:
         call = request.call
