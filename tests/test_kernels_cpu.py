@@ -7,6 +7,9 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +90,47 @@ def test_kernels_called_from_many_threads_at_once_are_exact(four_threads):
 
     with concurrent.futures.ThreadPoolExecutor(len(inputs)) as threads:
         assert all(threads.map(repeat, range(len(inputs))))
+
+
+@pytest.fixture
+def both_int4_paths():
+    """Yields whether this CPU has the AVX-512 VNNI path; the choice is restored after."""
+    chosen = cpu_kernels.vnni()
+    has_vnni = cpu_kernels.use_vnni(True)
+    yield has_vnni
+    cpu_kernels.use_vnni(chosen)
+
+
+@needs_native
+@pytest.mark.parametrize("inputs", [256, 288, 576, 1536, 64])  # whole runs of 8 blocks, tails
+def test_the_vnni_path_gives_the_avx2_results_bit_for_bit(both_int4_paths, inputs):
+    if not both_int4_paths:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    rounded = Q4Weight.quantize(randn(67, inputs, seed=15))
+    # scales as GGUF stores them (fp16), which the kernel keeps: the reference is then exact
+    weight = Q4Weight(rounded.q, rounded.scale.half().float(), rounded.offset.half().float())
+    layer = pack_q4(weight)
+    assert layer.native is not None
+    bias = randn(67, seed=16)
+    for rows in (1, 3, 4, 7, 8, 9, 12, 16, 17):
+        x = randn(rows, inputs, seed=rows) * 4
+        cpu_kernels.use_vnni(True)
+        vnni = cpu_kernels.q4_matmul(x, layer.native, bias)
+        cpu_kernels.use_vnni(False)
+        avx2 = cpu_kernels.q4_matmul(x, layer.native, bias)
+        assert torch.equal(vnni, avx2), (inputs, rows)
+        expected = x @ weight.dequantize().T + bias
+        assert (vnni - expected).abs().max() <= 1e-3 * expected.abs().max(), (inputs, rows)
+
+
+@needs_native
+def test_forced_avx2_dispatch_keeps_the_avx2_int4_path():
+    """`ATEN_CPU_CAPABILITY=avx2` (the suite's AVX2 rerun) holds the int4 kernel to AVX2 too."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    code = "from pie_trio.kernels import cpu_kernels; print(cpu_kernels.vnni())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False"]
 
 
 def _matmul_in_child(layer: cpu_kernels.NativeQ4, x: torch.Tensor) -> torch.Tensor:

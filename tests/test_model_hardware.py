@@ -1,5 +1,6 @@
 """The default device and dtype follow what the CPU computes natively, and forcing torch down to
-its AVX2 kernels (as on a CPU without AVX-512) changes the choice accordingly."""
+its AVX2 kernels (as on a CPU without AVX-512) changes the choice accordingly. Int4 weights
+compute in fp32 on every CPU, their dense copy in bf16 where the CPU has it natively."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from pie_trio.model.hardware import CpuInfo, choose_dtype
+from pie_trio.model.hardware import CpuInfo, choose_dtype, int4_dense_dtype
 
 CPU = torch.device("cpu")
 
@@ -28,6 +29,22 @@ def test_default_cpu_dtype_follows_native_bf16(monkeypatch, flags, capability, e
     choice = choose_dtype(None, CPU)
     assert choice.dtype == expected
     assert capability in choice.reason  # the log line says why
+
+
+@pytest.mark.parametrize(("flags", "capability", "copy"), [
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", torch.bfloat16),
+    ({"avx2", "avx512f", "avx512bw"}, "AVX512", torch.float32),
+    ({"avx2"}, "AVX2", torch.float32),
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", torch.float32),  # ATEN_CPU_CAPABILITY=avx2
+])
+def test_int4_weights_compute_in_fp32_on_every_cpu(monkeypatch, flags, capability, copy):
+    monkeypatch.setattr("pie_trio.model.hardware.cpu_info",
+                        lambda: CpuInfo(frozenset(flags), capability))
+    choice = choose_dtype(None, CPU, int4=True)
+    assert choice.dtype == torch.float32 and "int4" in choice.reason
+    assert int4_dense_dtype(choice.dtype) == copy
+    assert choose_dtype("bf16", CPU, int4=True).dtype == torch.bfloat16  # asked for: it wins
+    assert int4_dense_dtype(torch.bfloat16) == torch.bfloat16
 
 
 def test_an_explicit_dtype_always_wins():

@@ -39,9 +39,7 @@ SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.c"))
 HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread", "-shared", "-fPIC"]
 GROUP = 32  # weights per GGUF block
-# Within each run of eight blocks, q4_matmul.c keeps scales in this order of blocks (the order
-# its vphaddd rounds leave the blocks' sums in).
-_SCALE_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+RUN_BLOCKS = 8  # blocks q4_matmul.c interleaves (see `pack_q4`)
 
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 # Every entry point: its result type and argument types.
@@ -60,6 +58,7 @@ _SIGNATURES = {
     "shortlist_head": (None, [_pointer, _int64, _int64, _pointer, _int64, _int64,
                               ctypes.c_float, _pointer, _pointer, _pointer]),
     "decode_layers": (ctypes.c_int, [_pointer, _pointer, _pointer]),
+    "q4_matmul_use_vnni": (ctypes.c_int, [ctypes.c_int]),
 }
 # Query blocks of up to this many rows per sequence run `paged_attention` here; longer ones
 # (prefill chunks) torch's flash attention, which tiles them.
@@ -69,8 +68,8 @@ ATTENTION_MAX_QUERIES = 16
 @dataclass
 class NativeQ4:
     """A `[out, in]` weight for `q4_matmul.c`: `w = d*q + m` per block of 32 inputs, the
-    block's 32 values in 16 bytes (GGUF's nibble order), d and m fp16 (GGUF's own precision),
-    each run of eight blocks' d and m in `_SCALE_ORDER`."""
+    block's 32 values in 16 bytes (GGUF's nibble order, each whole run of eight blocks
+    interleaved: `_interleave`), d and m fp16 (GGUF's own precision)."""
 
     nibbles: torch.Tensor  # uint8 [out, in / 2]
     d: torch.Tensor  # fp16 [out, in / 32]
@@ -88,18 +87,21 @@ def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> NativeQ4 | Non
         return None
     out, inp = q.shape
     blocks = q.to(torch.uint8).view(out, inp // GROUP, 2, GROUP // 2)
-    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
-    d16, m16 = _scale_order(d.half()), _scale_order(m.half())
+    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, inp // 2)
+    d16, m16 = d.half().contiguous(), m.half().contiguous()
     if not (d16.isfinite().all() and m16.isfinite().all()):
         return None
-    return NativeQ4(nibbles, d16, m16)
+    return NativeQ4(_interleave(nibbles), d16, m16)
 
 
-def _scale_order(scales: torch.Tensor) -> torch.Tensor:
-    """Per-block scales `[out, blocks]` with each whole run of eight in `_SCALE_ORDER`."""
-    whole = scales.shape[1] // 8 * 8
-    runs = scales[:, :whole].reshape(scales.shape[0], -1, 8)[:, :, _SCALE_ORDER]
-    return torch.cat([runs.reshape(scales.shape[0], whole), scales[:, whole:]], 1).contiguous()
+def _interleave(nibbles: torch.Tensor) -> torch.Tensor:
+    """GGUF's 16 bytes per block `[out, in / 2]` with each whole run of eight blocks
+    interleaved as q4_matmul.c reads it: four stretches of 32 bytes, the n-th holding bytes
+    4n..4n+3 of each block in turn (a transpose of the run's 8 x 4 four-byte words)."""
+    out, width = nibbles.shape
+    whole = width // (RUN_BLOCKS * GROUP // 2) * (RUN_BLOCKS * GROUP // 2)
+    runs = nibbles[:, :whole].reshape(out, -1, RUN_BLOCKS, 4, 4).transpose(2, 3)
+    return torch.cat([runs.reshape(out, whole), nibbles[:, whole:]], 1).contiguous()
 
 
 def q4_matmul(x: torch.Tensor, weight: NativeQ4, bias: torch.Tensor | None) -> torch.Tensor:
@@ -384,8 +386,32 @@ def library() -> ctypes.CDLL | None:
     for name, (restype, argtypes) in _SIGNATURES.items():
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
-    log.info("native CPU kernels on (AVX2 + FMA): %s", ", ".join(s.name for s in SOURCES))
+    _vnni[0] = bool(lib.q4_matmul_use_vnni(int(_wants_vnni())))
+    log.info("native CPU kernels on (AVX2 + FMA%s): %s",
+             ", int4 with AVX-512 VNNI" if _vnni[0] else "", ", ".join(s.name for s in SOURCES))
     return lib
+
+
+_vnni = [False]  # whether q4_matmul runs its AVX-512 VNNI path
+
+
+def use_vnni(want: bool) -> bool:
+    """Run int4 projections through the AVX-512 VNNI path (`want`, where the CPU has it) or the
+    AVX2 one; returns whether VNNI is in use. Both give the same results bit for bit."""
+    lib = library()
+    _vnni[0] = lib is not None and bool(lib.q4_matmul_use_vnni(int(want)))
+    return _vnni[0]
+
+
+def vnni() -> bool:
+    """Whether int4 projections run through the AVX-512 VNNI path."""
+    return library() is not None and _vnni[0]
+
+
+def _wants_vnni() -> bool:
+    """VNNI unless torch was held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`): the test suite's AVX2
+    rerun then checks the AVX2 path on an AVX-512 machine, and the C side checks the CPU."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _compiler() -> str | None:

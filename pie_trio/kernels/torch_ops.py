@@ -38,6 +38,12 @@ class Linear:
     packed: torch.Tensor | None = None
     out_features: int = 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        weight = self.packed if self.packed is not None else self.weight
+        assert weight is not None  # a Linear holds its weight or its packed form
+        return weight.dtype
+
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """Prepare `weight` `[out, in]` (and `bias`) for `linear`."""
@@ -81,10 +87,21 @@ def _packed_linear(
 # (2 threads, SmolLM2-135M shapes) the int4 kernel beats oneDNN's fp32 matmul up to ~16-20
 # rows (2.8x at 1 row, 1.4x at 8) and loses from 24 on (2.3x slower at 128 and 512 rows).
 INT4_MAX_ROWS = 16
-# The same for the native kernel (`cpu_kernels`), whose cost grows with rows faster: one step's
-# 120 projections took 6.7 / 31 / 60 ms at 1 / 8 / 16 rows against oneDNN fp32's 29 / 40 / 51
-# (AVX2, 2 threads, 30 layers' distinct weights).
+# The same for the native kernel (`cpu_kernels`), whose cost grows with rows faster. AVX2 (one
+# step's 120 projections, 30 layers' distinct weights, 2 threads, SmolLM2-135M shapes): 6.7 / 31 /
+# 60 ms at 1 / 8 / 16 rows against oneDNN fp32's 29 / 40 / 51.
 NATIVE_INT4_MAX_ROWS = 12
+# With AVX-512 VNNI the kernel runs level with oneDNN fp32 up to ~16 rows (29 / 32 / 47 ms at 12 /
+# 16 / 24 against 30 / 33 / 41) and loses to native bf16 from ~8 (19 / 29 ms at 8 / 12 rows
+# against 17 / 22), but below 16 rows decode with the kernel still wins end to end: every layer
+# then runs in one call (`decode_layers`; 266 against 244 tokens/s at 12 rows, 278 against 259
+# at 16, 251 against 317 at 24 on an AVX-512 BF16 CPU).
+VNNI_INT4_MAX_ROWS = 16
+
+
+def native_int4_max_rows() -> int:
+    """The most rows a native `QuantLinear` runs through the kernel (more: the dense copy)."""
+    return VNNI_INT4_MAX_ROWS if cpu_kernels.vnni() else NATIVE_INT4_MAX_ROWS
 
 
 @dataclass
@@ -133,11 +150,13 @@ def pack_native_q4(
 ) -> QuantLinear:
     """Int4 weights in the native kernel's form (`cpu_kernels.pack_q4`) for `linear`."""
     return QuantLinear(None, None, bias, native.out_features, cpu_kernels.GROUP, dense,
-                       NATIVE_INT4_MAX_ROWS, native)
+                       native_int4_max_rows(), native)
 
 
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     if layer.dense is not None and x.shape[0] > layer.max_rows:
+        if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (`dense_dtype`)
+            return linear(x.to(layer.dense.dtype), layer.dense).to(x.dtype)
         return linear(x, layer.dense)
     if x.shape[0] == 0:
         return x.new_empty(0, layer.out_features)

@@ -25,6 +25,7 @@ from pie_trio.kernels import torch_ops as ops
 from pie_trio.kernels.dispatch import PagedContext
 from pie_trio.model.batch import AttentionGroup, ForwardBatch
 from pie_trio.model.config import ModelConfig
+from pie_trio.model.hardware import int4_dense_dtype
 from pie_trio.model.kv_cache import KvCache
 from pie_trio.model.quant import Q4Weight, Weight, pack_q4
 
@@ -149,12 +150,14 @@ class LlamaModel:
         """One projection from its parts, fused along the output dimension.
 
         Int4 when every part is a `Q4Weight` and the device is the CPU (the only kernel packed
-        here), with a dense copy in the compute dtype for large batches; dense otherwise.
+        here), with a dense copy for large batches (`int4_dense_dtype`); dense otherwise.
         """
         quantised = [p for p in parts if isinstance(p, Q4Weight)]
         if self.device.type == "cpu" and len(quantised) == len(parts):
             weight = Q4Weight.cat(quantised)
-            dense = ops.pack_linear(self._dense(weight), bias)
+            dtype = int4_dense_dtype(self.dtype)
+            dense = ops.pack_linear(self._dense(weight).to(dtype),
+                                    None if bias is None else bias.to(dtype))
             return pack_q4(weight, bias, dense)
         return ops.pack_linear(torch.cat([self._dense(p) for p in parts]), bias)
 
@@ -265,7 +268,7 @@ class LlamaModel:
         no native decoder (weights or dtype), more rows than the int4 kernel takes, long query
         blocks, or a tensor-parallel shard (whose layers all-reduce)."""
         if (self.native_decoder is None or self.reduce is not _whole
-                or not 0 < batch.num_rows <= ops.NATIVE_INT4_MAX_ROWS):
+                or not 0 < batch.num_rows <= self._int4_max_rows()):
             return None
         spans = []
         for group in batch.groups:
@@ -281,6 +284,11 @@ class LlamaModel:
                 context.span_start, context.length, group.mask, group.causal,
             ))  # fmt: skip
         return spans
+
+    def _int4_max_rows(self) -> int:
+        """The most rows the projections run through the int4 kernel (more: the dense copy)."""
+        qkv = self.layers[0].qkv
+        return qkv.max_rows if isinstance(qkv, ops.QuantLinear) else 0
 
     def _store_kv(
         self, batch: ForwardBatch, dtype: torch.dtype

@@ -129,9 +129,9 @@ class ModelRunner:
         dtype, "auto" picks (see `hardware.choose_weights`).
         """
         device = resolve_device(device)
-        choice = choose_dtype(dtype_for_weights(dtype, weights), device)
         weights_choice = choose_weights(weights, dtype is not None, device,
                                         projection_types(model))
+        choice = choose_dtype(dtype_for_weights(dtype, weights), device, weights_choice.int4)
         log_choice(device, choice, weights_choice)
         dtype = choice.dtype
         loaded = load_model_files(model, dtype, int4=weights_choice.int4)

@@ -14,11 +14,13 @@
  * and in its conversion to fp32 (< 2^24): llama.cpp's integer scheme with one more digit. The
  * offset term m * sum(x) uses the exact fp32 block sums.
  *
- * Blocks go eight at a time. One 32-byte load holds two blocks' nibbles; the activation
- * digits are laid out to match (the low halves of both blocks, then the high halves), and two
- * rounds of vphaddd leave the eight blocks' sums in one vector, in the order [0 2 4 6 1 3 5 7]
- * -- which is how d, m and the activations' scales and sums are stored within each group of
- * eight, so one FMA scales all eight. Blocks past the last whole group go one at a time.
+ * Blocks go eight at a time, interleaved (`cpu_kernels.pack_q4`): a group's 128 bytes are four
+ * runs of 32, and in run c the four bytes at 4j..4j+3 are bytes 4c..4c+3 of block j. One load
+ * thus holds four of each block's bytes, eight blocks side by side, and the activation digits
+ * are laid out to match: every integer product of a run lands in the int32 lane of its own
+ * block, and the group's eight block sums need no horizontal adds. (16-bit partial sums stay
+ * exact: eight vpmaddubsw results add to at most 16 * 15 * 127 per lane.) Blocks past the
+ * last whole group keep GGUF's layout and go one at a time.
  *
  * Threads (pool.c's) split the output rows.
  */
@@ -33,11 +35,10 @@
 
 #define BLOCK 32
 #define GROUP 8 /* blocks per vector of sums */
+#define RUNS 4  /* 32-byte runs of a group's nibbles */
 #define TILE 4  /* input rows sharing one unpacked group */
+#define VNNI_TILE 8 /* the same with AVX-512's 32 registers */
 #define BASE 254
-
-/* Where block j of a group goes in the group's scales and sums. */
-static inline int slot_of(int j) { return (j & 1) ? GROUP / 2 + j / 2 : j / 2; }
 
 /* The 32 lanes of four int32 vectors as int8, in order (saturating; the digits fit). */
 static inline __m256i pack_digits(const __m256i v[4]) {
@@ -76,29 +77,37 @@ static void quantize_block(const float *xb, int64_t i, int64_t groups, int8_t *h
     int8_t h8[BLOCK], l8[BLOCK];
     _mm256_storeu_si256((__m256i *)h8, pack_digits(h32));
     _mm256_storeu_si256((__m256i *)l8, pack_digits(l32));
-    int64_t low = i * BLOCK, high = low + BLOCK / 2, scale_at = i; /* a lone block: in order */
-    if (i < groups * GROUP) { /* in a pair: both blocks' low halves, then both high halves */
-        low = i / 2 * 2 * BLOCK + (i & 1) * (BLOCK / 2);
-        high = low + BLOCK;
-        scale_at = i - i % GROUP + slot_of((int)(i % GROUP));
+    if (i < groups * GROUP) { /* interleaved: element e of block j at run e % 16 / 4, lane j */
+        const int64_t base = i / GROUP * GROUP * BLOCK, j = i % GROUP;
+        for (int c = 0; c < RUNS; c++)
+            for (int half = 0; half < 2; half++) {
+                const int64_t at = base + c * 2 * BLOCK + half * BLOCK + 4 * j;
+                memcpy(hi + at, h8 + half * (BLOCK / 2) + 4 * c, 4);
+                memcpy(lo + at, l8 + half * (BLOCK / 2) + 4 * c, 4);
+            }
+    } else { /* a lone block: in order */
+        memcpy(hi + i * BLOCK, h8, BLOCK);
+        memcpy(lo + i * BLOCK, l8, BLOCK);
     }
-    memcpy(hi + low, h8, BLOCK / 2);
-    memcpy(hi + high, h8 + BLOCK / 2, BLOCK / 2);
-    memcpy(lo + low, l8, BLOCK / 2);
-    memcpy(lo + high, l8 + BLOCK / 2, BLOCK / 2);
-    dx[scale_at] = unit;
-    sums[scale_at] = hsum(total);
+    dx[i] = unit;
+    sums[i] = hsum(total);
 }
 
-/* sum(q * (254 hi + lo)) of one pair of blocks: block one's in lanes 0-3, two's in 4-7. */
-static inline __m256i pair_dot(__m256i low, __m256i high, const int8_t *hi, const int8_t *lo) {
-    const __m256i base = _mm256_set1_epi16(BASE), ones = _mm256_set1_epi16(1);
+/* The group's eight blocks' sum(q * (254 hi + lo)), block j in lane j. */
+static inline __m256i group_dot(const __m256i low[RUNS], const __m256i high[RUNS],
+                                const int8_t *hi, const int8_t *lo) {
     const __m256i *h = (const __m256i *)hi, *l = (const __m256i *)lo;
-    const __m256i sh = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(h)),
-                                        _mm256_maddubs_epi16(high, _mm256_loadu_si256(h + 1)));
-    const __m256i sl = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(l)),
-                                        _mm256_maddubs_epi16(high, _mm256_loadu_si256(l + 1)));
-    return _mm256_add_epi32(_mm256_madd_epi16(sh, base), _mm256_madd_epi16(sl, ones));
+    __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+    for (int c = 0; c < RUNS; c++) {
+        sh = _mm256_add_epi16(sh, _mm256_add_epi16(
+                 _mm256_maddubs_epi16(low[c], _mm256_loadu_si256(h + 2 * c)),
+                 _mm256_maddubs_epi16(high[c], _mm256_loadu_si256(h + 2 * c + 1))));
+        sl = _mm256_add_epi16(sl, _mm256_add_epi16(
+                 _mm256_maddubs_epi16(low[c], _mm256_loadu_si256(l + 2 * c)),
+                 _mm256_maddubs_epi16(high[c], _mm256_loadu_si256(l + 2 * c + 1))));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(sh, _mm256_set1_epi16(BASE)),
+                            _mm256_madd_epi16(sl, _mm256_set1_epi16(1)));
 }
 
 static inline __m256i unpack_single(const uint8_t *nibbles) {
@@ -109,16 +118,13 @@ static inline __m256i unpack_single(const uint8_t *nibbles) {
     return _mm256_set_m128i(high, low);
 }
 
-/* One block outside the groups, digits in natural order: sum(q * x) / dx as an int32 sum. */
-static inline float single_dot(__m256i w, const int8_t *hi, const int8_t *lo) {
-    const __m256i ones = _mm256_set1_epi16(1), base = _mm256_set1_epi16(BASE);
+/* One block outside the groups, digits in natural order: sum(q * (254 hi + lo)) in eight
+ * int32 lanes of four products each (their total is the block's). */
+static inline __m256i single_sums(__m256i w, const int8_t *hi, const int8_t *lo) {
     const __m256i h = _mm256_loadu_si256((const __m256i *)hi);
     const __m256i l = _mm256_loadu_si256((const __m256i *)lo);
-    const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, h), base),
-                                         _mm256_madd_epi16(_mm256_maddubs_epi16(w, l), ones));
-    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    return (float)_mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, h), _mm256_set1_epi16(BASE)),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(w, l), _mm256_set1_epi16(1)));
 }
 
 struct matmul {
@@ -131,53 +137,169 @@ struct matmul {
     float *y;
 };
 
+/* A group's nibbles as eight blocks' low and high values, four runs of 32 bytes each. */
+static inline __attribute__((always_inline)) void unpack_group(const uint8_t *nibbles,
+                                                               __m256i low[RUNS],
+                                                               __m256i high[RUNS]) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < RUNS; c++) {
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)nibbles + c);
+        low[c] = _mm256_and_si256(bytes, mask);
+        high[c] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    }
+}
+
+/* Adds the blocks past the last whole group (GGUF's layout, digits in order) to the rows'
+ * accumulators: lane sums scaled in place, so no horizontal add per block and row. `sums_of`
+ * is single_sums or its VNNI twin. */
+#define TAIL_BLOCKS(job, o, r, n, acc, sums_of)                                                  \
+    for (int64_t b = (job)->groups * GROUP; b < (job)->blocks; b++) {                           \
+        const int64_t blocks_ = (job)->blocks;                                                  \
+        const __m256i w = unpack_single((job)->qs + ((o) * blocks_ + b) * (BLOCK / 2));         \
+        const float db = _cvtsh_ss((job)->d[(o) * blocks_ + b]);                                \
+        const float mb = _cvtsh_ss((job)->m[(o) * blocks_ + b]);                                \
+        for (int i = 0; i < (n); i++) {                                                         \
+            const int64_t at = ((r) + i) * (job)->in + b * BLOCK, k = ((r) + i) * blocks_ + b;   \
+            const __m256 lanes = _mm256_cvtepi32_ps(sums_of(w, (job)->hi + at, (job)->lo + at)); \
+            (acc)[i] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(db * (job)->dx[k]), (acc)[i]);     \
+            /* the offset term, once: in lane 0 */                                              \
+            (acc)[i] = _mm256_add_ps((acc)[i], _mm256_setr_ps(mb * (job)->sums[k], 0, 0, 0, 0,  \
+                                                              0, 0, 0));                        \
+        }                                                                                       \
+    }
+
 /* Output row o against input rows r .. r + n - 1 (n <= TILE, a constant at each call site). */
 static inline __attribute__((always_inline)) void dot_tile(const struct matmul *job, int64_t o,
                                                            int64_t r, int n, float *result) {
     const int64_t in = job->in, blocks = job->blocks;
     const uint8_t *qs = job->qs + o * blocks * (BLOCK / 2);
     const uint16_t *d = job->d + o * blocks, *m = job->m + o * blocks;
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256 acc[TILE];
     for (int i = 0; i < n; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < job->groups; g++) {
-        __m256i low[GROUP / 2], high[GROUP / 2];
-        for (int p = 0; p < GROUP / 2; p++) {
-            const __m256i bytes =
-                _mm256_loadu_si256((const __m256i *)(qs + (g * GROUP + 2 * p) * (BLOCK / 2)));
-            low[p] = _mm256_and_si256(bytes, mask);
-            high[p] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-        }
+        __m256i low[RUNS], high[RUNS];
+        unpack_group(qs + g * GROUP * (BLOCK / 2), low, high);
         const __m256 dg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * GROUP)));
         const __m256 mg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g * GROUP)));
         for (int i = 0; i < n; i++) {
             const int64_t at = (r + i) * in + g * GROUP * BLOCK, k = (r + i) * blocks + g * GROUP;
-            const int8_t *hi = job->hi + at, *lo = job->lo + at;
-            const __m256i v0 = pair_dot(low[0], high[0], hi, lo);
-            const __m256i v1 = pair_dot(low[1], high[1], hi + 2 * BLOCK, lo + 2 * BLOCK);
-            const __m256i v2 = pair_dot(low[2], high[2], hi + 4 * BLOCK, lo + 4 * BLOCK);
-            const __m256i v3 = pair_dot(low[3], high[3], hi + 6 * BLOCK, lo + 6 * BLOCK);
-            const __m256i sums =
-                _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+            const __m256i sums = group_dot(low, high, job->hi + at, job->lo + at);
             const __m256 scale = _mm256_mul_ps(dg, _mm256_loadu_ps(job->dx + k));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i]);
             acc[i] = _mm256_fmadd_ps(mg, _mm256_loadu_ps(job->sums + k), acc[i]);
         }
     }
+    TAIL_BLOCKS(job, o, r, n, acc, single_sums);
     for (int i = 0; i < n; i++) result[i] = hsum(acc[i]);
-    for (int64_t b = job->groups * GROUP; b < blocks; b++) {
-        const __m256i w = unpack_single(qs + b * (BLOCK / 2));
-        const float db = _cvtsh_ss(d[b]), mb = _cvtsh_ss(m[b]);
+}
+
+/* dot_tile with `n` a constant in each inlined copy. */
+static void dot_tile_any(const struct matmul *job, int64_t o, int64_t r, int n, float *result) {
+    switch (n) {
+    case 4: dot_tile(job, o, r, 4, result); break;
+    case 3: dot_tile(job, o, r, 3, result); break;
+    case 2: dot_tile(job, o, r, 2, result); break;
+    default: dot_tile(job, o, r, 1, result); break;
+    }
+}
+
+/* -- AVX-512 VNNI ------------------------------------------------------------------------
+ * vpdpbusd multiplies four unsigned bytes by four signed ones and adds the four products to an
+ * int32 lane: one instruction where AVX2 needs vpmaddubsw and a 16-bit add (and, once per
+ * group, vpmaddwd). The block sums are exact integers either way, combined into the same
+ * int32 before the same float arithmetic, so this path's results are AVX2's bit for bit.
+ * EVEX encoding has 32 vector registers: eight input rows share one unpacked group. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
+
+static inline __attribute__((always_inline)) VNNI_TARGET __m256i
+group_dot_vnni(const __m256i low[RUNS], const __m256i high[RUNS], const int8_t *hi,
+               const int8_t *lo) {
+    const __m256i *h = (const __m256i *)hi, *l = (const __m256i *)lo;
+    /* four chains (digit x low / high nibbles), each half as long as one per digit */
+    __m256i hl = _mm256_setzero_si256(), hh = hl, ll = hl, lh = hl;
+    for (int c = 0; c < RUNS; c++) {
+        hl = _mm256_dpbusd_epi32(hl, low[c], _mm256_loadu_si256(h + 2 * c));
+        hh = _mm256_dpbusd_epi32(hh, high[c], _mm256_loadu_si256(h + 2 * c + 1));
+        ll = _mm256_dpbusd_epi32(ll, low[c], _mm256_loadu_si256(l + 2 * c));
+        lh = _mm256_dpbusd_epi32(lh, high[c], _mm256_loadu_si256(l + 2 * c + 1));
+    }
+    const __m256i sh = _mm256_add_epi32(hl, hh), sl = _mm256_add_epi32(ll, lh);
+    /* 254 sh + sl = 256 sh - 2 sh + sl */
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(sh, 8), _mm256_slli_epi32(sh, 1)),
+                            sl);
+}
+
+static inline __attribute__((always_inline)) VNNI_TARGET __m256i
+single_sums_vnni(__m256i w, const int8_t *hi, const int8_t *lo) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m256i sh = _mm256_dpbusd_epi32(zero, w, _mm256_loadu_si256((const __m256i *)hi));
+    const __m256i sl = _mm256_dpbusd_epi32(zero, w, _mm256_loadu_si256((const __m256i *)lo));
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(sh, 8), _mm256_slli_epi32(sh, 1)),
+                            sl);
+}
+
+static inline __attribute__((always_inline)) VNNI_TARGET void
+dot_tile_vnni(const struct matmul *job, int64_t o, int64_t r, int n, float *result) {
+    const int64_t in = job->in, blocks = job->blocks;
+    const uint8_t *qs = job->qs + o * blocks * (BLOCK / 2);
+    const uint16_t *d = job->d + o * blocks, *m = job->m + o * blocks;
+    __m256 acc[VNNI_TILE];
+    for (int i = 0; i < n; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < job->groups; g++) {
+        __m256i low[RUNS], high[RUNS];
+        unpack_group(qs + g * GROUP * (BLOCK / 2), low, high);
+        const __m256 dg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * GROUP)));
+        const __m256 mg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g * GROUP)));
         for (int i = 0; i < n; i++) {
-            const int64_t at = (r + i) * in + b * BLOCK, k = (r + i) * blocks + b;
-            result[i] += single_dot(w, job->hi + at, job->lo + at) * (db * job->dx[k]) +
-                         mb * job->sums[k];
+            const int64_t at = (r + i) * in + g * GROUP * BLOCK, k = (r + i) * blocks + g * GROUP;
+            const __m256i sums = group_dot_vnni(low, high, job->hi + at, job->lo + at);
+            const __m256 scale = _mm256_mul_ps(dg, _mm256_loadu_ps(job->dx + k));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i]);
+            acc[i] = _mm256_fmadd_ps(mg, _mm256_loadu_ps(job->sums + k), acc[i]);
         }
     }
+    TAIL_BLOCKS(job, o, r, n, acc, single_sums_vnni);
+    for (int i = 0; i < n; i++) result[i] = hsum(acc[i]);
+}
+
+static VNNI_TARGET void dot_tile_vnni_any(const struct matmul *job, int64_t o, int64_t r, int n,
+                                          float *result) {
+    switch (n) {
+    case 8: dot_tile_vnni(job, o, r, 8, result); break;
+    case 7: dot_tile_vnni(job, o, r, 7, result); break;
+    case 6: dot_tile_vnni(job, o, r, 6, result); break;
+    case 5: dot_tile_vnni(job, o, r, 5, result); break;
+    case 4: dot_tile_vnni(job, o, r, 4, result); break;
+    case 3: dot_tile_vnni(job, o, r, 3, result); break;
+    case 2: dot_tile_vnni(job, o, r, 2, result); break;
+    default: dot_tile_vnni(job, o, r, 1, result); break;
+    }
+}
+
+/* -- the threads' shares ---------------------------------------------------------------- */
+
+/* Output row o against input rows r .. r + n - 1, n at most the tile the function was made for. */
+typedef void (*tile_fn)(const struct matmul *job, int64_t o, int64_t r, int n, float *result);
+
+static tile_fn tile_function = dot_tile_any; /* q4_matmul_use_vnni may choose VNNI's */
+static int tile_rows = TILE;
+
+/* Use the AVX-512 VNNI path (`want` nonzero) where the CPU and the OS support it, else AVX2's;
+ * returns 1 if the VNNI path is now in use. Until called, the AVX2 path runs. */
+int q4_matmul_use_vnni(int want) {
+    __builtin_cpu_init();
+    const int vnni = want && __builtin_cpu_supports("avx512f") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vnni");
+    tile_function = vnni ? dot_tile_vnni_any : dot_tile_any;
+    tile_rows = vnni ? VNNI_TILE : TILE;
+    return vnni;
 }
 
 static void matmul_part(void *context, int index, int parts) {
     const struct matmul *job = context;
+    const tile_fn tile = tile_function;
+    const int64_t tile_size = tile_rows;
     int64_t first, last;
     pool_share(job->out, index, parts, &first, &last);
     const int64_t row_bytes = job->blocks * (BLOCK / 2);
@@ -188,15 +310,10 @@ static void matmul_part(void *context, int index, int parts) {
             for (int64_t b = 0; b < row_bytes; b += 64)
                 _mm_prefetch((const char *)job->qs + (o + 2) * row_bytes + b, _MM_HINT_T0);
         const float b_o = job->bias ? job->bias[o] : 0.0f;
-        for (int64_t r = 0; r < job->rows; r += TILE) {
-            float result[TILE];
-            const int64_t n = job->rows - r < TILE ? job->rows - r : TILE;
-            switch (n) {
-            case 4: dot_tile(job, o, r, 4, result); break;
-            case 3: dot_tile(job, o, r, 3, result); break;
-            case 2: dot_tile(job, o, r, 2, result); break;
-            default: dot_tile(job, o, r, 1, result); break;
-            }
+        for (int64_t r = 0; r < job->rows; r += tile_size) {
+            float result[VNNI_TILE];
+            const int64_t n = job->rows - r < tile_size ? job->rows - r : tile_size;
+            tile(job, o, r, (int)n, result);
             for (int64_t i = 0; i < n; i++) job->y[(r + i) * job->out + o] = result[i] + b_o;
         }
     }
