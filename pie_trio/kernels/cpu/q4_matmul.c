@@ -149,48 +149,50 @@ static inline __attribute__((always_inline)) void unpack_group(const uint8_t *ni
     }
 }
 
-/* Adds the blocks past the last whole group (GGUF's layout, digits in order) to the rows'
- * accumulators: lane sums scaled in place, so no horizontal add per block and row. `sums_of`
- * is single_sums or its VNNI twin. */
-#define TAIL_BLOCKS(job, o, r, n, acc, sums_of)                                                  \
-    for (int64_t b = (job)->groups * GROUP; b < (job)->blocks; b++) {                           \
-        const int64_t blocks_ = (job)->blocks;                                                  \
-        const __m256i w = unpack_single((job)->qs + ((o) * blocks_ + b) * (BLOCK / 2));         \
-        const float db = _cvtsh_ss((job)->d[(o) * blocks_ + b]);                                \
-        const float mb = _cvtsh_ss((job)->m[(o) * blocks_ + b]);                                \
-        for (int i = 0; i < (n); i++) {                                                         \
-            const int64_t at = ((r) + i) * (job)->in + b * BLOCK, k = ((r) + i) * blocks_ + b;   \
-            const __m256 lanes = _mm256_cvtepi32_ps(sums_of(w, (job)->hi + at, (job)->lo + at)); \
-            (acc)[i] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(db * (job)->dx[k]), (acc)[i]);     \
-            /* the offset term, once: in lane 0 */                                              \
-            (acc)[i] = _mm256_add_ps((acc)[i], _mm256_setr_ps(mb * (job)->sums[k], 0, 0, 0, 0,  \
-                                                              0, 0, 0));                        \
+/* Output row o against input rows r .. r + n - 1 into result[0 .. n - 1], `tile` rows at most,
+ * through `group_dot_of` (a whole run of eight blocks) and `single_sums_of` (a block past the
+ * last whole run: GGUF's layout, digits in order); one body for the AVX2 and VNNI paths. The
+ * blocks past the last run add their lane sums scaled in place, with no horizontal add per
+ * block and row, and their offset terms in lane 0. */
+#define DOT_TILE(job, o, r, n, result, tile, group_dot_of, single_sums_of)                        \
+    do {                                                                                        \
+        const int64_t in = (job)->in, blocks = (job)->blocks;                                  \
+        const uint8_t *qs = (job)->qs + (o) * blocks * (BLOCK / 2);                             \
+        const uint16_t *d = (job)->d + (o) * blocks, *m = (job)->m + (o) * blocks;              \
+        __m256 acc[tile];                                                                       \
+        for (int i = 0; i < (n); i++) acc[i] = _mm256_setzero_ps();                             \
+        for (int64_t g = 0; g < (job)->groups; g++) {                                           \
+            __m256i low[RUNS], high[RUNS];                                                      \
+            unpack_group(qs + g * GROUP * (BLOCK / 2), low, high);                              \
+            const __m256 dg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * GROUP))); \
+            const __m256 mg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g * GROUP))); \
+            for (int i = 0; i < (n); i++) {                                                     \
+                const int64_t at = ((r) + i) * in + g * GROUP * BLOCK;                          \
+                const int64_t k = ((r) + i) * blocks + g * GROUP;                               \
+                const __m256i sums = group_dot_of(low, high, (job)->hi + at, (job)->lo + at);   \
+                const __m256 scale = _mm256_mul_ps(dg, _mm256_loadu_ps((job)->dx + k));         \
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i]);              \
+                acc[i] = _mm256_fmadd_ps(mg, _mm256_loadu_ps((job)->sums + k), acc[i]);         \
+            }                                                                                   \
         }                                                                                       \
-    }
+        for (int64_t b = (job)->groups * GROUP; b < blocks; b++) {                              \
+            const __m256i w = unpack_single(qs + b * (BLOCK / 2));                              \
+            const float db = _cvtsh_ss(d[b]), mb = _cvtsh_ss(m[b]);                             \
+            for (int i = 0; i < (n); i++) {                                                     \
+                const int64_t at = ((r) + i) * in + b * BLOCK, k = ((r) + i) * blocks + b;      \
+                const __m256 lanes =                                                            \
+                    _mm256_cvtepi32_ps(single_sums_of(w, (job)->hi + at, (job)->lo + at));      \
+                acc[i] = _mm256_fmadd_ps(lanes, _mm256_set1_ps(db * (job)->dx[k]), acc[i]);     \
+                acc[i] = _mm256_add_ps(acc[i], _mm256_setr_ps(mb * (job)->sums[k], 0, 0, 0, 0,  \
+                                                              0, 0, 0));                        \
+            }                                                                                   \
+        }                                                                                       \
+        for (int i = 0; i < (n); i++) (result)[i] = hsum(acc[i]);                               \
+    } while (0)
 
-/* Output row o against input rows r .. r + n - 1 (n <= TILE, a constant at each call site). */
 static inline __attribute__((always_inline)) void dot_tile(const struct matmul *job, int64_t o,
                                                            int64_t r, int n, float *result) {
-    const int64_t in = job->in, blocks = job->blocks;
-    const uint8_t *qs = job->qs + o * blocks * (BLOCK / 2);
-    const uint16_t *d = job->d + o * blocks, *m = job->m + o * blocks;
-    __m256 acc[TILE];
-    for (int i = 0; i < n; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < job->groups; g++) {
-        __m256i low[RUNS], high[RUNS];
-        unpack_group(qs + g * GROUP * (BLOCK / 2), low, high);
-        const __m256 dg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * GROUP)));
-        const __m256 mg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g * GROUP)));
-        for (int i = 0; i < n; i++) {
-            const int64_t at = (r + i) * in + g * GROUP * BLOCK, k = (r + i) * blocks + g * GROUP;
-            const __m256i sums = group_dot(low, high, job->hi + at, job->lo + at);
-            const __m256 scale = _mm256_mul_ps(dg, _mm256_loadu_ps(job->dx + k));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i]);
-            acc[i] = _mm256_fmadd_ps(mg, _mm256_loadu_ps(job->sums + k), acc[i]);
-        }
-    }
-    TAIL_BLOCKS(job, o, r, n, acc, single_sums);
-    for (int i = 0; i < n; i++) result[i] = hsum(acc[i]);
+    DOT_TILE(job, o, r, n, result, TILE, group_dot, single_sums);
 }
 
 /* dot_tile with `n` a constant in each inlined copy. */
@@ -240,26 +242,7 @@ single_sums_vnni(__m256i w, const int8_t *hi, const int8_t *lo) {
 
 static inline __attribute__((always_inline)) VNNI_TARGET void
 dot_tile_vnni(const struct matmul *job, int64_t o, int64_t r, int n, float *result) {
-    const int64_t in = job->in, blocks = job->blocks;
-    const uint8_t *qs = job->qs + o * blocks * (BLOCK / 2);
-    const uint16_t *d = job->d + o * blocks, *m = job->m + o * blocks;
-    __m256 acc[VNNI_TILE];
-    for (int i = 0; i < n; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < job->groups; g++) {
-        __m256i low[RUNS], high[RUNS];
-        unpack_group(qs + g * GROUP * (BLOCK / 2), low, high);
-        const __m256 dg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * GROUP)));
-        const __m256 mg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g * GROUP)));
-        for (int i = 0; i < n; i++) {
-            const int64_t at = (r + i) * in + g * GROUP * BLOCK, k = (r + i) * blocks + g * GROUP;
-            const __m256i sums = group_dot_vnni(low, high, job->hi + at, job->lo + at);
-            const __m256 scale = _mm256_mul_ps(dg, _mm256_loadu_ps(job->dx + k));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i]);
-            acc[i] = _mm256_fmadd_ps(mg, _mm256_loadu_ps(job->sums + k), acc[i]);
-        }
-    }
-    TAIL_BLOCKS(job, o, r, n, acc, single_sums_vnni);
-    for (int i = 0; i < n; i++) result[i] = hsum(acc[i]);
+    DOT_TILE(job, o, r, n, result, VNNI_TILE, group_dot_vnni, single_sums_vnni);
 }
 
 static VNNI_TARGET void dot_tile_vnni_any(const struct matmul *job, int64_t o, int64_t r, int n,
