@@ -229,8 +229,8 @@ NEAR_TIE = 0.1
 
 @pytest.fixture(scope="module")
 def int4_runner():
-    runner = load_real_runner("default")  # int4 on any CPU for this Q4_1 file
-    assert runner.info.weights == "int4"
+    runner = load_real_runner("default")  # int4 on any CPU for this Q4_1 file, fp32 around it
+    assert runner.info.weights == "int4" and runner.info.dtype == "float32"
     return runner
 
 

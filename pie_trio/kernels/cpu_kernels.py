@@ -386,26 +386,27 @@ def library() -> ctypes.CDLL | None:
     for name, (restype, argtypes) in _SIGNATURES.items():
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = argtypes
-    _vnni[0] = bool(lib.q4_matmul_use_vnni(int(_wants_vnni())))
+    vnni = use_vnni(_wants_vnni(), lib)
     log.info("native CPU kernels on (AVX2 + FMA%s): %s",
-             ", int4 with AVX-512 VNNI" if _vnni[0] else "", ", ".join(s.name for s in SOURCES))
+             ", int4 with AVX-512 VNNI" if vnni else "", ", ".join(s.name for s in SOURCES))
     return lib
 
 
-_vnni = [False]  # whether q4_matmul runs its AVX-512 VNNI path
+_vnni_on = False  # whether q4_matmul runs its AVX-512 VNNI path
 
 
-def use_vnni(want: bool) -> bool:
+def use_vnni(want: bool, lib: ctypes.CDLL | None = None) -> bool:
     """Run int4 projections through the AVX-512 VNNI path (`want`, where the CPU has it) or the
     AVX2 one; returns whether VNNI is in use. Both give the same results bit for bit."""
-    lib = library()
-    _vnni[0] = lib is not None and bool(lib.q4_matmul_use_vnni(int(want)))
-    return _vnni[0]
+    global _vnni_on
+    lib = lib or library()
+    _vnni_on = lib is not None and bool(lib.q4_matmul_use_vnni(int(want)))
+    return _vnni_on
 
 
 def vnni() -> bool:
     """Whether int4 projections run through the AVX-512 VNNI path."""
-    return library() is not None and _vnni[0]
+    return library() is not None and _vnni_on
 
 
 def _wants_vnni() -> bool:

@@ -155,7 +155,7 @@ def pack_native_q4(
 
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     if layer.dense is not None and x.shape[0] > layer.max_rows:
-        if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (`dense_dtype`)
+        if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (see docs/model.md)
             return linear(x.to(layer.dense.dtype), layer.dense).to(x.dtype)
         return linear(x, layer.dense)
     if x.shape[0] == 0:
