@@ -91,11 +91,11 @@ INT4_MAX_ROWS = 16
 # step's 120 projections, 30 layers' distinct weights, 2 threads, SmolLM2-135M shapes): 6.7 / 31 /
 # 60 ms at 1 / 8 / 16 rows against oneDNN fp32's 29 / 40 / 51.
 NATIVE_INT4_MAX_ROWS = 12
-# With AVX-512 VNNI the kernel runs level with oneDNN fp32 up to ~16 rows (29 / 32 / 47 ms at 12 /
-# 16 / 24 against 30 / 33 / 41) and loses to native bf16 from ~8 (19 / 29 ms at 8 / 12 rows
-# against 17 / 22), but below 16 rows decode with the kernel still wins end to end: every layer
-# then runs in one call (`decode_layers`; 266 against 244 tokens/s at 12 rows, 278 against 259
-# at 16, 251 against 317 at 24 on an AVX-512 BF16 CPU).
+# With AVX-512 VNNI the kernel beats oneDNN fp32 up to ~24 rows (12 / 24 / 31 ms at 8 / 16 / 24
+# rows against 24 / 28 / 37) and native bf16 up to ~8 (12 against 14 ms; 19 against 16 at 12),
+# but up to 16 rows decode with the kernel still wins end to end: every layer then runs in one
+# call (`decode_layers`; 266 against 244 tokens/s at 12 rows, 278 against 259 at 16, 251
+# against 317 at 24 on an AVX-512 BF16 CPU).
 VNNI_INT4_MAX_ROWS = 16
 
 

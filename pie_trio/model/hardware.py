@@ -125,7 +125,7 @@ def choose_dtype(dtype: str | torch.dtype | None, device: torch.device,
 def int4_dense_dtype(compute: torch.dtype) -> torch.dtype:
     """The dtype of an int4 projection's dense copy, which runs the batches too large for the
     int4 kernel (prefill chunks, big decode batches): bf16 where the CPU computes it natively
-    (one step's projections at 32 rows took 29 ms against fp32's 47 on an AVX-512 BF16 CPU),
+    (one step's projections at 32 rows took 29 ms against fp32's 49 on an AVX-512 BF16 CPU),
     else the compute dtype."""
     if compute == torch.float32 and cpu_info().native_bf16:
         return torch.bfloat16
