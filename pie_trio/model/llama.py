@@ -156,7 +156,7 @@ class LlamaModel:
         if self.device.type == "cpu" and len(quantised) == len(parts):
             weight = Q4Weight.cat(quantised)
             dtype = int4_dense_dtype(self.dtype)
-            dense = ops.pack_linear(self._dense(weight).to(dtype),
+            dense = ops.pack_linear(self._dense(weight, dtype),
                                     None if bias is None else bias.to(dtype))
             return pack_q4(weight, bias, dense)
         return ops.pack_linear(torch.cat([self._dense(p) for p in parts]), bias)
@@ -197,10 +197,11 @@ class LlamaModel:
                                          cfg.rms_norm_eps, self.scale, self.rope_cos,
                                          self.rope_sin)
 
-    def _dense(self, weight: Weight) -> torch.Tensor:
+    def _dense(self, weight: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`weight` dense on the model's device, in `dtype` (default: the compute dtype)."""
         if isinstance(weight, Q4Weight):
             weight = weight.dequantize()
-        return weight.to(device=self.device, dtype=self.dtype).contiguous()
+        return weight.to(device=self.device, dtype=dtype or self.dtype).contiguous()
 
     @property
     def weights(self) -> str:

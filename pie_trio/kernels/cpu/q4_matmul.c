@@ -213,6 +213,12 @@ static void dot_tile_any(const struct matmul *job, int64_t o, int64_t r, int n, 
  * EVEX encoding has 32 vector registers: eight input rows share one unpacked group. */
 #define VNNI_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 
+/* 254 sh + sl (= 256 sh - 2 sh + sl) from the high and low digits' int32 sums, exact. */
+static inline __m256i digits_total(__m256i sh, __m256i sl) {
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(sh, 8), _mm256_slli_epi32(sh, 1)),
+                            sl);
+}
+
 static inline __attribute__((always_inline)) VNNI_TARGET __m256i
 group_dot_vnni(const __m256i low[RUNS], const __m256i high[RUNS], const int8_t *hi,
                const int8_t *lo) {
@@ -225,10 +231,7 @@ group_dot_vnni(const __m256i low[RUNS], const __m256i high[RUNS], const int8_t *
         ll = _mm256_dpbusd_epi32(ll, low[c], _mm256_loadu_si256(l + 2 * c));
         lh = _mm256_dpbusd_epi32(lh, high[c], _mm256_loadu_si256(l + 2 * c + 1));
     }
-    const __m256i sh = _mm256_add_epi32(hl, hh), sl = _mm256_add_epi32(ll, lh);
-    /* 254 sh + sl = 256 sh - 2 sh + sl */
-    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(sh, 8), _mm256_slli_epi32(sh, 1)),
-                            sl);
+    return digits_total(_mm256_add_epi32(hl, hh), _mm256_add_epi32(ll, lh));
 }
 
 static inline __attribute__((always_inline)) VNNI_TARGET __m256i
@@ -236,8 +239,7 @@ single_sums_vnni(__m256i w, const int8_t *hi, const int8_t *lo) {
     const __m256i zero = _mm256_setzero_si256();
     const __m256i sh = _mm256_dpbusd_epi32(zero, w, _mm256_loadu_si256((const __m256i *)hi));
     const __m256i sl = _mm256_dpbusd_epi32(zero, w, _mm256_loadu_si256((const __m256i *)lo));
-    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(sh, 8), _mm256_slli_epi32(sh, 1)),
-                            sl);
+    return digits_total(sh, sl);
 }
 
 static inline __attribute__((always_inline)) VNNI_TARGET void
