@@ -379,6 +379,36 @@ async def test_pages_named_by_a_call_in_flight_stay_allocated(stalled_stack):
     await b.close()
 
 
+async def test_requests_behind_a_forward_run_without_a_task_wait_their_turn(stack):
+    """A forward on an idle queue is submitted in the guest's crossing, with no task; what
+    follows it on the queue starts only once it is answered, and it leaves nothing held."""
+    a = stack.controller.attach("a")
+    pages = await ok(a, "alloc_pages", count=1)
+    order: list[str] = []
+
+    def on_done(name):
+        return lambda response: order.append(name if "ok" in response else response["error"])
+
+    first = {"op": "forward", "queue": 0, "pages": pages, "last_page_len": 3,
+             "positions": [0, 1, 2], "tokens": prompt(3)}
+    second = {**first, "last_page_len": 4, "positions": [3], "tokens": [prompt(4)[3]]}
+    a.start_request(first, on_done("first"))
+    assert stack.executor.queued == 1  # submitted before start_request returned
+    a.start_request({"op": "synchronize", "queue": 0}, on_done("synchronize"))
+    a.start_request(second, on_done("second"))
+    a.start_request({**first, "queue": 7}, on_done("bad queue"))
+    assert stack.executor.queued == 1  # the rest wait for the first, on the queue
+    with trio.fail_after(30):
+        while len(order) < 4:
+            await trio.sleep(0.01)
+    refused = "forward: queue 7 is not held by this instance"
+    assert [name for name in order if name != refused] == ["first", "synchronize", "second"]
+    assert refused in order
+    assert a.context.residency.active == 0
+    await a.close()
+    assert (await settled(stack))["pages_in_use"] == 0
+
+
 async def test_close_during_shutdown_does_not_hang(tiny_runner):
     """As the runtime does it: a shielded close() while the whole server is being cancelled."""
     answers: list[dict] = []

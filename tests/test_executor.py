@@ -383,6 +383,35 @@ async def test_a_queued_call_on_pages_freed_meanwhile_fails():
         assert isinstance(results[0], CallError) and "not allocated" in str(results[0])
 
 
+async def test_a_call_enqueued_with_a_callback_is_answered_through_it_or_abandoned():
+    runner = Gated(make_tiny_runner())
+    executor = Executor(runner)
+    async with running(executor):
+        [a_page] = await executor.submit(AllocPages("a", 1))
+        [b_page] = await executor.submit(AllocPages("b", 1))
+        outcomes: dict[str, object] = {}
+
+        def record(name):
+            return lambda result: outcomes.setdefault(name, result)
+
+        # A bad call is answered before `then` is even called: the callback runs at once.
+        executor.enqueue(prefill("a", [b_page], [5]), 0).then(record("forged"))
+        assert "not allocated" in str(outcomes["forged"].error)
+        runner.close()
+        executor.enqueue(prefill("a", [a_page], [5, 6]), 0).then(record("good"))
+        await runner.wait_entered()
+        abandoned = executor.enqueue(prefill("b", [b_page], [7, 8]), 0)
+        abandoned.then(record("abandoned"))
+        await wait_queued(executor, 1)
+        abandoned.abandon()
+        runner.open()
+        # A later call is answered after a plan that skipped the abandoned one.
+        await executor.submit(replace(prefill("a", [a_page], [5, 6, 7]), output_indices=[]))
+        assert outcomes["good"].unwrap().tokens is not None
+        assert "abandoned" not in outcomes and executor.queued == 0
+        assert executor.stats.forward_calls == {1: 2}  # the abandoned call never ran
+
+
 # ---- batching policies --------------------------------------------------------------------------
 
 

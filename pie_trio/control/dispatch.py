@@ -8,7 +8,12 @@ their op's list (plus `op` and `queue`), so a misspelt optional field is reporte
 silently ignored. Handlers receive the instance's `InstanceContext`, the request's `Fields` and
 the priority of the queue it runs on.
 
-Most handlers are coroutines and run in a task of their own (or their queue's). The few that
+Most handlers are coroutines and run in a task of their own (or their queue's). `forward`, the
+op of every generation step, can also start with no task at all (`Op.start`, `start`): checked
+and submitted in the guest's crossing, answered from the executor's callback, when nothing
+ahead of it on its queue is running (instance.py decides) — a task's passes through trio's
+loop and the channel of its queue cost about as much of the trio thread as the rest of the
+step. The few that
 never wait (`ImmediateOp`: ping, clock, the store, model_info) are answered on the spot by
 `answer_now` when the request names no queue: no task, no extra pass of trio's loop, which is
 most of what a guest's round trip through the control layer costs. Those that touch no shared
@@ -18,10 +23,13 @@ on the guest's own thread, with no crossing to the trio thread at all.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import outcome
 
 from pie_trio.control import (
     clock,
@@ -45,12 +53,18 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[InstanceContext, Fields, int], Awaitable[Any]]
 ImmediateHandler = Callable[[InstanceContext, Fields, int], Any]
+OnOutcome = Callable[[outcome.Outcome[Any]], None]
+Abandon = Callable[[], None]
+# Starts a request with no task: returns how to abandon it, or None (having done nothing) when
+# this request needs the handler's task after all.
+StartHandler = Callable[[InstanceContext, Fields, int, OnOutcome], "Abandon | None"]
 
 
 @dataclass(frozen=True)
 class Op:
     handler: Handler
     fields: tuple[str, ...] = ()
+    start: StartHandler | None = None  # the handler's work without a task, where it can
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,8 @@ OPS: dict[str, Op | ImmediateOp] = {
     "mask_kv": Op(inference.mask_kv, ("page", "slots", "masked")),
     "forward": Op(inference.forward,
                   ("pages", "last_page_len", "positions", "tokens", "slots", "masks", "outputs",
-                   "top_k", "sampler", "vocab_mask", "logit_bias", "token_bytes")),
+                   "top_k", "sampler", "vocab_mask", "logit_bias", "token_bytes"),
+                  start=inference.start_forward),
     "embed": Op(inference.embed, ("tokens", "slots")),
     "tokenize": Op(model_view.tokenize, ("text",)),
     "detokenize": Op(model_view.detokenize, ("tokens",)),
@@ -147,6 +162,43 @@ async def answer(ctx: InstanceContext, request: Any, queue: Queue | None) -> Res
     return {"ok": value}
 
 
+def starts_without_task(request: dict[str, Any]) -> bool:
+    """Whether the request's op may run with no task of its own (`start`)."""
+    name = request.get("op")
+    op = OPS.get(name) if isinstance(name, str) else None
+    return isinstance(op, Op) and op.start is not None
+
+
+def start(ctx: InstanceContext, request: dict[str, Any], priority: int,
+          finish: Callable[[Response], None]) -> Abandon | None:
+    """Start a request for an op with `Op.start` and no task: `finish(response)` is called
+    once, now (a refused field) or from the executor's answer. Returns the function that
+    abandons it (`finish` is not called then), or None, with nothing done, where the request
+    needs a task after all (run it with `run`)."""
+    name = str(request["op"])
+    op = OPS[name]
+    assert isinstance(op, Op) and op.start is not None
+
+    def answered(result: outcome.Outcome[Any]) -> None:
+        if isinstance(result, outcome.Value):
+            finish({"ok": result.value})
+        elif isinstance(result, outcome.Error):
+            error = result.error
+            finish(_failure(ctx, name, error if isinstance(error, Exception)
+                            else RuntimeError(repr(error))))
+
+    try:
+        _check_known_fields(op, request)
+        return op.start(ctx, Fields(request), priority, answered)
+    except Exception as exc:
+        finish(_failure(ctx, name, exc))
+        return _answered
+
+
+def _answered() -> None:
+    """Abandoning a request answered already: nothing to do."""
+
+
 def answer_now(ctx: InstanceContext, request: Any, *, stateless: bool = False) -> Response | None:
     """The response to a request for an immediate op that names no queue, computed now; None
     for any other request (it goes through `run`). With `stateless`, only for the ops any
@@ -189,10 +241,18 @@ def _lookup(request: Any) -> tuple[str, Op | ImmediateOp]:
 
 
 def _check_known_fields(op: Op | ImmediateOp, request: dict[str, Any]) -> None:
+    if request.keys() <= _allowed(op):
+        return
     unknown = sorted(str(k) for k in request if k not in op.fields and k not in ("op", "queue"))
     if unknown:
         expected = ", ".join(op.fields + ("queue",))
         raise ControlError(f"unknown field {unknown[0]!r}; expected some of: {expected}")
+
+
+@functools.cache
+def _allowed(op: Op | ImmediateOp) -> frozenset[str]:
+    """Every field a request for `op` may carry (looked up once per op: this runs per step)."""
+    return frozenset((*op.fields, "op", "queue"))
 
 
 def _check_queue_field(request: dict[str, Any]) -> None:

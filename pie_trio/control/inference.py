@@ -15,7 +15,11 @@ advances the matcher when the result comes back; the answer says whether the mat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import outcome
 
 from pie_trio.control.context import InstanceContext
 from pie_trio.control.fields import ControlError, Fields, distinct, is_int, type_name
@@ -44,7 +48,19 @@ def written_pages(num_pages: int, last_page_len: int, num_inputs: int,
     return [(j, max(0, start - j * page_size)) for j in range(first, num_pages)]
 
 
-async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, Any]:
+@dataclass
+class _ForwardRequest:
+    """A forward request whose fields are checked, before its ids are resolved."""
+
+    call: Forward  # kv_pages and embed_slots still to fill in (`_bind`)
+    page_vids: list[int]
+    slot_vids: list[int] | None
+    written: list[tuple[int, int]]  # `written_pages` of the call
+    matcher_id: int | None
+    with_bytes: bool
+
+
+def _parse_forward(ctx: InstanceContext, f: Fields) -> _ForwardRequest:
     page_size = ctx.model.info.page_size
     vids = f.int_list("pages")
     if not vids:
@@ -72,24 +88,73 @@ async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, A
         vocab_mask=f.blob("vocab_mask", None),
         logit_bias=_logit_bias(f),
     )
-    matcher_id = _matcher_id(f, call)
-    with_bytes = f.flag("token_bytes", False)
-    vocab = await ctx.model.vocab() if with_bytes else None  # computed once per server
+    return _ForwardRequest(call, vids, slot_vids,
+                           written_pages(len(vids), last_page_len, num_inputs, page_size),
+                           _matcher_id(f, call), f.flag("token_bytes", False))
+
+
+def _check_held(ctx: InstanceContext, request: _ForwardRequest) -> None:
+    """Every id the request names is the instance's (before anything is copied for it)."""
+    ctx.pages.resolve(request.page_vids)
+    ctx.slots.resolve(request.slot_vids or [])
+    if request.matcher_id is not None:
+        ctx.grammars.matcher(request.matcher_id)
+
+
+def _bind(ctx: InstanceContext, request: _ForwardRequest) -> Forward:
+    """The call, naming the physical pages and slots the request's ids stand for now."""
+    call = request.call
+    call.kv_pages = ctx.pages.resolve(request.page_vids)
+    if request.slot_vids is not None:
+        call.embed_slots = ctx.slots.resolve(request.slot_vids)
+    return call
+
+
+async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, Any]:
+    request = _parse_forward(ctx, f)
+    vocab = await ctx.model.vocab() if request.with_bytes else None  # computed once per server
     # Every id must be held before anything is copied; resolve again after the copies, which
     # may remap pages (and a concurrent request of the instance may have freed something).
-    ctx.pages.resolve(vids)
-    ctx.slots.resolve(slot_vids or [])
-    if matcher_id is not None:
-        ctx.grammars.matcher(matcher_id)  # held, likewise
-    for index, keep_rows in written_pages(len(vids), last_page_len, num_inputs, page_size):
-        await make_private(ctx, vids[index], keep_rows, priority)
-    call.kv_pages = ctx.pages.resolve(vids)
-    if slot_vids is not None:
-        call.embed_slots = ctx.slots.resolve(slot_vids)
-    if matcher_id is not None:
-        value = await _run_constrained(ctx, call, matcher_id, priority)
+    _check_held(ctx, request)
+    for index, keep_rows in request.written:
+        await make_private(ctx, request.page_vids[index], keep_rows, priority)
+    call = _bind(ctx, request)
+    if request.matcher_id is not None:
+        value = await _run_constrained(ctx, call, request.matcher_id, priority)
     else:
         value = _result_value(await _run_forward(ctx, call, priority))
+    return _with_bytes(value, vocab)
+
+
+def start_forward(ctx: InstanceContext, f: Fields, priority: int,
+                  on_done: Callable[[outcome.Outcome[Any]], None]) -> Callable[[], None] | None:
+    """`forward` with no task of its own (dispatch.py: `Op.start`): the request is checked and
+    submitted now and answered through `on_done`; returns the function that abandons it.
+    None, with nothing done, where it needs a task: a grammar matcher, a vocabulary not
+    computed yet, or a written page shared with someone else (copy-on-write first)."""
+    request = _parse_forward(ctx, f)
+    vocab = ctx.model.vocab_now() if request.with_bytes else None
+    if request.matcher_id is not None or (request.with_bytes and vocab is None):
+        return None
+    _check_held(ctx, request)
+    pool = ctx.physical_pages
+    if any(pool.shared(ctx.pages.physical(request.page_vids[index]))
+           for index, _ in request.written):
+        return None
+    call = _bind(ctx, request)
+
+    def answered(result: outcome.Outcome[Any]) -> None:
+        if isinstance(result, outcome.Value):
+            forwarded = result.value
+            # A bug here must still answer the guest (dispatch turns it into an error).
+            result = outcome.capture(lambda: _with_bytes(_result_value(forwarded), vocab))
+        on_done(result)
+
+    return ctx.executor.start(call, priority, answered, pages=call.kv_pages,
+                              slots=call.embed_slots or [])
+
+
+def _with_bytes(value: dict[str, Any], vocab: list[bytes] | None) -> dict[str, Any]:
     if vocab is not None and "tokens" in value:
         # The sampled tokens' bytes: a guest can build the text itself, with no `detokenize`
         # round trip per token (the Python SDK streams this way).

@@ -78,6 +78,7 @@ class InstanceControl:
         self._serving = False
         self._answers = PendingAnswers()
         self._early: list[QueuedRequest] = []  # started before serve() opened the nursery
+        self._taskless: set[_TasklessRequest] = set()  # requests running with no task
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
         self._finished = trio.Event()
@@ -104,7 +105,7 @@ class InstanceControl:
         item = QueuedRequest(request, self._answers.add(on_done))
         if self._nursery is None:
             self._early.append(item)
-        else:
+        elif not self._start_without_task(item):
             self._route(item)
 
     def answer_stateless(self, request: dict[str, Any]) -> Response | None:
@@ -152,6 +153,29 @@ class InstanceControl:
             self._release_everything()
             self._finished.set()
 
+    def _start_without_task(self, item: QueuedRequest) -> bool:
+        """Run `item` with no task of its own where its op allows it (dispatch.start: a
+        forward) and nothing is ahead of it: its queue idle, the instance's pages in the pool.
+        False, with nothing done, where it needs its task."""
+        request = item.request
+        if not isinstance(request, dict) or not dispatch.starts_without_task(request):
+            return False
+        queue = None
+        if request.get("queue") is not None:
+            queue = dispatch.queue_for(request, self.context.queues)
+            if queue is None or not queue.idle:  # (a bad queue field: the task explains)
+                return False
+        if not self.context.residency.enter_now():
+            return False
+        taskless = _TasklessRequest(self, item, queue)
+        priority = queue.priority if queue is not None else 0
+        abandon = dispatch.start(self.context, request, priority, taskless.finish)
+        if abandon is None:
+            taskless.end()
+            return False
+        taskless.abandon = abandon
+        return True
+
     def _route(self, item: QueuedRequest) -> None:
         assert self._nursery is not None
         queue = dispatch.queue_for(item.request, self.context.queues)
@@ -169,9 +193,46 @@ class InstanceControl:
     def _release_everything(self) -> None:
         """Drop every reference the instance holds; synchronous, so it cannot be interrupted."""
         self.closed = True
+        for taskless in list(self._taskless):
+            taskless.cancel()
         self.context.release_all()
         self._detach(self.id)
         self._answers.answer_all({"error": CLOSED_MESSAGE})
+
+
+class _TasklessRequest:
+    """A request running with no task of its own (`InstanceControl._start_without_task`) and
+    what it holds until it completes: its place past the residency gate and its queue."""
+
+    def __init__(self, control: InstanceControl, item: QueuedRequest, queue: Queue | None):
+        self._control = control
+        self._item = item
+        self._queue = queue
+        self.abandon: Callable[[], None] | None = None  # set once it is started
+        self._ended = False
+        control._taskless.add(self)
+        if queue is not None:
+            queue.hold()
+
+    def finish(self, response: Response) -> None:
+        """Its answer (on the trio thread): let the queue and the gate go, then answer."""
+        if not self._ended:
+            self.end()
+            self._item.finish(response)
+
+    def cancel(self) -> None:
+        """The instance is closing: give the call up (its answer comes from the closing)."""
+        if not self._ended:
+            self.end()
+            if self.abandon is not None:
+                self.abandon()
+
+    def end(self) -> None:
+        self._ended = True
+        self._control._taskless.discard(self)
+        self._control.context.residency.leave()
+        if self._queue is not None:
+            self._queue.release()
 
 
 def _answer(on_done: OnDone, response: Response) -> None:

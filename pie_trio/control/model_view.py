@@ -43,6 +43,10 @@ class ModelView:
         return await trio.to_thread.run_sync(self.tokenizer.decode, tokens,
                                              limiter=self._limiter)
 
+    def vocab_now(self) -> list[bytes] | None:
+        """The vocabulary if `vocab` has computed it already, else None."""
+        return self._vocab
+
     async def vocab(self) -> list[bytes]:
         """The bytes of every token id, computed once in a worker thread."""
         vocab = self._vocab

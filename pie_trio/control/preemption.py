@@ -116,15 +116,25 @@ class Residency:
         if not isinstance(request, dict) or request.get("op") not in GATED_OPS:
             yield
             return
-        signal = self._preemption.signal
         while self.state is not State.RESIDENT:
-            await signal.wait()
+            await self._preemption.signal.wait()
         self.active += 1
         try:
             yield
         finally:
-            self.active -= 1
-            signal.notify()
+            self.leave()
+
+    def enter_now(self) -> bool:
+        """`passage` for a KV request run with no task (instance.py): True if it may pass
+        now, and then `leave` must follow once it completes."""
+        if self.state is not State.RESIDENT:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        self.active -= 1
+        self._preemption.signal.notify()
 
     def close(self) -> None:
         """The instance ended (its pages are released already): drop its host copies."""

@@ -35,18 +35,49 @@ RunRequest = Callable[[QueuedRequest, "Queue | None"], Awaitable[None]]
 
 
 class Queue:
+    """A FIFO of requests run one at a time by its task (`drain`), or, while it is idle, one
+    request at a time run with no task of its own (`hold` .. `release`, instance.py): either
+    way a request starts only once the one before it has completed."""
+
     def __init__(self, queue_id: int, priority: int = 0):
         self.id = queue_id
         self.priority = priority
         self._send, self._receive = trio.open_memory_channel[QueuedRequest](math.inf)
+        self._waiting = 0  # requests put and not yet taken by the task
+        self._running = False  # the task has taken a request and not completed it
+        self._held: trio.Event | None = None  # set when the request run without a task ends
+
+    @property
+    def idle(self) -> bool:
+        """Nothing on the queue is waiting or running: a request may start now."""
+        return not (self._waiting or self._running or self._held is not None)
 
     def put(self, item: QueuedRequest) -> None:
+        self._waiting += 1
         self._send.send_nowait(item)
+
+    def hold(self) -> None:
+        """An idle queue's next request runs with no task: later ones wait for `release`."""
+        assert self.idle
+        self._held = trio.Event()
+
+    def release(self) -> None:
+        """The request run with no task has completed."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.set()
 
     async def drain(self, run: RunRequest) -> None:
         """Run every request put on the queue, in order, until cancelled."""
         async for item in self._receive:
-            await run(item, self)
+            self._waiting -= 1
+            self._running = True
+            try:
+                while self._held is not None:
+                    await self._held.wait()
+                await run(item, self)
+            finally:
+                self._running = False
 
 
 class Queues:

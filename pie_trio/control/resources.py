@@ -264,20 +264,27 @@ class PhysicalPool:
     def pinned(self, ids: Iterable[int]) -> Iterator[None]:
         """Keep `ids` allocated while an executor call that names them is in flight."""
         ids = list(ids)
-        for i in ids:
-            self._pins[i] += 1
+        self.pin(ids)
         try:
             yield
         finally:
-            released: list[int] = []
-            for i in ids:
-                self._pins[i] -= 1
-                if not self._pins[i]:
-                    del self._pins[i]
-                    if self._refs[i] == 0:
-                        del self._refs[i]
-                        released.append(i)
-            self._release(released)
+            self.unpin(ids)
+
+    def pin(self, ids: list[int]) -> None:
+        """`pinned` without a block: each `pin` is undone by one `unpin` of the same ids."""
+        for i in ids:
+            self._pins[i] += 1
+
+    def unpin(self, ids: list[int]) -> None:
+        released: list[int] = []
+        for i in ids:
+            self._pins[i] -= 1
+            if not self._pins[i]:
+                del self._pins[i]
+                if self._refs[i] == 0:
+                    del self._refs[i]
+                    released.append(i)
+        self._release(released)
 
 
 class VirtualIds:

@@ -1,13 +1,18 @@
 """The executor's face to the control layer: `CallExecutor`, the Protocol control types against.
 
-Only what control uses is here: submitting a call (with its priority) and reading how many page
-and slot ids the executor's pools hold and can still hand out. `Executor` (`executor.py`)
-satisfies it structurally; control imports this module, never the executor's implementation.
+Only what control uses is here: submitting a call (with its priority) and awaiting it, or
+enqueueing it and being called back with its outcome (a caller with no task of its own to wait
+in), and reading how many page and slot ids the executor's pools hold and can still hand out.
+`Executor` (`executor.py`) satisfies it structurally; control imports this module, never the
+executor's implementation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, overload
+
+import outcome
 
 from pie_trio.model.calls import (
     AllocPages,
@@ -41,6 +46,19 @@ class PoolCapacity(Protocol):
         ...
 
 
+class PendingCall(Protocol):
+    """A call enqueued and not awaited (`CallExecutor.enqueue`)."""
+
+    def then(self, on_done: Callable[[outcome.Outcome[CallResult]], None]) -> None:
+        """Call `on_done` with the call's result or `CallError` once it is answered."""
+        ...
+
+    def abandon(self) -> None:
+        """Give the call up: skipped if still queued, its answer dropped (`on_done` never
+        called)."""
+        ...
+
+
 class CallExecutor(Protocol):
     """What control needs from the executor."""
 
@@ -70,3 +88,8 @@ class CallExecutor(Protocol):
     ) -> None: ...
     @overload
     async def submit(self, call: Call, priority: int = 0) -> CallResult: ...
+
+    def enqueue(self, call: Call, priority: int = 0) -> PendingCall:
+        """Queue `call` now (validated at once: a bad call is answered with its `CallError`
+        before this returns); its result comes through `then`."""
+        ...
