@@ -22,7 +22,10 @@ runtime) in one process, the model in it too unless --model-process puts it in a
    (pie_trio/executor/direct.py, what `pie-trio complete` runs) on the same executor, greedy,
    --ignore-eos, at 1 and 32 concurrent sequences. Reported per output token: the decode rate
    (first to last token of each sequence) and end to end (launch to end, prompt included), as
-   inferlet/direct ratios. Runs alternate between the two and the median is kept.
+   inferlet/direct ratios, and how long the executor waited after each tick for the callers it
+   answered to come back (the runtime's share of a step, less sensitive than the ratios to a
+   machine whose other load slows the forwards). Runs alternate between the two and the
+   median is kept.
 4. a crowd: N (1000; 200 with --quick) text-completion inferlets launched at once, greedy, 16
    tokens each, on a stack whose KV policy and page pool are the server's defaults (`preempt`,
    so the pool is contended and newer instances wait in host memory). Progress every few
@@ -227,13 +230,17 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
     for count in sequences:
         runs: dict[str, list[tuple[float, float]]] = {"direct": [], "inferlet": []}
         batches: dict[str, Counter[int]] = {"direct": Counter(), "inferlet": Counter()}
+        settles: dict[str, list[float]] = {"direct": [], "inferlet": []}
         for repeat in range(repeats):
             before = Counter(executor.stats.forward_calls)
-            direct = await concurrently(count, lambda i: direct_sequence(
-                executor, prompt_tokens, max_tokens, f"direct{i}"))
+            with Settling(executor, settles["direct"]):
+                direct = await concurrently(count, lambda i: direct_sequence(
+                    executor, prompt_tokens, max_tokens, f"direct{i}"))
             runs["direct"].append(per_token(direct, max_tokens))
             middle = Counter(executor.stats.forward_calls)
-            inferlet = await concurrently(count, lambda i: inferlet_sequence(runtime, max_tokens))
+            with Settling(executor, settles["inferlet"]):
+                inferlet = await concurrently(count, lambda i: inferlet_sequence(runtime,
+                                                                                 max_tokens))
             runs["inferlet"].append(per_token(inferlet, max_tokens))
             batches["direct"] += middle - before
             batches["inferlet"] += Counter(executor.stats.forward_calls) - middle
@@ -254,12 +261,32 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             # Forward calls per executor batch: how well the sequences stayed in lockstep.
             "direct_mean_batch": round(_mean_batch(batches["direct"]), 2),
             "inferlet_mean_batch": round(_mean_batch(batches["inferlet"]), 2),
+            # How long the executor waited after each tick for its callers to come back: the
+            # runtime's share of a step, and less sensitive than the ratios to a forward
+            # slowed by the machine's other load.
+            "direct_settle_ms": round(statistics.median(settles["direct"]) * 1e3, 3),
+            "inferlet_settle_ms": round(statistics.median(settles["inferlet"]) * 1e3, 3),
         }
         r = results[str(count)]
         log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode, "
             f"{r['e2e_ratio']:.3f}x end to end; mean forward batch {r['direct_mean_batch']} "
-            f"direct, {r['inferlet_mean_batch']} inferlet")
+            f"direct, {r['inferlet_mean_batch']} inferlet; waiting for callers after each "
+            f"tick {r['direct_settle_ms']} ms direct, {r['inferlet_settle_ms']} ms inferlet")
     return results
+
+
+class Settling:
+    """Appends to `into` the executor's mean wait for its callers per tick over the block."""
+
+    def __init__(self, executor, into: list[float]) -> None:
+        self.executor, self.into = executor, into
+
+    def __enter__(self) -> None:
+        self.ticks, self.seconds = self.executor.stats.ticks, self.executor.stats.settle_seconds
+
+    def __exit__(self, *exc_info: object) -> None:
+        stats = self.executor.stats
+        self.into.append((stats.settle_seconds - self.seconds) / max(1, stats.ticks - self.ticks))
 
 
 def _mean_batch(sizes: Counter[int]) -> float:

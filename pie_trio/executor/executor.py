@@ -156,6 +156,7 @@ class ForwardRecord:
 @dataclass
 class ExecutorStats:
     ticks: int = 0  # plans run in the worker thread
+    settle_seconds: float = 0.0  # waited after ticks for the callers just answered (_settle)
     calls: Counter[str] = field(default_factory=Counter)  # submitted, per kind
     failed: Counter[str] = field(default_factory=Counter)  # answered with CallError, per kind
     batches: Counter[str] = field(default_factory=Counter)  # batched runner calls, per kind
@@ -180,6 +181,7 @@ class ExecutorStats:
     def as_dict(self) -> dict[str, object]:
         return {
             "ticks": self.ticks,
+            "settle_seconds": round(self.settle_seconds, 6),
             "calls": dict(self.calls),
             "failed": dict(self.failed),
             "batches": dict(self.batches),
@@ -444,7 +446,9 @@ class Executor:
             took = trio.current_time() - started
             resolved, self._in_flight = len(self._in_flight), []
             self._resolve(plan, results)
+            settling = trio.current_time()
             await self._settle(resolved, took)
+            self.stats.settle_seconds += trio.current_time() - settling
 
     async def _settle(self, resolved: int, took: float) -> None:
         """Give the callers just answered the time to submit their next calls.
