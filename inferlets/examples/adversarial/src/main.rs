@@ -115,6 +115,7 @@ fn forge_page() -> Result<()> {
         sampler: Some(Sampler::greedy()),
         vocab_mask: None,
         logit_bias: None,
+        token_bytes: false,
     };
     expect_refusals(vec![
         ("forward", forward::forward(&request).map(|_| ())),
@@ -168,6 +169,7 @@ fn submit_flood(count: usize, kind: &str) -> Result<()> {
                 sampler: Some(Sampler::greedy()),
                 vocab_mask: None,
                 logit_bias: None,
+                token_bytes: false,
             }
             .to_request()
         }

@@ -149,11 +149,11 @@ impl Choice {
 
     fn step_options(&self, spec: &Spec) -> StepOptions {
         let generation = self.generation.as_ref().expect("only live choices step");
-        let mut sampler = generation.next_sampler();
+        // The step carries the token's bytes when the generation needs its text.
+        let mut options = generation.next_step();
         if let Some(matcher) = &self.matcher {
-            sampler = sampler.with_matcher(matcher);
+            options.sampler = options.sampler.map(|sampler| sampler.with_matcher(matcher));
         }
-        let mut options = StepOptions::sample(&sampler);
         if let Some(top) = spec.logprobs {
             options.top_k = top.max(LOGPROB_WINDOW);
         }
@@ -165,7 +165,7 @@ impl Choice {
         let token = output.token.ok_or_else(|| inferlet::Error::Decode("no token".into()))?;
         let generation = self.generation.as_mut().expect("only live choices step");
         let before = generation.tokens().len();
-        let text = generation.accept(token)?;
+        let text = generation.accept_step(output)?;
         let kept = generation.tokens().len() > before; // a stop token is no part of the answer
         let entry = match (vocab, &output.dist, spec.logprobs) {
             (Some(vocab), Some(dist), Some(top)) if kept => {

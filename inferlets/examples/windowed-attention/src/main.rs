@@ -113,9 +113,9 @@ fn main() {
         prefill(&mut ctx, &mut window, &tokenizer::tokenize(&prompt)?)?;
         while !generation.is_finished() && !ctx.is_full() {
             window.slide(&mut ctx)?;
-            let token = ctx.decode_step(&generation.next_sampler())?;
+            let output = ctx.step(&generation.next_step())?;
             window.record(&ctx);
-            let text = generation.accept(token)?;
+            let text = generation.accept_step(&output)?;
             if !text.is_empty() {
                 inferlet::send(&text)?;
             }

@@ -45,6 +45,9 @@ pub struct StepOptions {
     /// Allowed tokens (packed bitmask, see [`ForwardRequest::vocab_mask`]).
     pub vocab_mask: Option<Vec<u8>>,
     pub logit_bias: Option<BTreeMap<u32, f32>>,
+    /// Also return the sampled token's bytes, so its text can be built without the
+    /// vocabulary (see [`StepOutput::bytes`]).
+    pub token_bytes: bool,
 }
 
 impl StepOptions {
@@ -65,6 +68,11 @@ impl StepOptions {
         self.logit_bias = Some(bias);
         self
     }
+
+    pub fn with_token_bytes(mut self, token_bytes: bool) -> StepOptions {
+        self.token_bytes = token_bytes;
+        self
+    }
 }
 
 /// The result of a decode step.
@@ -76,6 +84,8 @@ pub struct StepOutput {
     pub dist: Option<Distribution>,
     /// When the sampler names a matcher: whether its grammar is complete after this token.
     pub done: bool,
+    /// The sampled token's bytes, when asked for with [`StepOptions::token_bytes`].
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// A forward pass prepared against the context's state: pages allocated, request built.
@@ -392,6 +402,7 @@ impl Context {
             sampler: options.sampler,
             vocab_mask: options.vocab_mask,
             logit_bias: options.logit_bias,
+            token_bytes: options.token_bytes,
         };
         Ok(Plan { consumed, request })
     }
@@ -406,6 +417,9 @@ impl Context {
             self.fill_token(token);
             result.token = Some(token);
             result.done = output.done.unwrap_or(false);
+            if plan.request.token_bytes {
+                result.bytes = Some(output.token_bytes()?);
+            }
         }
         if plan.request.top_k > 0 {
             result.dist = Some(output.dist()?);

@@ -41,6 +41,8 @@ pub struct ForwardRequest {
     /// Packed bitmask over the vocabulary: bit `t % 8` of byte `t / 8` set when t is allowed.
     pub vocab_mask: Option<Vec<u8>>,
     pub logit_bias: Option<BTreeMap<u32, f32>>,
+    /// Return each sampled token's bytes too ([`ForwardOutput::bytes`]).
+    pub token_bytes: bool,
 }
 
 impl ForwardRequest {
@@ -61,6 +63,7 @@ impl ForwardRequest {
             .with_opt("sampler", self.sampler.as_ref())
             .with_opt("vocab_mask", self.vocab_mask.as_ref().map(|mask| Bytes(mask.clone())))
             .with_opt("logit_bias", self.logit_bias.as_ref())
+            .with_opt("token_bytes", if self.token_bytes { Some(&true) } else { None })
     }
 }
 
@@ -96,6 +99,9 @@ pub struct ForwardOutput {
     /// With a sampler naming a matcher: whether its grammar is complete after this token.
     #[serde(default)]
     pub done: Option<bool>,
+    /// With `token_bytes`: the bytes of each sampled token.
+    #[serde(default)]
+    pub bytes: Option<Vec<Bytes>>,
 }
 
 impl ForwardOutput {
@@ -104,6 +110,17 @@ impl ForwardOutput {
         match self.tokens.as_deref() {
             Some([token]) => Ok(*token),
             _ => Err(Error::Decode(format!("expected one sampled token, got {:?}", self.tokens))),
+        }
+    }
+
+    /// The bytes of the single sampled token of a one-output forward asked for them.
+    pub fn token_bytes(&self) -> Result<Vec<u8>> {
+        match self.bytes.as_deref() {
+            Some([bytes]) => Ok(bytes.0.clone()),
+            _ => Err(Error::Decode(format!(
+                "expected one sampled token's bytes, got {:?}",
+                self.bytes.as_ref().map(Vec::len)
+            ))),
         }
     }
 

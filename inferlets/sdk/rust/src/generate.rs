@@ -1,10 +1,12 @@
 //! Generation: decode steps until a stop condition, for one context or several at once.
 
-use crate::context::{join_all, sampled, Context, Step};
+use std::rc::Rc;
+
+use crate::context::{join_all, Context, Step, StepOptions, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
 use crate::text::TokenText;
-use crate::tokenizer;
+use crate::tokenizer::{self, Vocab};
 
 /// When a generation ends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub struct Generation {
     steps: u64,
     finish: Option<FinishReason>,
     text: Option<TokenText>,
+    /// Fetched only when a token comes without its bytes (see `accept`).
+    vocab: Option<Rc<Vocab>>,
 }
 
 impl Generation {
@@ -74,6 +78,7 @@ impl Generation {
             steps: 0,
             finish,
             text: None,
+            vocab: None,
         }
     }
 
@@ -93,14 +98,35 @@ impl Generation {
         self.sampler.for_step(self.steps)
     }
 
+    /// The step for the next token: its sampler, and the token's bytes when its text is needed
+    /// (streaming, or stop strings to watch), so no vocabulary has to be fetched.
+    pub fn next_step(&self) -> StepOptions {
+        StepOptions::sample(&self.next_sampler()).with_token_bytes(self.needs_text())
+    }
+
     /// The tokens accepted so far (without a stop token).
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
 
+    /// Take the output of a step made with [`next_step`](Generation::next_step): its token,
+    /// with its bytes. Returns the text it releases, as [`accept`](Generation::accept) does.
+    pub fn accept_step(&mut self, output: &StepOutput) -> Result<String> {
+        let token =
+            output.token.ok_or_else(|| Error::Decode("the step sampled no token".into()))?;
+        self.accept_token(token, output.bytes.as_deref())
+    }
+
     /// Take the next sampled token. Returns the text it releases when streaming (or when stop
-    /// strings are watched), else an empty string.
+    /// strings are watched), else an empty string. Its text comes from the vocabulary, fetched
+    /// from the host on first use (one large answer): steps made with
+    /// [`next_step`](Generation::next_step) and taken with
+    /// [`accept_step`](Generation::accept_step) carry their bytes instead.
     pub fn accept(&mut self, token: u32) -> Result<String> {
+        self.accept_token(token, None)
+    }
+
+    fn accept_token(&mut self, token: u32, bytes: Option<&[u8]>) -> Result<String> {
         if self.finish.is_some() {
             return Err(Error::usage("the generation has already finished"));
         }
@@ -111,8 +137,17 @@ impl Generation {
         }
         self.tokens.push(token);
         let mut released = String::new();
-        if self.streaming || !self.stop.stop_strings.is_empty() {
-            let (chunk, stop) = self.text_state()?.push(token)?;
+        if self.needs_text() {
+            let vocab;
+            let bytes = match bytes {
+                Some(bytes) => bytes,
+                None => {
+                    vocab = self.vocab()?;
+                    vocab.bytes(token)?
+                }
+            };
+            let text = self.text.get_or_insert_with(|| TokenText::new(&self.stop.stop_strings));
+            let (chunk, stop) = text.push(bytes);
             released = chunk;
             if let Some(stop) = stop {
                 self.finish = Some(FinishReason::StopString(stop));
@@ -126,6 +161,19 @@ impl Generation {
             }
         }
         Ok(released)
+    }
+
+    fn needs_text(&self) -> bool {
+        self.streaming || !self.stop.stop_strings.is_empty()
+    }
+
+    fn vocab(&mut self) -> Result<Rc<Vocab>> {
+        if let Some(vocab) = &self.vocab {
+            return Ok(vocab.clone());
+        }
+        let vocab = tokenizer::vocab()?;
+        self.vocab = Some(vocab.clone());
+        Ok(vocab)
     }
 
     /// The result; the text comes from the host's tokenizer.
@@ -148,13 +196,6 @@ impl Generation {
     fn end_for_length(&mut self) -> String {
         self.finish = Some(FinishReason::MaxTokens);
         self.text.as_mut().map(|text| text.finish()).unwrap_or_default()
-    }
-
-    fn text_state(&mut self) -> Result<&mut TokenText> {
-        if self.text.is_none() {
-            self.text = Some(TokenText::new(tokenizer::vocab()?, &self.stop.stop_strings));
-        }
-        Ok(self.text.as_mut().expect("just set"))
     }
 }
 
@@ -186,8 +227,8 @@ impl Context {
             let text = if self.is_full() {
                 generation.end_for_length()
             } else {
-                let token = self.decode_step(&generation.next_sampler())?;
-                generation.accept(token)?
+                let output = self.step(&generation.next_step())?;
+                generation.accept_step(&output)?
             };
             if !text.is_empty() {
                 on_text(&text)?;
@@ -231,11 +272,11 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
             .iter_mut()
             .zip(generations.iter())
             .filter(|(_, generation)| !generation.is_finished())
-            .map(|(ctx, generation)| ctx.decode_step_async(&generation.next_sampler()))
+            .map(|(ctx, generation)| ctx.step_async(&generation.next_step()))
             .collect::<Result<Vec<Step<'_>>>>()?;
         let outputs = join_all(steps)?;
         for (&i, output) in active.iter().zip(&outputs) {
-            let text = generations[i].accept(sampled(output)?)?;
+            let text = generations[i].accept_step(output)?;
             if !text.is_empty() {
                 on_text(i, &text)?;
             }

@@ -5,11 +5,6 @@
 //! bytes complete it. [`StopScanner`] holds back text that might be the start of a stop string,
 //! so what was streamed never has to be taken back.
 
-use std::rc::Rc;
-
-use crate::error::Result;
-use crate::tokenizer::Vocab;
-
 /// Incremental UTF-8 decoding: complete characters out, an incomplete tail kept for later.
 /// Invalid bytes become U+FFFD, as the host's decoder does.
 #[derive(Clone, Debug, Default)]
@@ -120,22 +115,22 @@ impl StopScanner {
     }
 }
 
-/// Text of generated tokens from the vocabulary's bytes, with stop strings held back.
+/// Text of generated tokens from their bytes, with stop strings held back.
 pub struct TokenText {
-    vocab: Rc<Vocab>,
     utf8: Utf8Stream,
     scanner: StopScanner,
 }
 
 impl TokenText {
-    pub fn new(vocab: Rc<Vocab>, stop_strings: &[String]) -> TokenText {
-        TokenText { vocab, utf8: Utf8Stream::new(), scanner: StopScanner::new(stop_strings) }
+    pub fn new(stop_strings: &[String]) -> TokenText {
+        TokenText { utf8: Utf8Stream::new(), scanner: StopScanner::new(stop_strings) }
     }
 
-    /// The text released by one more token, and the stop string it completed, if any.
-    pub fn push(&mut self, token: u32) -> Result<(String, Option<String>)> {
-        let chunk = self.utf8.push(self.vocab.bytes(token)?);
-        Ok(self.scanner.push(&chunk))
+    /// The text released by one more token's bytes (from the forward's `token_bytes`, or
+    /// [`Vocab::bytes`](crate::tokenizer::Vocab::bytes)), and the stop string it completed.
+    pub fn push(&mut self, bytes: &[u8]) -> (String, Option<String>) {
+        let chunk = self.utf8.push(bytes);
+        self.scanner.push(&chunk)
     }
 
     /// Everything still held back, at the end of the generation.
@@ -224,19 +219,12 @@ mod tests {
     }
 
     #[test]
-    fn token_text_streams_vocab_bytes() {
+    fn token_text_streams_token_bytes() {
         let euro = "€".as_bytes();
-        let vocab = Vocab::from_token_bytes(vec![
-            b"Hi".to_vec(),
-            vec![b' ', euro[0]],
-            euro[1..].to_vec(),
-            b"<stop>".to_vec(),
-        ]);
-        let mut text = TokenText::new(Rc::new(vocab), &["<st".to_string()]);
-        assert_eq!(text.push(0).unwrap(), ("Hi".to_string(), None));
-        assert_eq!(text.push(1).unwrap(), (" ".to_string(), None));
-        assert_eq!(text.push(2).unwrap(), ("€".to_string(), None));
-        assert_eq!(text.push(3).unwrap(), (String::new(), Some("<st".to_string())));
-        assert!(text.push(9).is_err());
+        let mut text = TokenText::new(&["<st".to_string()]);
+        assert_eq!(text.push(b"Hi"), ("Hi".to_string(), None));
+        assert_eq!(text.push(&[b' ', euro[0]]), (" ".to_string(), None));
+        assert_eq!(text.push(&euro[1..]), ("€".to_string(), None));
+        assert_eq!(text.push(b"<stop>"), (String::new(), Some("<st".to_string())));
     }
 }
