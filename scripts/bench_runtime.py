@@ -21,7 +21,8 @@ runtime) in one process, the model in it too unless --model-process puts it in a
 3. the cost of programmability: the built-in text-completion inferlet against direct generation
    (pie_trio/executor/direct.py, what `pie-trio complete` runs) on the same executor, greedy,
    --ignore-eos, at 1 and 32 concurrent sequences. Reported per output token: the decode rate
-   (first to last token of each sequence) and end to end (launch to end, prompt included), as
+   (the first token of any sequence to the last of all), the mean TPOT of one sequence (its
+   first to its last token) and end to end (launch to end, prompt included), as
    inferlet/direct ratios, and how long the executor waited after each tick for the callers it
    answered to come back (the runtime's share of a step, less sensitive than the ratios to a
    machine whose other load slows the forwards). Runs alternate between the two and the
@@ -210,15 +211,18 @@ async def concurrently(count: int, make: Callable[[int], Awaitable[Timing]]) -> 
     return timings
 
 
-def per_token(timings: list[Timing], max_tokens: int) -> tuple[float, float]:
-    """(decode seconds per token, end-to-end seconds per token) over all sequences at once."""
+def per_token(timings: list[Timing], max_tokens: int) -> tuple[float, float, float]:
+    """(decode seconds per token, end-to-end seconds per token) over all sequences at once, and
+    the mean time per output token of one sequence (TPOT as vLLM's benchmarks define it: its
+    first to its last token, over the tokens after its first)."""
     first = min(t.first for t in timings)
     last = max(t.last for t in timings)
     start = min(t.start for t in timings)
     end = max(t.end for t in timings)
     tokens = len(timings) * max_tokens
     decoded = len(timings) * (max_tokens - 1)  # tokens after each sequence's first
-    return (last - first) / decoded, (end - start) / tokens
+    tpot = statistics.mean((t.last - t.first) / (max_tokens - 1) for t in timings)
+    return (last - first) / decoded, (end - start) / tokens, tpot
 
 
 async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
@@ -228,7 +232,7 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
     await direct_sequence(executor, prompt_tokens, 4, "warmup")
     results = {}
     for count in sequences:
-        runs: dict[str, list[tuple[float, float]]] = {"direct": [], "inferlet": []}
+        runs: dict[str, list[tuple[float, float, float]]] = {"direct": [], "inferlet": []}
         batches: dict[str, Counter[int]] = {"direct": Counter(), "inferlet": Counter()}
         settles: dict[str, list[float]] = {"direct": [], "inferlet": []}
         for repeat in range(repeats):
@@ -251,6 +255,8 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
         inferlet_decode = statistics.median(r[0] for r in runs["inferlet"])
         direct_e2e = statistics.median(r[1] for r in runs["direct"])
         inferlet_e2e = statistics.median(r[1] for r in runs["inferlet"])
+        direct_tpot = statistics.median(r[2] for r in runs["direct"])
+        inferlet_tpot = statistics.median(r[2] for r in runs["inferlet"])
         results[str(count)] = {
             "direct_decode_ms_per_token": round(direct_decode * 1e3, 3),
             "inferlet_decode_ms_per_token": round(inferlet_decode * 1e3, 3),
@@ -258,6 +264,11 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             "direct_e2e_ms_per_token": round(direct_e2e * 1e3, 3),
             "inferlet_e2e_ms_per_token": round(inferlet_e2e * 1e3, 3),
             "e2e_ratio": round(inferlet_e2e / direct_e2e, 3),
+            # Per sequence: unlike the decode rate above, not stretched by sequences that
+            # started a tick or two after the others (launches spread their first forwards).
+            "direct_tpot_ms": round(direct_tpot * 1e3, 3),
+            "inferlet_tpot_ms": round(inferlet_tpot * 1e3, 3),
+            "tpot_ratio": round(inferlet_tpot / direct_tpot, 3),
             # Forward calls per executor batch: how well the sequences stayed in lockstep.
             "direct_mean_batch": round(_mean_batch(batches["direct"]), 2),
             "inferlet_mean_batch": round(_mean_batch(batches["inferlet"]), 2),
@@ -269,9 +280,10 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
         }
         r = results[str(count)]
         log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode, "
-            f"{r['e2e_ratio']:.3f}x end to end; mean forward batch {r['direct_mean_batch']} "
-            f"direct, {r['inferlet_mean_batch']} inferlet; waiting for callers after each "
-            f"tick {r['direct_settle_ms']} ms direct, {r['inferlet_settle_ms']} ms inferlet")
+            f"{r['tpot_ratio']:.3f}x TPOT, {r['e2e_ratio']:.3f}x end to end; mean forward batch "
+            f"{r['direct_mean_batch']} direct, {r['inferlet_mean_batch']} inferlet; waiting for "
+            f"callers after each tick {r['direct_settle_ms']} ms direct, "
+            f"{r['inferlet_settle_ms']} ms inferlet")
     return results
 
 

@@ -136,12 +136,10 @@ def start_forward(ctx: InstanceContext, f: Fields, priority: int,
     vocab = ctx.model.vocab_now() if request.with_bytes else None
     if request.matcher_id is not None or (request.with_bytes and vocab is None):
         return None
-    _check_held(ctx, request)
+    call = _bind(ctx, request)  # with no await before the submit, resolving once is enough
     pool = ctx.physical_pages
-    if any(pool.shared(ctx.pages.physical(request.page_vids[index]))
-           for index, _ in request.written):
+    if any(pool.shared(call.kv_pages[index]) for index, _ in request.written):
         return None
-    call = _bind(ctx, request)
 
     def answered(result: outcome.Outcome[Any]) -> None:
         if isinstance(result, outcome.Value):
@@ -188,7 +186,7 @@ async def _run_constrained(ctx: InstanceContext, call: Forward, matcher_id: int,
 def _matcher_id(f: Fields, call: Forward) -> int | None:
     """The matcher the sampler names, if any; it needs one output and no mask of the guest's."""
     raw = f.mapping("sampler", None)
-    if raw is None:
+    if raw is None or raw.get(MATCHER_FIELD) is None:
         return None
     matcher_id = Fields(raw, prefix="sampler: ").integer(MATCHER_FIELD, None)
     if matcher_id is None:

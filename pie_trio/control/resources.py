@@ -150,7 +150,9 @@ class PhysicalPool:
         self._executor_pool = executor_pool
         self._releaser = releaser
         self._refs: dict[int, int] = {}  # kept while refs > 0 or pins > 0
-        self._pins: Counter[int] = Counter()
+        # A plain dict, not a Counter: a Counter's missing keys and deletions run Python code,
+        # and every forward pins and unpins its pages.
+        self._pins: dict[int, int] = {}
         self._reserved = 0  # being allocated right now
         self.reclaimers: list[Reclaimer] = []  # asked in order when too few ids are free
         # Asked (tenant, how many) when an allocation would take a tenant past its quota; each
@@ -169,7 +171,7 @@ class PhysicalPool:
     def exclusive(self, i: int, names: int) -> bool:
         """Whether id `i` has exactly `names` references and no pin: nothing but those names
         (one instance's, say) would notice it moving."""
-        return self._refs.get(i) == names and not self._pins[i]
+        return self._refs.get(i) == names and i not in self._pins
 
     async def allocate(self, count: int, priority: int = 0, tenant: str = "",
                        requester: str | None = None, *, quota: bool = True) -> list[int]:
@@ -249,7 +251,7 @@ class PhysicalPool:
         released: list[int] = []
         for i in ids:
             self._refs[i] -= 1
-            if self._refs[i] == 0 and not self._pins[i]:
+            if self._refs[i] == 0 and i not in self._pins:
                 del self._refs[i]
                 released.append(i)
         self._release(released)
@@ -272,15 +274,19 @@ class PhysicalPool:
 
     def pin(self, ids: list[int]) -> None:
         """`pinned` without a block: each `pin` is undone by one `unpin` of the same ids."""
+        pins = self._pins
         for i in ids:
-            self._pins[i] += 1
+            pins[i] = pins.get(i, 0) + 1
 
     def unpin(self, ids: list[int]) -> None:
         released: list[int] = []
+        pins = self._pins
         for i in ids:
-            self._pins[i] -= 1
-            if not self._pins[i]:
-                del self._pins[i]
+            left = pins[i] - 1
+            if left:
+                pins[i] = left
+            else:
+                del pins[i]
                 if self._refs[i] == 0:
                     del self._refs[i]
                     released.append(i)
@@ -315,7 +321,13 @@ class VirtualIds:
             raise ControlError(f"{self.noun} {vid} is not held by this instance") from None
 
     def resolve(self, vids: list[int]) -> list[int]:
-        return [self.physical(v) for v in vids]
+        physical = self._physical
+        try:
+            return [physical[v] for v in vids]
+        except KeyError:
+            for v in vids:
+                self.physical(v)  # raises the error that names the first id not held
+            raise
 
     def get(self, vid: int) -> int | None:
         return self._physical.get(vid)

@@ -40,17 +40,24 @@ def check_call(call: Any, limits: ModelLimits) -> None:
         _check_mask(call, limits)
 
 
+# Tuples, not `list | tuple` unions: a union is built anew at every evaluation, and these run
+# for every call of every tick.
+_SEQUENCE = (list, tuple)
+_NUMBER = (int, float)
+_BINARY = (bytes, bytearray)
+
+
 def _ints(name: str, values: Any) -> Sequence[int]:
-    if not isinstance(values, list | tuple) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in values
+    if not isinstance(values, _SEQUENCE) or not all(
+        type(v) is int or (isinstance(v, int) and not isinstance(v, bool)) for v in values
     ):
         raise CallError(f"{name} must be a list of integers")
     return values
 
 
 def _in_range(name: str, values: Sequence[int], limit: int, what: str) -> None:
-    bad = [v for v in values if not 0 <= v < limit]
-    if bad:
+    if values and (min(values) < 0 or max(values) >= limit):
+        bad = [v for v in values if not 0 <= v < limit]
         raise CallError(f"{name} {bad[:5]} out of range: {what} are 0..{limit - 1}")
 
 
@@ -105,7 +112,7 @@ def _check_inputs(call: Forward, limits: ModelLimits) -> int:
 
 
 def _check_masks(masks: Any, n: int, context: int) -> None:
-    if not isinstance(masks, list | tuple) or len(masks) != n:
+    if not isinstance(masks, _SEQUENCE) or len(masks) != n:
         raise CallError(f"masks must hold one BRLE mask per input token ({n})")
     for i, runs in enumerate(masks):
         runs = _ints(f"masks[{i}]", runs)
@@ -138,13 +145,13 @@ def check_sampler(sampler: Any) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
 
 
 def _check_vocab_mask(mask: Any, vocab_size: int) -> None:
     expected = (vocab_size + 7) // 8
-    if not isinstance(mask, bytes | bytearray) or len(mask) != expected:
-        size = len(mask) if isinstance(mask, bytes | bytearray) else type(mask).__name__
+    if not isinstance(mask, _BINARY) or len(mask) != expected:
+        size = len(mask) if isinstance(mask, _BINARY) else type(mask).__name__
         raise CallError(
             f"vocab_mask must be {expected} bytes (a packed bit per token of {vocab_size}), "
             f"got {size}"
