@@ -139,6 +139,20 @@ async def test_virtual_ids_are_per_instance(stack):
     assert (await settled(stack))["pages_in_use"] == 0
 
 
+async def test_an_instance_is_expected_by_the_executor_until_its_first_forward(stack):
+    """Launched together, instances share their first forward (executor: expect_callers)."""
+    a, b = stack.controller.attach("a"), stack.controller.attach("b")
+    assert stack.executor.expected_callers == 2
+    await ok(a, "alloc_pages", count=1)  # not a forward: still on its way
+    assert stack.executor.expected_callers == 2
+    await Context(a, stack.page_size).append(prompt(3))
+    assert stack.executor.expected_callers == 1
+    await b.close()  # ends without a forward: no longer expected
+    assert stack.executor.expected_callers == 0
+    await a.close()
+    assert stack.executor.expected_callers == 0
+
+
 async def test_free_is_all_or_nothing(stack):
     a = stack.controller.attach("a")
     pages = await ok(a, "alloc_pages", count=3)

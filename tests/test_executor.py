@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from pie_trio.executor.direct import complete
-from pie_trio.executor.executor import Executor
+from pie_trio.executor.executor import GATHER_MAX, Executor
 from pie_trio.model.calls import (
     AllocPages,
     AllocSlots,
@@ -441,6 +441,43 @@ async def test_adaptive_fires_at_once_then_carries_what_arrived_meanwhile():
             runner.open()
         owners = [sorted(batch.owners) for batch in executor.stats.recent_forwards]
         assert owners == [["s0"], ["s1"], ["s2", "s3", "s4", "s5"]]
+
+
+async def test_after_idling_adaptive_waits_for_callers_announced_on_their_way(mock_clock):
+    """A burst of launches: the first forwards wait for the others announced with them, so
+    all go in one batch rather than the first alone and a step ahead of the rest."""
+    executor = Executor(make_tiny_runner(), policy="adaptive")
+    async with running(executor):
+        calls = decodes(await new_sequences(executor, 3))
+        executor.expect_callers(3)
+        async with trio.open_nursery() as nursery:
+            for i, call in enumerate(calls[:2]):
+                executor.expect_callers(-1)
+                nursery.start_soon(executor.submit, call)
+                await wait_queued(executor, i + 1)  # waiting for the one still on its way
+                mock_clock.jump(0.01)
+            executor.expect_callers(-1)
+            nursery.start_soon(executor.submit, calls[2])
+        assert executor.stats.forward_calls == {3: 1}
+        assert executor.expected_callers == 0
+        await executor.submit(calls[0])  # nobody expected: no waiting
+        assert executor.stats.forward_calls == {3: 1, 1: 1}
+
+
+async def test_a_caller_announced_that_never_comes_holds_the_first_batch_briefly(mock_clock):
+    executor = Executor(make_tiny_runner(), policy="adaptive")
+    async with running(executor):
+        calls = decodes(await new_sequences(executor, 1))
+        executor.expect_callers(2)  # only one of them comes
+        async with trio.open_nursery() as nursery:
+            executor.expect_callers(-1)
+            nursery.start_soon(executor.submit, calls[0])
+            await wait_queued(executor, 1)
+            mock_clock.jump(GATHER_MAX * 0.9)
+            await wait_queued(executor, 1)
+            mock_clock.jump(GATHER_MAX * 0.1)
+        assert executor.stats.forward_calls == {1: 1}
+        assert executor.expected_callers == 1  # (the expectation is stale, and ignored)
 
 
 async def test_k_policy_waits_for_k_forwards():

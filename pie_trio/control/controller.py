@@ -138,6 +138,10 @@ class Controller:
         instance = InstanceControl(self._context(instance_id), self.releaser, self.detach,
                                    self._nursery.start_soon)
         self._instances[instance_id] = instance
+        # A new instance usually forwards its prompt soon: launched with others at once, they
+        # share the first forward (executor: `expect_callers`); its first forward or its end
+        # takes it off again.
+        self._executor_access.expect_callers(1)
         return instance
 
     def _context(self, instance_id: str) -> InstanceContext:

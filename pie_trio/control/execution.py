@@ -27,6 +27,10 @@ class ExecutorAccess:
         self._pages = pages
         self._slots = slots
 
+    def expect_callers(self, delta: int) -> None:
+        """Instances on their way to their first forward (see `CallExecutor.expect_callers`)."""
+        self._executor.expect_callers(delta)
+
     @overload
     async def run(self, call: Forward, priority: int, *, pages: Sequence[int] = (),
                   slots: Sequence[int] = ()) -> ForwardResult: ...

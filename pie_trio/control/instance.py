@@ -82,6 +82,7 @@ class InstanceControl:
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
         self._finished = trio.Event()
+        self._expected = True  # by the executor, until its first forward (controller.attach)
 
     @property
     def id(self) -> str:
@@ -91,6 +92,8 @@ class InstanceControl:
 
     def start_request(self, request: dict[str, Any], on_done: OnDone) -> None:
         """Start one guest request; never blocks. See the module docstring for `on_done`."""
+        if self._expected and isinstance(request, dict) and request.get("op") == "forward":
+            self._arrived()
         if self.closed:
             token = trio.lowlevel.current_trio_token()
             token.run_sync_soon(_answer, on_done, {"error": CLOSED_MESSAGE})
@@ -134,6 +137,10 @@ class InstanceControl:
         ctx = self.context
         return {"pages": len(ctx.pages) + len(ctx.residency.swapped), "slots": len(ctx.slots),
                 "queues": len(ctx.queues), "pending": len(self._answers)}
+
+    def _arrived(self) -> None:
+        self._expected = False
+        self.context.executor.expect_callers(-1)
 
     # -- the instance's tasks ----------------------------------------------------------------
 
@@ -193,6 +200,8 @@ class InstanceControl:
     def _release_everything(self) -> None:
         """Drop every reference the instance holds; synchronous, so it cannot be interrupted."""
         self.closed = True
+        if self._expected:
+            self._arrived()  # it will never forward now
         for taskless in list(self._taskless):
             taskless.cancel()
         self.context.release_all()

@@ -93,3 +93,9 @@ class CallExecutor(Protocol):
         """Queue `call` now (validated at once: a bad call is answered with its `CallError`
         before this returns); its result comes through `then`."""
         ...
+
+    def expect_callers(self, delta: int) -> None:
+        """`delta` more callers are on their way to their first forward (or, negative, that
+        many arrived or will not come): after idling, the first batch waits briefly for them
+        (a burst of launches shares one forward). Never required for correctness."""
+        ...

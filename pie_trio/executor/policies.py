@@ -7,7 +7,11 @@ cheap and never wait for a policy.
 
 - `adaptive` (default): fire as soon as the worker is free. While a forward runs, new calls pile
   up, so the next batch carries everything that arrived meanwhile: batches grow with load and a
-  lone caller never waits.
+  lone caller never waits. One exception (`gathers_bursts`): after idling, while callers said
+  to be on their way (`Executor.expect_callers`: instances launched a moment ago) have not sent
+  their first forward, the first batch waits for them, at most GATHER_MAX (executor.py), so a
+  burst of launches shares one forward instead of the first one or two going alone and staying
+  a step ahead to their end.
 - `k`: fire once at least k forwards wait. Nothing fires with fewer, however long they wait: use
   it only when k callers are known to come (or use `kort`).
 - `t`: fire t seconds after the oldest waiting forward arrived.
@@ -37,10 +41,16 @@ class BatchPolicy(Protocol):
         """The trio time at which the waiting forwards go even if nothing else arrives."""
         ...
 
+    @property
+    def gathers_bursts(self) -> bool:
+        """Whether the first batch after idling waits for callers on their way."""
+        ...
+
 
 @dataclass(frozen=True)
 class Adaptive:
     name: str = "adaptive"
+    gathers_bursts: bool = True
 
     def should_fire(self, queued: int, oldest_arrival: float, now: float) -> bool:
         return queued > 0
@@ -53,6 +63,7 @@ class Adaptive:
 class CountPolicy:
     k: int
     name: str = "k"
+    gathers_bursts: bool = False
 
     def should_fire(self, queued: int, oldest_arrival: float, now: float) -> bool:
         return queued >= self.k
@@ -65,6 +76,7 @@ class CountPolicy:
 class TimePolicy:
     t: float
     name: str = "t"
+    gathers_bursts: bool = False
 
     def should_fire(self, queued: int, oldest_arrival: float, now: float) -> bool:
         return queued > 0 and now >= oldest_arrival + self.t
@@ -78,6 +90,7 @@ class CountOrTimePolicy:
     k: int
     t: float
     name: str = "kort"
+    gathers_bursts: bool = False
 
     def should_fire(self, queued: int, oldest_arrival: float, now: float) -> bool:
         return queued > 0 and (queued >= self.k or now >= oldest_arrival + self.t)
