@@ -92,8 +92,13 @@ class InstanceControl:
 
     def start_request(self, request: dict[str, Any], on_done: OnDone) -> None:
         """Start one guest request; never blocks. See the module docstring for `on_done`."""
-        if self._expected and isinstance(request, dict) and request.get("op") == "forward":
-            self._arrived()
+        first_forward = (self._expected and isinstance(request, dict)
+                         and request.get("op") == "forward")
+        self._start(request, on_done)
+        if first_forward and self._expected:
+            self._arrived()  # after its forward is queued (when it needed no task)
+
+    def _start(self, request: dict[str, Any], on_done: OnDone) -> None:
         if self.closed:
             token = trio.lowlevel.current_trio_token()
             token.run_sync_soon(_answer, on_done, {"error": CLOSED_MESSAGE})

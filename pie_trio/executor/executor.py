@@ -290,6 +290,7 @@ class Executor:
         self._forward_deadline = math.inf  # when the policy fires for the forwards now waiting
         self._expected = 0  # callers on their way to their first forward (expect_callers)
         self._expected_at = -math.inf  # trio time of the latest one announced
+        self._announced = 0  # callers announced less than GATHER_MAX apart, in a row
         self._all_arrived = trio.Event()  # set when _expected drops to 0
         # The runner is only ever called from this one thread, one plan at a time.
         self._worker = Worker("pie-trio executor")
@@ -341,7 +342,11 @@ class Executor:
         arrived, or will not come). See `_gather`."""
         self._expected = max(0, self._expected + delta)
         if delta > 0:
-            self._expected_at = trio.current_time()
+            now = trio.current_time()
+            if now - self._expected_at > GATHER_MAX:
+                self._announced = 0
+            self._announced += delta
+            self._expected_at = now
         if self._expected == 0:
             self._all_arrived.set()
 
@@ -523,8 +528,9 @@ class Executor:
             if now >= deadline:
                 return
             if self._expected == 0:
-                # Every one announced is in; launches still under way announce more soon.
-                if now >= self._expected_at + GATHER_QUIET:
+                # Every one announced is in. Of a burst (several announced), more may follow
+                # in a moment: launches still under way announce themselves one by one.
+                if self._announced < 2 or now >= self._expected_at + GATHER_QUIET:
                     return
                 await trio.sleep_until(self._expected_at + GATHER_QUIET)
                 continue
