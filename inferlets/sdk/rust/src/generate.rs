@@ -1,12 +1,10 @@
 //! Generation: decode steps until a stop condition, for one context or several at once.
 
-use std::rc::Rc;
-
 use crate::context::{join_all, Context, Step, StepOptions, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
 use crate::text::TokenText;
-use crate::tokenizer::{self, Vocab};
+use crate::tokenizer;
 
 /// When a generation ends.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,8 +61,6 @@ pub struct Generation {
     steps: u64,
     finish: Option<FinishReason>,
     text: Option<TokenText>,
-    /// Fetched only when a token comes without its bytes (see `accept`).
-    vocab: Option<Rc<Vocab>>,
 }
 
 impl Generation {
@@ -78,7 +74,6 @@ impl Generation {
             steps: 0,
             finish,
             text: None,
-            vocab: None,
         }
     }
 
@@ -142,7 +137,7 @@ impl Generation {
             let bytes = match bytes {
                 Some(bytes) => bytes,
                 None => {
-                    vocab = self.vocab()?;
+                    vocab = tokenizer::vocab()?; // fetched once, then cached
                     vocab.bytes(token)?
                 }
             };
@@ -165,15 +160,6 @@ impl Generation {
 
     fn needs_text(&self) -> bool {
         self.streaming || !self.stop.stop_strings.is_empty()
-    }
-
-    fn vocab(&mut self) -> Result<Rc<Vocab>> {
-        if let Some(vocab) = &self.vocab {
-            return Ok(vocab.clone());
-        }
-        let vocab = tokenizer::vocab()?;
-        self.vocab = Some(vocab.clone());
-        Ok(vocab)
     }
 
     /// The result; the text comes from the host's tokenizer.
