@@ -234,15 +234,15 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
     for count in sequences:
         runs: dict[str, list[tuple[float, float, float]]] = {"direct": [], "inferlet": []}
         batches: dict[str, Counter[int]] = {"direct": Counter(), "inferlet": Counter()}
-        settles: dict[str, list[float]] = {"direct": [], "inferlet": []}
+        ticks: dict[str, list[tuple[float, float, int]]] = {"direct": [], "inferlet": []}
         for repeat in range(repeats):
             before = Counter(executor.stats.forward_calls)
-            with Settling(executor, settles["direct"]):
+            with TickTimes(executor, ticks["direct"]):
                 direct = await concurrently(count, lambda i: direct_sequence(
                     executor, prompt_tokens, max_tokens, f"direct{i}"))
             runs["direct"].append(per_token(direct, max_tokens))
             middle = Counter(executor.stats.forward_calls)
-            with Settling(executor, settles["inferlet"]):
+            with TickTimes(executor, ticks["inferlet"]):
                 inferlet = await concurrently(count, lambda i: inferlet_sequence(runtime,
                                                                                  max_tokens))
             runs["inferlet"].append(per_token(inferlet, max_tokens))
@@ -257,10 +257,15 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
         inferlet_e2e = statistics.median(r[1] for r in runs["inferlet"])
         direct_tpot = statistics.median(r[2] for r in runs["direct"])
         inferlet_tpot = statistics.median(r[2] for r in runs["inferlet"])
+        # Each run's ratio to the direct run just before it: the machine's speed drifts over
+        # a benchmark (shared cores), and adjacent runs see about the same machine.
+        paired = statistics.median(
+            i[0] / d[0] for d, i in zip(runs["direct"], runs["inferlet"], strict=True))
         results[str(count)] = {
             "direct_decode_ms_per_token": round(direct_decode * 1e3, 3),
             "inferlet_decode_ms_per_token": round(inferlet_decode * 1e3, 3),
             "decode_ratio": round(inferlet_decode / direct_decode, 3),
+            "paired_decode_ratio": round(paired, 3),
             "direct_e2e_ms_per_token": round(direct_e2e * 1e3, 3),
             "inferlet_e2e_ms_per_token": round(inferlet_e2e * 1e3, 3),
             "e2e_ratio": round(inferlet_e2e / direct_e2e, 3),
@@ -272,33 +277,52 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             # Forward calls per executor batch: how well the sequences stayed in lockstep.
             "direct_mean_batch": round(_mean_batch(batches["direct"]), 2),
             "inferlet_mean_batch": round(_mean_batch(batches["inferlet"]), 2),
-            # How long the executor waited after each tick for its callers to come back: the
-            # runtime's share of a step, and less sensitive than the ratios to a forward
-            # slowed by the machine's other load.
-            "direct_settle_ms": round(statistics.median(settles["direct"]) * 1e3, 3),
-            "inferlet_settle_ms": round(statistics.median(settles["inferlet"]) * 1e3, 3),
+            # How long the executor took after each tick to answer its callers and see them
+            # back: the runtime's share of a step, and less sensitive than the ratios to a
+            # forward slowed by the machine's other load.
+            "direct_settle_ms": round(_tick_median(ticks["direct"], 0) * 1e3, 3),
+            "inferlet_settle_ms": round(_tick_median(ticks["inferlet"], 0) * 1e3, 3),
+            # A step is a tick and the wait after it: the tick (the forward) of the inferlet
+            # runs beside the runtime's other work on the trio thread, which holds the GIL at
+            # times the forward's own Python needs it.
+            "direct_tick_ms": round(_tick_median(ticks["direct"], 1) * 1e3, 3),
+            "inferlet_tick_ms": round(_tick_median(ticks["inferlet"], 1) * 1e3, 3),
+            "direct_ticks": statistics.median(t[2] for t in ticks["direct"]),
+            "inferlet_ticks": statistics.median(t[2] for t in ticks["inferlet"]),
         }
         r = results[str(count)]
-        log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode, "
-            f"{r['tpot_ratio']:.3f}x TPOT, {r['e2e_ratio']:.3f}x end to end; mean forward batch "
-            f"{r['direct_mean_batch']} direct, {r['inferlet_mean_batch']} inferlet; waiting for "
-            f"callers after each tick {r['direct_settle_ms']} ms direct, "
-            f"{r['inferlet_settle_ms']} ms inferlet")
+        log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode "
+            f"({r['paired_decode_ratio']:.3f}x paired), {r['tpot_ratio']:.3f}x TPOT, "
+            f"{r['e2e_ratio']:.3f}x end to end; mean forward batch {r['direct_mean_batch']} "
+            f"direct, {r['inferlet_mean_batch']} inferlet")
+        log(f"  {count:2d} sequences, per step: forward {r['direct_tick_ms']} ms direct, "
+            f"{r['inferlet_tick_ms']} ms inferlet; answering and waiting for callers after it "
+            f"{r['direct_settle_ms']} ms direct, {r['inferlet_settle_ms']} ms inferlet; steps "
+            f"{r['direct_ticks']:g} direct, {r['inferlet_ticks']:g} inferlet")
     return results
 
 
-class Settling:
-    """Appends to `into` the executor's mean wait for its callers per tick over the block."""
+class TickTimes:
+    """Appends to `into` the executor's mean time per tick over the block from the tick's end to
+    the next plan (answering its callers and waiting for them to come back), the
+    mean time of a tick itself (the forward, as the trio thread saw it) and the tick count."""
 
-    def __init__(self, executor, into: list[float]) -> None:
+    def __init__(self, executor, into: list[tuple[float, float, int]]) -> None:
         self.executor, self.into = executor, into
 
     def __enter__(self) -> None:
-        self.ticks, self.seconds = self.executor.stats.ticks, self.executor.stats.settle_seconds
+        stats = self.executor.stats
+        self.ticks, self.settled, self.ran = stats.ticks, stats.settle_seconds, stats.tick_seconds
 
     def __exit__(self, *exc_info: object) -> None:
         stats = self.executor.stats
-        self.into.append((stats.settle_seconds - self.seconds) / max(1, stats.ticks - self.ticks))
+        ticks = max(1, stats.ticks - self.ticks)
+        self.into.append(((stats.settle_seconds - self.settled) / ticks,
+                          (stats.tick_seconds - self.ran) / ticks, stats.ticks - self.ticks))
+
+
+def _tick_median(ticks: list[tuple[float, float, int]], field: int) -> float:
+    return statistics.median(t[field] for t in ticks)
 
 
 def _mean_batch(sizes: Counter[int]) -> float:

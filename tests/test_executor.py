@@ -489,6 +489,25 @@ async def test_a_caller_announced_that_never_comes_holds_the_first_batch_briefly
         assert executor.expected_callers == 1  # (the expectation is stale, and ignored)
 
 
+async def test_stats_time_the_ticks_themselves(mock_clock):
+    """`tick_seconds` counts the time the worker ran the plans (here, two seconds of the test's
+    clock while a forward was held at the gate); nothing before the plan is counted."""
+    runner = Gated(make_tiny_runner())
+    executor = Executor(runner, policy="adaptive")
+    async with running(executor):
+        [call] = decodes(await new_sequences(executor, 1))
+        assert executor.stats.tick_seconds == 0  # allocations are answered without a tick
+        runner.close()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(executor.submit, call)
+            await runner.wait_entered()
+            mock_clock.jump(2)
+            runner.open()
+        assert executor.stats.ticks == 1
+        assert executor.stats.tick_seconds == 2
+        assert executor.stats.as_dict()["tick_seconds"] == 2
+
+
 async def test_k_policy_waits_for_k_forwards():
     executor = Executor(make_tiny_runner(), policy="k", k=4)
     async with running(executor):

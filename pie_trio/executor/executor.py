@@ -162,7 +162,8 @@ class ForwardRecord:
 @dataclass
 class ExecutorStats:
     ticks: int = 0  # plans run in the worker thread
-    settle_seconds: float = 0.0  # waited after ticks for the callers just answered (_settle)
+    settle_seconds: float = 0.0  # from ticks' ends to the next plan: answering, then _settle
+    tick_seconds: float = 0.0  # spent running plans in the worker thread, as the trio thread saw
     calls: Counter[str] = field(default_factory=Counter)  # submitted, per kind
     failed: Counter[str] = field(default_factory=Counter)  # answered with CallError, per kind
     batches: Counter[str] = field(default_factory=Counter)  # batched runner calls, per kind
@@ -188,6 +189,7 @@ class ExecutorStats:
         return {
             "ticks": self.ticks,
             "settle_seconds": round(self.settle_seconds, 6),
+            "tick_seconds": round(self.tick_seconds, 6),
             "calls": dict(self.calls),
             "failed": dict(self.failed),
             "batches": dict(self.batches),
@@ -473,12 +475,13 @@ class Executor:
             self._fresh_pages, self._fresh_slots = set(), set()
             started = trio.current_time()
             results = await self._worker.run(functools.partial(self._execute, fresh, work))
-            took = trio.current_time() - started
+            ended = trio.current_time()
+            took = ended - started
+            self.stats.tick_seconds += took
             resolved, self._in_flight = len(self._in_flight), []
             self._resolve(plan, results)
-            settling = trio.current_time()
             await self._settle(resolved, took)
-            self.stats.settle_seconds += trio.current_time() - settling
+            self.stats.settle_seconds += trio.current_time() - ended
 
     async def _settle(self, resolved: int, took: float) -> None:
         """Give the callers just answered the time to submit their next calls.
