@@ -234,7 +234,7 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
     for count in sequences:
         runs: dict[str, list[tuple[float, float, float]]] = {"direct": [], "inferlet": []}
         batches: dict[str, Counter[int]] = {"direct": Counter(), "inferlet": Counter()}
-        ticks: dict[str, list[tuple[float, float, int]]] = {"direct": [], "inferlet": []}
+        ticks: dict[str, list[Step]] = {"direct": [], "inferlet": []}
         for repeat in range(repeats):
             before = Counter(executor.stats.forward_calls)
             with TickTimes(executor, ticks["direct"]):
@@ -289,6 +289,8 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             "inferlet_tick_ms": round(_tick_median(ticks["inferlet"], 1) * 1e3, 3),
             "direct_ticks": statistics.median(t[2] for t in ticks["direct"]),
             "inferlet_ticks": statistics.median(t[2] for t in ticks["inferlet"]),
+            "direct_loop_cpu_ms": round(_tick_median(ticks["direct"], 3) * 1e3, 3),
+            "inferlet_loop_cpu_ms": round(_tick_median(ticks["inferlet"], 3) * 1e3, 3),
         }
         r = results[str(count)]
         log(f"  {count:2d} sequences: inferlet/direct = {r['decode_ratio']:.3f}x decode "
@@ -298,30 +300,38 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
         log(f"  {count:2d} sequences, per step: forward {r['direct_tick_ms']} ms direct, "
             f"{r['inferlet_tick_ms']} ms inferlet; answering and waiting for callers after it "
             f"{r['direct_settle_ms']} ms direct, {r['inferlet_settle_ms']} ms inferlet; steps "
-            f"{r['direct_ticks']:g} direct, {r['inferlet_ticks']:g} inferlet")
+            f"{r['direct_ticks']:g} direct, {r['inferlet_ticks']:g} inferlet; the trio thread's "
+            f"CPU {r['direct_loop_cpu_ms']} ms direct, {r['inferlet_loop_cpu_ms']} ms inferlet")
     return results
 
 
-class TickTimes:
-    """Appends to `into` the executor's mean time per tick over the block from the tick's end to
-    the next plan (answering its callers and waiting for them to come back), the
-    mean time of a tick itself (the forward, as the trio thread saw it) and the tick count."""
+Step = tuple[float, float, int, float]  # after the tick, the tick, ticks, trio CPU (per tick)
 
-    def __init__(self, executor, into: list[tuple[float, float, int]]) -> None:
+
+class TickTimes:
+    """Appends to `into`, over the block, the executor's mean time per tick from the tick's end
+    to the next plan (answering its callers and waiting for them to come back), the mean time
+    of a tick itself (the forward, as the trio thread saw it), the tick count, and the CPU the
+    trio thread (this one: the runtime, the control layer, the executor's planning) used per
+    tick, which is what the runtime adds to a step at many streams."""
+
+    def __init__(self, executor, into: list[Step]) -> None:
         self.executor, self.into = executor, into
 
     def __enter__(self) -> None:
         stats = self.executor.stats
         self.ticks, self.settled, self.ran = stats.ticks, stats.settle_seconds, stats.tick_seconds
+        self.cpu = time.thread_time()
 
     def __exit__(self, *exc_info: object) -> None:
         stats = self.executor.stats
         ticks = max(1, stats.ticks - self.ticks)
         self.into.append(((stats.settle_seconds - self.settled) / ticks,
-                          (stats.tick_seconds - self.ran) / ticks, stats.ticks - self.ticks))
+                          (stats.tick_seconds - self.ran) / ticks, stats.ticks - self.ticks,
+                          (time.thread_time() - self.cpu) / ticks))
 
 
-def _tick_median(ticks: list[tuple[float, float, int]], field: int) -> float:
+def _tick_median(ticks: list[Step], field: int) -> float:
     return statistics.median(t[field] for t in ticks)
 
 
