@@ -282,9 +282,8 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             # forward slowed by the machine's other load.
             "direct_settle_ms": round(_tick_median(ticks["direct"], 0) * 1e3, 3),
             "inferlet_settle_ms": round(_tick_median(ticks["inferlet"], 0) * 1e3, 3),
-            # A step is a tick and the wait after it: the tick (the forward) of the inferlet
-            # runs beside the runtime's other work on the trio thread, which holds the GIL at
-            # times the forward's own Python needs it.
+            # A step is a tick and the time after it. The two paths' ticks differ only where
+            # the trio thread's work overlaps the forward and takes the GIL from its Python.
             "direct_tick_ms": round(_tick_median(ticks["direct"], 1) * 1e3, 3),
             "inferlet_tick_ms": round(_tick_median(ticks["inferlet"], 1) * 1e3, 3),
             "direct_ticks": statistics.median(t[2] for t in ticks["direct"]),

@@ -163,7 +163,7 @@ class ForwardRecord:
 class ExecutorStats:
     ticks: int = 0  # plans run in the worker thread
     settle_seconds: float = 0.0  # from ticks' ends to the next plan: answering, then _settle
-    tick_seconds: float = 0.0  # spent running plans in the worker thread, as the trio thread saw
+    tick_seconds: float = 0.0  # spent running plans in the worker thread, timed on the trio thread
     calls: Counter[str] = field(default_factory=Counter)  # submitted, per kind
     failed: Counter[str] = field(default_factory=Counter)  # answered with CallError, per kind
     batches: Counter[str] = field(default_factory=Counter)  # batched runner calls, per kind
