@@ -286,8 +286,8 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             # the trio thread's work overlaps the forward and takes the GIL from its Python.
             "direct_tick_ms": round(_tick_median(ticks["direct"], 1) * 1e3, 3),
             "inferlet_tick_ms": round(_tick_median(ticks["inferlet"], 1) * 1e3, 3),
-            "direct_ticks": statistics.median(t[2] for t in ticks["direct"]),
-            "inferlet_ticks": statistics.median(t[2] for t in ticks["inferlet"]),
+            "direct_ticks": _tick_median(ticks["direct"], 2),
+            "inferlet_ticks": _tick_median(ticks["inferlet"], 2),
             "direct_loop_cpu_ms": round(_tick_median(ticks["direct"], 3) * 1e3, 3),
             "inferlet_loop_cpu_ms": round(_tick_median(ticks["inferlet"], 3) * 1e3, 3),
         }
