@@ -4,6 +4,8 @@
     python scripts/bench_runtime.py --quick    tiny random model, small sizes (seconds)
     python scripts/bench_runtime.py --model-process   the model in a process of its own
     python scripts/bench_runtime.py --only crowd      1000 concurrent text completions
+    python scripts/bench_runtime.py --only programmability --profile-loop
+                                               ... and the trio thread's Python by layer
 
 Four measurements, each on the server's stack (pie_trio/stack.py: executor, controller,
 runtime) in one process, the model in it too unless --model-process puts it in a child process
@@ -26,7 +28,8 @@ runtime) in one process, the model in it too unless --model-process puts it in a
    inferlet/direct ratios, and how long the executor waited after each tick for the callers it
    answered to come back (the runtime's share of a step, less sensitive than the ratios to a
    machine whose other load slows the forwards). Runs alternate between the two and the
-   median is kept.
+   median is kept. With --profile-loop, one more inferlet run per sequence count under
+   cProfile: the trio thread's Python time and calls per token, by layer.
 4. a crowd: N (1000; 200 with --quick) text-completion inferlets launched at once, greedy, 16
    tokens each, on a stack whose KV policy and page pool are the server's defaults (`preempt`,
    so the pool is contended and newer instances wait in host memory). Progress every few
@@ -41,8 +44,10 @@ Progress goes to stderr; the last line of stdout is one JSON record (also writte
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
+import pstats
 import re
 import statistics
 import sys
@@ -226,7 +231,8 @@ def per_token(timings: list[Timing], max_tokens: int) -> tuple[float, float, flo
 
 
 async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
-                                sequences: tuple[int, ...], repeats: int) -> dict:
+                                sequences: tuple[int, ...], repeats: int,
+                                profile: bool = False) -> dict:
     prompt_tokens = tokenizer.encode(PROMPT)
     await inferlet_sequence(runtime, 4)  # warm up: compile, vocabulary, model
     await direct_sequence(executor, prompt_tokens, 4, "warmup")
@@ -301,7 +307,56 @@ async def bench_programmability(executor, runtime, tokenizer, max_tokens: int,
             f"{r['direct_settle_ms']} ms direct, {r['inferlet_settle_ms']} ms inferlet; steps "
             f"{r['direct_ticks']:g} direct, {r['inferlet_ticks']:g} inferlet; the trio thread's "
             f"CPU {r['direct_loop_cpu_ms']} ms direct, {r['inferlet_loop_cpu_ms']} ms inferlet")
+        if profile:
+            r["loop_profile"] = await profile_loop(runtime, count, max_tokens)
+            log(f"  {count:2d} sequences, the trio thread's Python per token, by layer "
+                "(cProfile: every call slowed alike, so compare layers; the calls are exact): "
+                + "; ".join(f"{layer} {v['us_per_token']} µs, {v['calls_per_token']} calls"
+                            for layer, v in r["loop_profile"].items()))
     return results
+
+
+# cProfile entries that are the trio thread waiting, not working: epoll's wait, and the GIL
+# yield to a woken guest (Bridge._release), which times the guest's run in its wall clock.
+IDLE = frozenset({"<method 'poll' of 'select.epoll' objects>", "<built-in method time.sleep>"})
+
+
+async def profile_loop(runtime, count: int, max_tokens: int) -> dict[str, dict[str, float]]:
+    """Where the trio thread's Python goes over one more run of `count` text-completion
+    inferlets: cProfile of this thread (guest threads are not profiled), each function's own
+    time and calls grouped by layer — pie_trio's packages, trio, the interpreter's built-in
+    functions (called from all of them), the rest — per output token, largest first."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        await concurrently(count, lambda i: inferlet_sequence(runtime, max_tokens))
+    finally:
+        profiler.disable()
+    tokens = count * max_tokens
+    layers: dict[str, list[float]] = {}
+    for (path, _, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items():
+        if name not in IDLE:
+            layer = layers.setdefault(_layer(path), [0.0, 0])
+            layer[0] += own
+            layer[1] += calls
+    return {name: {"us_per_token": round(own / tokens * 1e6, 1),
+                   "calls_per_token": round(calls / tokens, 1)}
+            for name, (own, calls) in sorted(layers.items(), key=lambda kv: -kv[1][0])}
+
+
+def _layer(path: str) -> str:
+    """The layer a profiled function belongs to, from its file (cProfile names built-ins `~`)."""
+    import pie_trio
+
+    if path == "~":
+        return "builtins"
+    file = Path(path)
+    for name, root in (("pie_trio", Path(pie_trio.__file__).parent),
+                       ("trio", Path(trio.__file__).parent)):
+        if file.is_relative_to(root):
+            inside = file.relative_to(root).parts
+            return name if name == "trio" else f"{name}.{inside[0].removesuffix('.py')}"
+    return "other"
 
 
 Step = tuple[float, float, int, float]  # after the tick, the tick, ticks, trio CPU (per tick)
@@ -593,7 +648,8 @@ async def measure(args: argparse.Namespace, runner, programs) -> dict:
             return record
         log(f"cost of programmability ({max_tokens} tokens per sequence, greedy):")
         record["programmability"] = await bench_programmability(
-            executor, runtime, runner.tokenizer, max_tokens, (1, 32), repeats)
+            executor, runtime, runner.tokenizer, max_tokens, (1, 32), repeats,
+            profile=args.profile_loop)
         record["programmability"]["max_tokens"] = max_tokens
     return record
 
@@ -629,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-after", type=float, default=120.0,
                         help="fail the crowd when nothing progresses for this many seconds "
                         "(default 120)")
+    parser.add_argument("--profile-loop", action="store_true",
+                        help="after the cost of programmability at each sequence count, "
+                        "profile the trio thread over one more inferlet run and print its "
+                        "Python time and calls per token, by layer (runtime, control, "
+                        "executor, trio, ...)")
     parser.add_argument("--only", choices=("calls", "spawn", "programmability", "crowd"),
                         help="run only this measurement (default: all four)")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
