@@ -350,12 +350,11 @@ def _layer(path: str) -> str:
 
     if path == "~":
         return "builtins"
-    file = Path(path)
-    for name, root in (("pie_trio", Path(pie_trio.__file__).parent),
-                       ("trio", Path(trio.__file__).parent)):
-        if file.is_relative_to(root):
-            inside = file.relative_to(root).parts
-            return name if name == "trio" else f"{name}.{inside[0].removesuffix('.py')}"
+    file, package = Path(path), Path(pie_trio.__file__).parent
+    if file.is_relative_to(package):
+        return "pie_trio." + file.relative_to(package).parts[0].removesuffix(".py")
+    if file.is_relative_to(Path(trio.__file__).parent):
+        return "trio"
     return "other"
 
 

@@ -29,4 +29,3 @@ def test_the_loop_profile_splits_a_tokens_python_by_layer():
     assert "pie_trio" not in layers, layers
     times = [v["us_per_token"] for v in layers.values()]
     assert times == sorted(times, reverse=True), layers
-
