@@ -109,7 +109,7 @@ OPS: dict[str, Op | ImmediateOp] = {
     "mask_kv": Op(inference.mask_kv, ("page", "slots", "masked")),
     "forward": Op(inference.forward,
                   ("pages", "last_page_len", "positions", "tokens", "slots", "masks", "outputs",
-                   "top_k", "sampler", "vocab_mask", "logit_bias", "token_bytes"),
+                   "top_k", "sampler", "vocab_mask", "logit_bias", "token_bytes", "feed"),
                   start=inference.start_forward),
     "embed": Op(inference.embed, ("tokens", "slots")),
     "tokenize": Op(model_view.tokenize, ("text",)),

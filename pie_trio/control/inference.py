@@ -8,6 +8,14 @@ the model — token ids, positions, page fill, masks, output indices, sampler va
 masks, offsets within a page — are the model's to check (`model/checks.py`, through the
 executor); its `CallError` comes back to the guest as an error response.
 
+A forward may `feed` on the previous forward of its queue: the tokens that forward sampled are
+appended to its own `tokens` when it starts. A guest can thus submit a decode step before the
+token it reads is known, one step ahead, and the step goes into the very next tick: the control
+layer starts it from the previous step's answer (instance.py, "chained" requests), with no
+crossing to the guest in between. Each queue keeps what its latest forward sampled
+(`Queue.sampled`), and a forward starting on it clears that, so a `feed` after a forward that
+failed or sampled nothing is refused.
+
 A forward whose sampler names a grammar matcher (grammar.py) is constrained: its vocabulary
 mask is the matcher's, computed just before the call is submitted, and the sampled token
 advances the matcher when the result comes back; the answer says whether the matcher is done.
@@ -24,6 +32,7 @@ import outcome
 from pie_trio.control.context import InstanceContext
 from pie_trio.control.fields import ControlError, Fields, distinct, is_int, type_name
 from pie_trio.control.kv import make_private
+from pie_trio.control.queues import Queue
 from pie_trio.control.resources import OWNER
 from pie_trio.model.calls import CopyKv, Embed, Forward, ForwardResult, MaskKv, Sampler
 
@@ -60,7 +69,7 @@ class _ForwardRequest:
     with_bytes: bool
 
 
-def _parse_forward(ctx: InstanceContext, f: Fields) -> _ForwardRequest:
+def _parse_forward(ctx: InstanceContext, f: Fields, queue: Queue | None) -> _ForwardRequest:
     page_size = ctx.model.info.page_size
     vids = f.int_list("pages")
     if not vids:
@@ -68,6 +77,8 @@ def _parse_forward(ctx: InstanceContext, f: Fields) -> _ForwardRequest:
     last_page_len = f.integer("last_page_len")
     positions = f.int_list("positions")
     tokens, slot_vids = _inputs(f)
+    if f.flag("feed", False):
+        tokens = _fed(f, tokens, queue)
     num_inputs = len(tokens) if tokens is not None else len(slot_vids or [])
     if len(positions) != num_inputs:
         raise f.error(f"{num_inputs} inputs but {len(positions)} positions")
@@ -93,6 +104,30 @@ def _parse_forward(ctx: InstanceContext, f: Fields) -> _ForwardRequest:
                            _matcher_id(f, call), f.flag("token_bytes", False))
 
 
+def _fed(f: Fields, tokens: list[int] | None, queue: Queue | None) -> list[int]:
+    """`tokens` with the tokens the previous forward on the queue sampled appended."""
+    if tokens is None:
+        raise f.error("'feed' appends sampled tokens to 'tokens': give 'tokens' (it may be "
+                      "empty), not 'slots'")
+    if queue is None:
+        raise f.error("'feed' reads the previous forward on the request's queue: name a queue")
+    if queue.sampled is None:
+        raise f.error(f"'feed': the previous forward on queue {queue.id} sampled no tokens (it "
+                      "failed, or it had no sampler)")
+    return tokens + queue.sampled
+
+
+def _queue_of(ctx: InstanceContext, f: Fields) -> Queue | None:
+    queue_id = f.request.get("queue")
+    return ctx.queues.find(queue_id) if is_int(queue_id) else None
+
+
+def _record_sampled(queue: Queue | None, value: dict[str, Any]) -> None:
+    """A forward on `queue` succeeded: a forward that feeds on it reads what it sampled."""
+    if queue is not None:
+        queue.sampled = value.get("tokens")
+
+
 def _check_held(ctx: InstanceContext, request: _ForwardRequest) -> None:
     """Every id the request names is the instance's (before anything is copied for it)."""
     ctx.pages.resolve(request.page_vids)
@@ -111,7 +146,12 @@ def _bind(ctx: InstanceContext, request: _ForwardRequest) -> Forward:
 
 
 async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, Any]:
-    request = _parse_forward(ctx, f)
+    queue = _queue_of(ctx, f)
+    try:
+        request = _parse_forward(ctx, f, queue)
+    finally:
+        if queue is not None:
+            queue.sampled = None  # what it sampled before is this forward's or no one's
     vocab = await ctx.model.vocab() if request.with_bytes else None  # computed once per server
     # Every id must be held before anything is copied; resolve again after the copies, which
     # may remap pages (and a concurrent request of the instance may have freed something).
@@ -123,6 +163,7 @@ async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, A
         value = await _run_constrained(ctx, call, request.matcher_id, priority)
     else:
         value = _result_value(await _run_forward(ctx, call, priority))
+    _record_sampled(queue, value)
     return _with_bytes(value, vocab)
 
 
@@ -132,7 +173,13 @@ def start_forward(ctx: InstanceContext, f: Fields, priority: int,
     submitted now and answered through `on_done`; returns the function that abandons it.
     None, with nothing done, where it needs a task: a grammar matcher, a vocabulary not
     computed yet, or a written page shared with someone else (copy-on-write first)."""
-    request = _parse_forward(ctx, f)
+    queue = _queue_of(ctx, f)
+    try:
+        request = _parse_forward(ctx, f, queue)
+    except Exception:
+        if queue is not None:
+            queue.sampled = None  # refused: a forward feeding on this queue must fail too
+        raise
     vocab = ctx.model.vocab_now() if request.with_bytes else None
     if request.matcher_id is not None or (request.with_bytes and vocab is None):
         return None
@@ -140,12 +187,16 @@ def start_forward(ctx: InstanceContext, f: Fields, priority: int,
     pool = ctx.physical_pages
     if any(pool.shared(call.kv_pages[index]) for index, _ in request.written):
         return None
+    if queue is not None:
+        queue.sampled = None
 
     def answered(result: outcome.Outcome[Any]) -> None:
         if isinstance(result, outcome.Value):
             forwarded = result.value
             # A bug here must still answer the guest (dispatch turns it into an error).
             result = outcome.capture(lambda: _with_bytes(_result_value(forwarded), vocab))
+            if isinstance(result, outcome.Value):
+                _record_sampled(queue, result.value)
         on_done(result)
 
     return ctx.executor.start(call, priority, answered, pages=call.kv_pages,

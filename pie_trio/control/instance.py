@@ -7,6 +7,14 @@ Everything the instance runs — its queues' tasks and its requests — lives in
 one cancel scope, so `close()` can stop all it has in flight at once (even a forward waiting on
 the executor) and then free what it held (`InstanceContext.release_all`).
 
+Chained requests. A request that could start with no task but finds its queue busy with one
+that did (a guest one decode step ahead: docs/abi.md, `feed`) is not put on the queue for its
+task: it waits on the running request (`_TasklessRequest.then`) and starts, again with no task,
+from that request's answer, before the guest hears of it. The executor then has it before it
+plans its next tick, so the guest's crossing is not between the two forwards. A third request
+for the same queue puts the chained one on the queue ahead of itself: the order stays that of
+submission.
+
 Completion contract: `on_done` is called exactly once for every request started, always from
 the trio thread. A request for an immediate op (dispatch.py: `ping`, `clock`, the store,
 `model_info`) that names no queue is answered before `start_request` returns; every other one
@@ -79,6 +87,7 @@ class InstanceControl:
         self._answers = PendingAnswers()
         self._early: list[QueuedRequest] = []  # started before serve() opened the nursery
         self._taskless: set[_TasklessRequest] = set()  # requests running with no task
+        self._running_on: dict[int, _TasklessRequest] = {}  # ... by the queue they hold
         self._nursery: trio.Nursery | None = None
         self._cancel_scope = trio.CancelScope()
         self._finished = trio.Event()
@@ -113,7 +122,7 @@ class InstanceControl:
         item = QueuedRequest(request, self._answers.add(on_done))
         if self._nursery is None:
             self._early.append(item)
-        elif not self._start_without_task(item):
+        elif not (self._start_without_task(item) or self._chain(item)):
             self._route(item)
 
     def answer_stateless(self, request: dict[str, Any]) -> Response | None:
@@ -188,10 +197,35 @@ class InstanceControl:
         taskless.abandon = abandon
         return True
 
+    def _chain(self, item: QueuedRequest) -> bool:
+        """Make `item` start from the answer of the taskless request running on its queue,
+        where it could run with no task and nothing else waits on that queue. False, with
+        nothing done, otherwise."""
+        request = item.request
+        if not isinstance(request, dict) or not dispatch.starts_without_task(request):
+            return False
+        queue = dispatch.queue_for(request, self.context.queues)
+        running = self._running_on.get(queue.id) if queue is not None else None
+        if running is None or running.then is not None or queue is None or queue.waiting:
+            return False
+        running.then = item
+        return True
+
+    def _start_chained(self, item: QueuedRequest) -> None:
+        """A chained request's turn has come (the request before it has its answer)."""
+        if self.closed or self._nursery is None:
+            return  # its answer comes from the closing
+        if not self._start_without_task(item):
+            self._route(item)
+
     def _route(self, item: QueuedRequest) -> None:
         assert self._nursery is not None
         queue = dispatch.queue_for(item.request, self.context.queues)
         if queue is not None:
+            running = self._running_on.get(queue.id)
+            if running is not None and running.then is not None:
+                queue.put(running.then)  # chained before `item` came: it goes first
+                running.then = None
             queue.put(item)
         else:
             self._nursery.start_soon(self._run, item, None)
@@ -223,15 +257,21 @@ class _TasklessRequest:
         self._item = item
         self._queue = queue
         self.abandon: Callable[[], None] | None = None  # set once it is started
+        self.then: QueuedRequest | None = None  # the next request on its queue, chained
         self._ended = False
         control._taskless.add(self)
         if queue is not None:
             queue.hold()
+            control._running_on[queue.id] = self
 
     def finish(self, response: Response) -> None:
-        """Its answer (on the trio thread): let the queue and the gate go, then answer."""
+        """Its answer (on the trio thread): let the queue and the gate go, start the request
+        chained to it, then answer."""
         if not self._ended:
             self.end()
+            then, self.then = self.then, None
+            if then is not None:
+                self._control._start_chained(then)
             self._item.finish(response)
 
     def cancel(self) -> None:
@@ -246,6 +286,8 @@ class _TasklessRequest:
         self._control._taskless.discard(self)
         self._control.context.residency.leave()
         if self._queue is not None:
+            if self._control._running_on.get(self._queue.id) is self:
+                del self._control._running_on[self._queue.id]
             self._queue.release()
 
 

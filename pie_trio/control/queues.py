@@ -46,6 +46,14 @@ class Queue:
         self._waiting = 0  # requests put and not yet taken by the task
         self._running = False  # the task has taken a request and not completed it
         self._held: trio.Event | None = None  # set when the request run without a task ends
+        # The tokens the latest forward on this queue sampled, for a forward that `feed`s on
+        # them (inference.py); None once a forward has started after it.
+        self.sampled: list[int] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests put on the queue and not yet taken by its task."""
+        return self._waiting
 
     @property
     def idle(self) -> bool:

@@ -478,12 +478,15 @@ class Executor:
             ended = trio.current_time()
             took = ended - started
             self.stats.tick_seconds += took
-            resolved, self._in_flight = len(self._in_flight), []
+            # Callers may submit again while they are answered (a chained request starts from
+            # its predecessor's answer): those arrivals count towards the settle's target.
+            target = self._admitted + len(self._in_flight)
+            self._in_flight = []
             self._resolve(plan, results)
-            await self._settle(resolved, took)
+            await self._settle(target, took)
             self.stats.settle_seconds += trio.current_time() - ended
 
-    async def _settle(self, resolved: int, took: float) -> None:
+    async def _settle(self, target: int, took: float) -> None:
         """Give the callers just answered the time to submit their next calls.
 
         Planning at once would split the callers into two groups that then alternate forever,
@@ -498,7 +501,6 @@ class Executor:
         pass of trio's loop on the thread the callers need): only the last expected one does,
         and a quiet gap is found by looking at the time of the latest arrival when it expires.
         """
-        target = self._admitted + resolved
         now = started = trio.current_time()
         deadline = now + SETTLE_SHARE * took
         quiet = max(SETTLE_QUIET_MIN, SETTLE_QUIET_SHARE * took)

@@ -244,12 +244,12 @@ class HostCalls:
         ready = self.ready
         if mode == WAIT_ALL:
             if not all(h in ready for h in handles):
-                self._block_until(lambda: all(h in ready for h in handles))
+                self._block_until(lambda: all(h in ready for h in handles), count)
             return count
         if count == 0:
             raise Misuse("wait(any) on no handles would never return")
         if not any(h in ready for h in handles):
-            self._block_until(lambda: any(h in ready for h in handles))
+            self._block_until(lambda: any(h in ready for h in handles), count)
         return next(i for i, h in enumerate(handles) if h in ready)
 
     def _release(self, handle: int) -> None:
@@ -330,9 +330,13 @@ class HostCalls:
         self.flush(wake=False)
         self.bridge.post(fn, *args, wake=wake)
 
-    def _block_until(self, condition: Callable[[], bool]) -> None:
+    def _block_until(self, condition: Callable[[], bool], waited: int = 0) -> None:
+        """Park until `condition` holds; `waited`: how many submitted handles it waits for."""
         self.flush(wake=False)
-        self.bridge.block_until(condition)  # its post wakes the trio thread
+        # A guest with more requests in flight than it waits for is ahead of the executor (a
+        # decode step submitted before the one it waits for is answered): nothing waits for
+        # it, so it need not be handed the GIL the moment it is released.
+        self.bridge.block_until(condition, hurry=len(self.issued) <= waited)
 
     def output_backlog(self) -> int:
         """Bytes of output handed over that the client has not read yet (as last counted)."""
@@ -370,7 +374,7 @@ class HostCalls:
     def _await_handle(self, handle: int) -> None:
         ready = self.ready
         if handle not in ready:
-            self._block_until(lambda: handle in ready)
+            self._block_until(lambda: handle in ready, 1)
 
     # -- the host memory a guest makes us hold ---------------------------------------------
 

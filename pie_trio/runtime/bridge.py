@@ -83,6 +83,7 @@ class Bridge:
         self._wake = threading.Lock()
         self._wake.acquire()  # held while nobody is released: acquiring again parks the guest
         self._condition: Condition | None = None  # the parked guest's condition (trio thread)
+        self._hurry = True  # the parked guest is one the executor may be waiting for
 
     # -- guest thread ---------------------------------------------------------------------
 
@@ -95,12 +96,14 @@ class Bridge:
             self._guard.request_stop(Termination("evicted", "the runtime stopped"))
             self._guard.raise_if_stopping()
 
-    def block_until(self, condition: Condition) -> None:
+    def block_until(self, condition: Condition, *, hurry: bool = True) -> None:
         """Park the guest thread until `condition()` (evaluated on the trio thread) holds.
 
         Work posted before runs first. Raises `Stopped` if the instance is being stopped.
+        `hurry`: the executor may be waiting for what the guest does next (see `_release`).
         """
         self._guard.raise_if_stopping()
+        self._hurry = hurry
         self.post(self._park, condition)
         self._wake.acquire()
         self._guard.raise_if_stopping()
@@ -135,6 +138,8 @@ class Bridge:
         # and the executor waited ~5 ms per tick for them; yielding lets each run its bit of
         # Python and go back into Wasm (no GIL) while the trio thread answers the next, which
         # halved that wait. A guest alone gains nothing from it (the trio thread is about to
-        # block anyway) and lost ~3% per token to the extra hand-offs.
-        if self._mailbox.parked:
+        # block anyway) and lost ~3% per token to the extra hand-offs. A guest that is ahead
+        # (its next step is in already) is not yielded to either: the trio thread has that step
+        # to start before the next tick, and the guest can catch up during the tick.
+        if self._hurry and self._mailbox.parked:
             sleep(0)

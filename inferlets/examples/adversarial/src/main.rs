@@ -116,6 +116,7 @@ fn forge_page() -> Result<()> {
         vocab_mask: None,
         logit_bias: None,
         token_bytes: false,
+        feed: false,
     };
     expect_refusals(vec![
         ("forward", forward::forward(&request).map(|_| ())),
@@ -170,6 +171,7 @@ fn submit_flood(count: usize, kind: &str) -> Result<()> {
                 vocab_mask: None,
                 logit_bias: None,
                 token_bytes: false,
+                feed: false,
             }
             .to_request()
         }

@@ -231,6 +231,7 @@ fn embed_slots(_: &Model) -> Result<()> {
         vocab_mask: None,
         logit_bias: None,
         token_bytes: false,
+        feed: false,
     };
     let from_slots = forward::forward(&request(pages[0], Input::Slots(slots.clone())))?;
     let from_tokens = forward::forward(&request(pages[1], Input::Tokens(tokens)))?;

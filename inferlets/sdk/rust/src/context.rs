@@ -403,8 +403,37 @@ impl Context {
             vocab_mask: options.vocab_mask,
             logit_bias: options.logit_bias,
             token_bytes: options.token_bytes,
+            feed: false,
         };
         Ok(Plan { consumed, request })
+    }
+
+    /// The decode step after a step in flight that forwards every pending token and samples
+    /// one: it reads that token (`feed`), which will be filled at `next_position`.
+    fn plan_step_ahead(&mut self, options: &StepOptions) -> Result<Plan> {
+        let new_len = self.kv.len() + self.pending.len() + 1;
+        let needed = div_ceil(new_len, self.page_size);
+        if self.pages.len() < needed {
+            let more = resources::alloc_pages(needed - self.pages.len())?;
+            self.pages.extend(more);
+        }
+        let options = options.clone();
+        let request = ForwardRequest {
+            queue: self.queue,
+            pages: self.pages[..needed].to_vec(),
+            last_page_len: (new_len - (needed - 1) * self.page_size) as u32,
+            positions: vec![self.next_position],
+            input: Input::Tokens(Vec::new()),
+            masks: None,
+            outputs: vec![0],
+            top_k: options.top_k,
+            sampler: options.sampler,
+            vocab_mask: options.vocab_mask,
+            logit_bias: options.logit_bias,
+            token_bytes: options.token_bytes,
+            feed: true,
+        };
+        Ok(Plan { consumed: 1, request })
     }
 
     /// The forward succeeded: its tokens are in the KV cache now.
@@ -468,6 +497,42 @@ impl Drop for Context {
             // of the instance when it ends anyway.
             let _ = resources::free_pages(&self.pages);
         }
+    }
+}
+
+/// A decode step submitted by [`Context::submit_step`] or [`Context::submit_step_ahead`], to be
+/// committed by [`Context::finish_step`] in the order submitted. Dropped instead, it is waited
+/// for and its output discarded.
+pub(crate) struct Submitted {
+    plan: Plan,
+    pending: Pending<ForwardOutput>,
+}
+
+impl Context {
+    /// Submit a decode step of every pending token without waiting.
+    pub(crate) fn submit_step(&mut self, options: &StepOptions) -> Result<Submitted> {
+        let plan = self.plan_step(options)?;
+        let pending = forward::forward_async(&plan.request);
+        Ok(Submitted { plan, pending })
+    }
+
+    /// Submit the step after `submit_step`'s before that one is answered: it feeds on the
+    /// token that one samples. Only when [`has_room_ahead`](Context::has_room_ahead).
+    pub(crate) fn submit_step_ahead(&mut self, options: &StepOptions) -> Result<Submitted> {
+        let plan = self.plan_step_ahead(options)?;
+        let pending = forward::forward_async(&plan.request);
+        Ok(Submitted { plan, pending })
+    }
+
+    /// Whether the token the step in flight samples leaves room for one more step.
+    pub(crate) fn has_room_ahead(&self) -> bool {
+        self.max_position.map_or(true, |max| u64::from(self.next_position) + 1 < max)
+    }
+
+    /// Wait for a submitted step and commit it into the context.
+    pub(crate) fn finish_step(&mut self, step: Submitted) -> Result<StepOutput> {
+        let output = step.pending.wait()?;
+        self.commit(&step.plan, &output)
     }
 }
 

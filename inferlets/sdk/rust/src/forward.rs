@@ -43,6 +43,9 @@ pub struct ForwardRequest {
     pub logit_bias: Option<BTreeMap<u32, f32>>,
     /// Return each sampled token's bytes too ([`ForwardOutput::bytes`]).
     pub token_bytes: bool,
+    /// Append the tokens the previous forward on `queue` samples to `input` (which must be
+    /// tokens) when this one starts: a step can be submitted before its token is known.
+    pub feed: bool,
 }
 
 impl ForwardRequest {
@@ -64,6 +67,7 @@ impl ForwardRequest {
             .with_opt("vocab_mask", self.vocab_mask.as_ref().map(|mask| Bytes(mask.clone())))
             .with_opt("logit_bias", self.logit_bias.as_ref())
             .with_opt("token_bytes", if self.token_bytes { Some(&true) } else { None })
+            .with_opt("feed", if self.feed { Some(&true) } else { None })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Generation: decode steps until a stop condition, for one context or several at once.
 
-use crate::context::{join_all, Context, Step, StepOptions, StepOutput};
+use crate::context::{join_all, Context, Step, StepOptions, StepOutput, Submitted};
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
 use crate::text::TokenText;
@@ -97,6 +97,22 @@ impl Generation {
     /// (streaming, or stop strings to watch), so no vocabulary has to be fetched.
     pub fn next_step(&self) -> StepOptions {
         StepOptions::sample(&self.next_sampler()).with_token_bytes(self.needs_text())
+    }
+
+    /// Whether the step after the next one may be submitted before the next is answered: only
+    /// a stop token or string (not known yet) would end the generation before it. Not with a
+    /// grammar matcher, which each answered step advances: one step too many would advance it
+    /// past where the generation ends.
+    pub fn continues_after_next(&self) -> bool {
+        self.finish.is_none()
+            && self.steps + 1 < self.stop.max_tokens as u64
+            && self.sampler.matcher.is_none()
+    }
+
+    /// The step after the next one (see [`next_step`](Generation::next_step)).
+    pub fn step_after_next(&self) -> StepOptions {
+        StepOptions::sample(&self.sampler.for_step(self.steps + 1))
+            .with_token_bytes(self.needs_text())
     }
 
     /// The tokens accepted so far (without a stop token).
@@ -204,22 +220,39 @@ impl Context {
         self.drive(Generation::new(sampler, stop).streaming(), on_text)
     }
 
+    /// One step ahead: while this thread waits for a token, the step that reads it is in
+    /// already (it `feed`s on the token), so the host starts it from the answer and the next
+    /// tick has it without waiting for this thread. A generation that ends on a stop token or
+    /// string drops that step (waiting for it): it wrote only the pending token's KV row,
+    /// which the context's next forward writes again.
     fn drive<F: FnMut(&str) -> Result<()>>(
         &mut self,
         mut generation: Generation,
         mut on_text: F,
     ) -> Result<Generated> {
+        let mut ahead: Option<Submitted> = None;
         while !generation.is_finished() {
-            let text = if self.is_full() {
-                generation.end_for_length()
-            } else {
-                let output = self.step(&generation.next_step())?;
-                generation.accept_step(&output)?
+            let step = match ahead.take() {
+                Some(step) => step,
+                None if self.is_full() => {
+                    let text = generation.end_for_length();
+                    if !text.is_empty() {
+                        on_text(&text)?;
+                    }
+                    continue;
+                }
+                None => self.submit_step(&generation.next_step())?,
             };
+            if generation.continues_after_next() && self.has_room_ahead() {
+                ahead = Some(self.submit_step_ahead(&generation.step_after_next())?);
+            }
+            let output = self.finish_step(step)?;
+            let text = generation.accept_step(&output)?;
             if !text.is_empty() {
                 on_text(&text)?;
             }
         }
+        drop(ahead);
         generation.finish()
     }
 }
