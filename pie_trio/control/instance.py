@@ -205,8 +205,10 @@ class InstanceControl:
         if not isinstance(request, dict) or not dispatch.starts_without_task(request):
             return False
         queue = dispatch.queue_for(request, self.context.queues)
-        running = self._running_on.get(queue.id) if queue is not None else None
-        if running is None or running.then is not None or queue is None or queue.waiting:
+        if queue is None or queue.waiting:
+            return False
+        running = self._running_on.get(queue.id)
+        if running is None or running.then is not None:
             return False
         running.then = item
         return True

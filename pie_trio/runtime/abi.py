@@ -249,7 +249,7 @@ class HostCalls:
         if count == 0:
             raise Misuse("wait(any) on no handles would never return")
         if not any(h in ready for h in handles):
-            self._block_until(lambda: any(h in ready for h in handles), count)
+            self._block_until(lambda: any(h in ready for h in handles), 1)
         return next(i for i, h in enumerate(handles) if h in ready)
 
     def _release(self, handle: int) -> None:

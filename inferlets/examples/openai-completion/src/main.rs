@@ -4,7 +4,9 @@
 //! The prompt is filled and forwarded once. For `n` > 1 the filled context is forked: the forks
 //! share its full KV pages (copy-on-write on the host) and re-fill only the partial last page.
 //! Every step submits one decode step per unfinished choice before waiting, so the choices
-//! advance in the same forward batch. Each step's text (held back while it might begin a stop
+//! advance in the same forward batch, each one step ahead where it can be (the step after the
+//! one waited for is in already and reads its token: `Context::submit_step_ahead`), so the
+//! host runs it in the next tick without waiting for this program. Each step's text (held back while it might begin a stop
 //! string) goes to the client as it is released, with the sampled token's log-probability and
 //! its top alternatives when asked (`report.rs`); a grammar (a JSON schema for
 //! `response_format`) constrains every choice through its own matcher. Choice i samples with
@@ -16,8 +18,8 @@ mod spec;
 
 use inferlet::tokenizer::Vocab;
 use inferlet::{
-    join_all, Context, FinishReason, Generation, Grammar, Matcher, Model, Queue, Result,
-    Sampler, StepOptions, StepOutput, StopCondition,
+    wait_all, Context, FinishReason, Generation, Grammar, Matcher, Model, Queue, Result,
+    Sampler, StepOptions, StepOutput, StopCondition, SubmittedStep, Waitable,
 };
 
 use crate::spec::Spec;
@@ -35,6 +37,8 @@ struct Choice {
     generation: Option<Generation>,
     matcher: Option<Matcher>,
     sent: String,
+    /// The step after the one in flight, submitted ahead (dropped, so waited for, at the end).
+    ahead: Option<SubmittedStep>,
 }
 
 fn main() {
@@ -96,7 +100,7 @@ fn start_choices(
             None => None,
         };
         let generation = Some(Generation::new(&sampler, &stop).streaming());
-        choices.push(Choice { index, ctx, generation, matcher, sent: String::new() });
+        choices.push(Choice { index, ctx, generation, matcher, sent: String::new(), ahead: None });
     }
     Ok(choices)
 }
@@ -127,17 +131,24 @@ fn run_steps(spec: &Spec, choices: &mut [Choice], vocab: Option<&Vocab>) -> Resu
         if live.is_empty() {
             return Ok(());
         }
-        let steps = choices
-            .iter_mut()
-            .filter(|choice| choice.is_live())
-            .map(|choice| {
-                let options = choice.step_options(spec);
-                choice.ctx.step_async(&options)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let outputs = join_all(steps)?;
-        for (&i, output) in live.iter().zip(&outputs) {
-            choices[i].take(output, spec, vocab)?;
+        let steps =
+            live.iter().map(|&i| choices[i].submit(spec)).collect::<Result<Vec<_>>>()?;
+        {
+            let waitables: Vec<&dyn Waitable> = steps.iter().map(|s| s as &dyn Waitable).collect();
+            wait_all(&waitables);
+        }
+        // Every step is committed even when one fails; the first error is returned.
+        let mut first_error = None;
+        for (&i, step) in live.iter().zip(steps) {
+            let choice = &mut choices[i];
+            let taken =
+                choice.ctx.finish_step(step).and_then(|output| choice.take(&output, spec, vocab));
+            if let Err(err) = taken {
+                first_error.get_or_insert(err);
+            }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
     }
 }
@@ -147,10 +158,31 @@ impl Choice {
         self.generation.is_some()
     }
 
-    fn step_options(&self, spec: &Spec) -> StepOptions {
+    /// This round's step (submitted ahead in the last round, where it was), and the step after
+    /// it, ahead, where the generation may go on that far; not with a grammar, whose matcher
+    /// each answered step advances.
+    fn submit(&mut self, spec: &Spec) -> Result<SubmittedStep> {
+        let step = match self.ahead.take() {
+            Some(step) => step,
+            None => {
+                let options = self.step_options(spec, false);
+                self.ctx.submit_step(&options)?
+            }
+        };
+        let generation = self.generation.as_ref().expect("only live choices step");
+        if self.matcher.is_none() && generation.continues_after_next() && self.ctx.has_room_ahead()
+        {
+            let options = self.step_options(spec, true);
+            self.ahead = Some(self.ctx.submit_step_ahead(&options)?);
+        }
+        Ok(step)
+    }
+
+    /// The options of the next step, or (`ahead`) of the one after it.
+    fn step_options(&self, spec: &Spec, ahead: bool) -> StepOptions {
         let generation = self.generation.as_ref().expect("only live choices step");
         // The step carries the token's bytes when the generation needs its text.
-        let mut options = generation.next_step();
+        let mut options = if ahead { generation.step_after_next() } else { generation.next_step() };
         if let Some(matcher) = &self.matcher {
             options.sampler = options.sampler.map(|sampler| sampler.with_matcher(matcher));
         }
@@ -207,6 +239,7 @@ impl Choice {
             }
         }
         self.matcher = None;
+        self.ahead = None; // a step ahead of the end: waited for, its output dropped
         report::finish(self.index, reason, generated.tokens.len())
     }
 }

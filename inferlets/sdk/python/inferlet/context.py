@@ -13,11 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferlet import wire
-from inferlet.host import request
+from inferlet.host import InferletError, Pending, request
 from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tokenize
 from inferlet.runtime import send, store_delete, store_get, store_set
 
 Slot = tuple[int, int, bool]  # token, position, masked
+
+
+@dataclass
+class _Step:
+    """A forward submitted and not finished yet: how many pending tokens it writes."""
+
+    consumed: int
+    forward: Pending
 
 
 @dataclass
@@ -97,22 +105,41 @@ class Context:
         return list(ids), list(probs)
 
     async def _forward(self, consumed: int, options: dict[str, Any] | None) -> dict[str, Any]:
-        new_len = len(self.kv) + consumed
-        needed = -(-new_len // self.page_size)
-        if len(self.pages) < needed:
-            self.pages += await request("alloc_pages", count=needed - len(self.pages))
+        return await self._finish(await self._submit(consumed, options))
+
+    async def _submit(self, consumed: int, options: dict[str, Any] | None) -> _Step:
+        """The forward of the first `consumed` pending tokens, submitted."""
         inputs = self.pending[:consumed]
-        fields: dict[str, Any] = {
-            "queue": self.queue.id, "pages": self.pages[:needed],
-            "last_page_len": new_len - (needed - 1) * self.page_size,
-            "positions": [position for _, position, _ in inputs],
-            "tokens": [token for token, _, _ in inputs],
-        }
+        fields = await self._layout(len(self.kv) + consumed)
+        fields["positions"] = [position for _, position, _ in inputs]
+        fields["tokens"] = [token for token, _, _ in inputs]
         if options is not None:
             fields["outputs"] = [consumed - 1]
             fields.update(options)
-        output: dict[str, Any] = await request("forward", **fields)
-        del self.pending[:consumed]
+        return _Step(consumed, request("forward", **fields))
+
+    async def _submit_ahead(self, options: dict[str, Any]) -> _Step:
+        """The step after a submitted one that forwards every pending token and samples: it
+        reads the token that one samples (the forward's `feed`), filled at `next_position`."""
+        fields = await self._layout(len(self.kv) + len(self.pending) + 1)
+        fields.update(positions=[self.next_position], tokens=[], feed=True, outputs=[0])
+        fields.update(options)
+        return _Step(1, request("forward", **fields))
+
+    async def _layout(self, new_len: int) -> dict[str, Any]:
+        """The queue and pages of a forward that grows the KV to `new_len` (allocating)."""
+        needed = -(-new_len // self.page_size)
+        if len(self.pages) < needed:
+            self.pages += await request("alloc_pages", count=needed - len(self.pages))
+        return {"queue": self.queue.id, "pages": self.pages[:needed],
+                "last_page_len": new_len - (needed - 1) * self.page_size}
+
+    async def _finish(self, step: _Step) -> dict[str, Any]:
+        """Wait for a submitted forward and move its inputs into the KV (steps finish in the
+        order submitted, so they are the first pending tokens by then)."""
+        output: dict[str, Any] = await step.forward
+        inputs = self.pending[:step.consumed]
+        del self.pending[:step.consumed]
         self.kv += inputs
         return output
 
@@ -151,22 +178,40 @@ class Context:
     async def _generate_streaming(self, sampler: Sampler, stop: StopCondition) -> Generated:
         """`generate` with `stream` and no stop strings. Each sampled token comes with its bytes
         (the forward's `token_bytes`), so the text is decoded here: a token costs its forward
-        and one `send`, with no round trip of its own."""
+        and one `send`, with no round trip of its own. Each step is submitted one step ahead
+        (as the Rust SDK's `generate`): while this waits for a token, the forward that reads
+        it is in already (`feed`), and the host runs it in the next tick."""
+        if not self.pending:
+            raise ValueError("nothing to decode: fill at least one token first")
         tokens: list[int] = []
         text: list[str] = []
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # holds a partial character
         finish = "max_tokens"
-        while len(tokens) < stop.max_tokens:
-            output = await self.step(sampler.for_step(len(tokens)), token_bytes=True)
-            token = int(output["tokens"][0])
-            if token in stop.stop_tokens:
-                finish = "stop_token"
-                break
-            tokens.append(token)
-            piece = decoder.decode(output["bytes"][0])
-            if piece:
-                text.append(piece)
-                await send(piece)
+        ahead: _Step | None = None
+        try:
+            while len(tokens) < stop.max_tokens:
+                current = ahead or await self._submit(
+                    len(self.pending), _sample(sampler.for_step(len(tokens))))
+                ahead = None
+                if len(tokens) + 1 < stop.max_tokens:
+                    ahead = await self._submit_ahead(_sample(sampler.for_step(len(tokens) + 1)))
+                output = await self._finish(current)
+                token = int(output["tokens"][0])
+                self.fill_token(token)
+                if token in stop.stop_tokens:
+                    finish = "stop_token"
+                    break
+                tokens.append(token)
+                piece = decoder.decode(output["bytes"][0])
+                if piece:
+                    text.append(piece)
+                    await send(piece)
+        finally:
+            if ahead is not None:  # a step ahead of the end: its output is dropped
+                try:
+                    await ahead.forward
+                except InferletError:
+                    pass
         tail = decoder.decode(b"", final=True)
         if tail:
             text.append(tail)
@@ -283,3 +328,8 @@ def _stable(text: str, stops: list[str]) -> str:
                 hold = max(hold, length)
                 break
     return text[:len(text) - hold]
+
+
+def _sample(sampler: Sampler) -> dict[str, Any]:
+    """A step's options: sample with `sampler`, and return the token's bytes."""
+    return {"top_k": 0, "sampler": sampler.to_wire(), "token_bytes": True}

@@ -500,37 +500,47 @@ impl Drop for Context {
     }
 }
 
-/// A decode step submitted by [`Context::submit_step`] or [`Context::submit_step_ahead`], to be
-/// committed by [`Context::finish_step`] in the order submitted. Dropped instead, it is waited
-/// for and its output discarded.
-pub(crate) struct Submitted {
+/// A decode step submitted by [`Context::submit_step`] or [`Context::submit_step_ahead`]. It
+/// does not borrow its context, so a step can be submitted ahead of the one before it; commit
+/// each with [`Context::finish_step`] on the same context, in the order submitted. Dropped
+/// instead, it is waited for and its output discarded (the context is as if it never ran).
+#[must_use = "a submitted step changes its context only when finished"]
+pub struct SubmittedStep {
     plan: Plan,
     pending: Pending<ForwardOutput>,
 }
 
+impl Waitable for SubmittedStep {
+    fn handle(&self) -> u32 {
+        self.pending.handle()
+    }
+}
+
 impl Context {
-    /// Submit a decode step of every pending token without waiting.
-    pub(crate) fn submit_step(&mut self, options: &StepOptions) -> Result<Submitted> {
+    /// Submit a decode step of every pending token, sampling after the last, without waiting.
+    pub fn submit_step(&mut self, options: &StepOptions) -> Result<SubmittedStep> {
         let plan = self.plan_step(options)?;
         let pending = forward::forward_async(&plan.request);
-        Ok(Submitted { plan, pending })
+        Ok(SubmittedStep { plan, pending })
     }
 
-    /// Submit the step after `submit_step`'s before that one is answered: it feeds on the
-    /// token that one samples. Only when [`has_room_ahead`](Context::has_room_ahead).
-    pub(crate) fn submit_step_ahead(&mut self, options: &StepOptions) -> Result<Submitted> {
+    /// Submit the step after a [`submit_step`](Context::submit_step) (with a sampler) that is
+    /// not finished yet: it reads the token that step samples (the `forward` op's `feed`), so
+    /// the host runs it in the next tick without waiting for this guest. Only where
+    /// [`has_room_ahead`](Context::has_room_ahead); no grammar matcher in either sampler.
+    pub fn submit_step_ahead(&mut self, options: &StepOptions) -> Result<SubmittedStep> {
         let plan = self.plan_step_ahead(options)?;
         let pending = forward::forward_async(&plan.request);
-        Ok(Submitted { plan, pending })
+        Ok(SubmittedStep { plan, pending })
     }
 
     /// Whether the token the step in flight samples leaves room for one more step.
-    pub(crate) fn has_room_ahead(&self) -> bool {
+    pub fn has_room_ahead(&self) -> bool {
         self.max_position.map_or(true, |max| u64::from(self.next_position) + 1 < max)
     }
 
     /// Wait for a submitted step and commit it into the context.
-    pub(crate) fn finish_step(&mut self, step: Submitted) -> Result<StepOutput> {
+    pub fn finish_step(&mut self, step: SubmittedStep) -> Result<StepOutput> {
         let output = step.pending.wait()?;
         self.commit(&step.plan, &output)
     }

@@ -1,6 +1,7 @@
 //! Generation: decode steps until a stop condition, for one context or several at once.
 
-use crate::context::{join_all, Context, Step, StepOptions, StepOutput, Submitted};
+use crate::context::{Context, StepOptions, StepOutput, SubmittedStep};
+use crate::pending::{wait_all, Waitable};
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
 use crate::text::TokenText;
@@ -230,7 +231,7 @@ impl Context {
         mut generation: Generation,
         mut on_text: F,
     ) -> Result<Generated> {
-        let mut ahead: Option<Submitted> = None;
+        let mut ahead: Option<SubmittedStep> = None;
         while !generation.is_finished() {
             let step = match ahead.take() {
                 Some(step) => step,
@@ -258,9 +259,10 @@ impl Context {
 }
 
 /// Advance every unfinished generation by one token per round, submitting all their decode
-/// steps before waiting so they share each scheduler tick. `on_text(i, text)` receives the text
-/// released for generation `i` (when it streams). Put the contexts on different queues: one
-/// queue runs its requests one after another.
+/// steps before waiting so they share each scheduler tick, each one step ahead where it can be
+/// (as [`Context::generate`] does). `on_text(i, text)` receives the text released for
+/// generation `i` (when it streams). Put the contexts on different queues: one queue runs its
+/// requests one after another.
 pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
     contexts: &mut [Context],
     generations: &mut [Generation],
@@ -273,6 +275,7 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
             generations.len()
         )));
     }
+    let mut ahead: Vec<Option<SubmittedStep>> = contexts.iter().map(|_| None).collect();
     loop {
         for (i, (ctx, generation)) in contexts.iter().zip(generations.iter_mut()).enumerate() {
             if ctx.is_full() && !generation.is_finished() {
@@ -287,18 +290,41 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
         if active.is_empty() {
             return Ok(());
         }
-        let steps = contexts
-            .iter_mut()
-            .zip(generations.iter())
-            .filter(|(_, generation)| !generation.is_finished())
-            .map(|(ctx, generation)| ctx.step_async(&generation.next_step()))
-            .collect::<Result<Vec<Step<'_>>>>()?;
-        let outputs = join_all(steps)?;
-        for (&i, output) in active.iter().zip(&outputs) {
-            let text = generations[i].accept_step(output)?;
-            if !text.is_empty() {
-                on_text(i, &text)?;
+        let mut steps = Vec::with_capacity(active.len());
+        for &i in &active {
+            let (ctx, generation) = (&mut contexts[i], &generations[i]);
+            let step = match ahead[i].take() {
+                Some(step) => step,
+                None => ctx.submit_step(&generation.next_step())?,
+            };
+            if generation.continues_after_next() && ctx.has_room_ahead() {
+                ahead[i] = Some(ctx.submit_step_ahead(&generation.step_after_next())?);
             }
+            steps.push(step);
+        }
+        {
+            let waitables: Vec<&dyn Waitable> = steps.iter().map(|s| s as &dyn Waitable).collect();
+            wait_all(&waitables);
+        }
+        // Every step is committed even when one fails; the first error is returned.
+        let mut first_error = None;
+        for (&i, step) in active.iter().zip(steps) {
+            let taken = contexts[i].finish_step(step).and_then(|output| {
+                let text = generations[i].accept_step(&output)?;
+                if !text.is_empty() {
+                    on_text(i, &text)?;
+                }
+                Ok(())
+            });
+            if let Err(err) = taken {
+                first_error.get_or_insert(err);
+            }
+            if generations[i].is_finished() {
+                ahead[i] = None; // a step ahead of a generation that ended: waited for, dropped
+            }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
     }
 }

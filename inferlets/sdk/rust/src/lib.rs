@@ -52,7 +52,7 @@ pub use serde;
 
 pub use args::Args;
 pub use chat::Message;
-pub use context::{join_all, Context, Step, StepOptions, StepOutput};
+pub use context::{join_all, Context, Step, StepOptions, StepOutput, SubmittedStep};
 pub use error::{Error, Result};
 pub use forward::Distribution;
 pub use generate::{generate_parallel, FinishReason, Generated, Generation, StopCondition};
