@@ -7,29 +7,17 @@ from __future__ import annotations
 
 import math
 
-import pytest
+import test_control
 import trio
 import trio.testing
 from control_support import error, ok
-from test_control import Stack, assert_same_dist, prompt, settled, start_stack
+from test_control import Stack, assert_same_dist, prompt, settled
 
-from pie_trio.executor.executor import Executor
+from pie_trio.control.instance import InstanceControl
 
-
-@pytest.fixture
-async def stack(tiny_runner):
-    async with trio.open_nursery() as nursery:
-        yield await start_stack(nursery, Executor(tiny_runner), tiny_runner)
-        nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def stalled_stack(tiny_runner):
-    """Forwards never fire (the `k` policy waits for 10**6 of them)."""
-    async with trio.open_nursery() as nursery:
-        yield await start_stack(nursery, Executor(tiny_runner, policy="k", k=10**6),
-                                tiny_runner)
-        nursery.cancel_scope.cancel()
+# The control tests' fixtures: the tiny model's stack, and one whose forwards never fire.
+stack = test_control.stack
+stalled_stack = test_control.stalled_stack
 
 
 def step(pages: list[int], page_size: int, length: int, tokens: list[int], **fields) -> dict:
@@ -102,14 +90,20 @@ async def test_a_fed_step_equals_the_explicit_one_and_starts_from_the_answer(sta
     assert (await settled(stack))["pages_in_use"] == 0
 
 
-async def test_a_chained_step_keeps_its_place_before_later_requests(stack: Stack):
-    """A request for the queue that comes while a step is chained goes after that step."""
-    ps = stack.page_size
+async def prompt_and_fed_step(stack: Stack) -> tuple[InstanceControl, list[int], Answers]:
+    """An instance with a 3-token prompt's forward and a step that feeds on it started."""
     a = stack.controller.attach("a")
     pages = await ok(a, "alloc_pages", count=1)
     answers = Answers(stack)
-    a.start_request(step(pages, ps, 0, prompt(3)), answers.to("prompt"))
-    a.start_request(step(pages, ps, 3, [], feed=True), answers.to("fed"))
+    a.start_request(step(pages, stack.page_size, 0, prompt(3)), answers.to("prompt"))
+    a.start_request(step(pages, stack.page_size, 3, [], feed=True), answers.to("fed"))
+    return a, pages, answers
+
+
+async def test_a_chained_step_keeps_its_place_before_later_requests(stack: Stack):
+    """A request for the queue that comes while a step is chained goes after that step."""
+    ps = stack.page_size
+    a, pages, answers = await prompt_and_fed_step(stack)
     a.start_request({"op": "synchronize", "queue": 0}, answers.to("synchronize"))
     a.start_request(step(pages, ps, 4, [], feed=True), answers.to("fed after"))
     await answers.wait_for(4)
@@ -155,12 +149,7 @@ async def test_feed_is_refused_where_there_is_nothing_to_feed_on(stack: Stack):
 
 async def test_closing_with_a_chained_step_answers_it_and_frees_everything(stalled_stack):
     stack = stalled_stack
-    ps = stack.page_size
-    a = stack.controller.attach("a")
-    pages = await ok(a, "alloc_pages", count=1)
-    answers = Answers(stack)
-    a.start_request(step(pages, ps, 0, prompt(3)), answers.to("prompt"))
-    a.start_request(step(pages, ps, 3, [], feed=True), answers.to("fed"))
+    a, _, answers = await prompt_and_fed_step(stack)
     await trio.testing.wait_all_tasks_blocked()
     assert stack.executor.queued == 1  # the prompt never fires; the fed step waits on it
     await a.close()
