@@ -134,8 +134,7 @@ def queue_for(request: Any, instance_queues: Queues) -> Queue | None:
     """
     if not isinstance(request, dict) or request.get("op") == "set_priority":
         return None
-    queue_id = request.get("queue")
-    return instance_queues.find(queue_id) if is_int(queue_id) else None
+    return instance_queues.find(request.get("queue"))
 
 
 async def run(ctx: InstanceContext, item: QueuedRequest, queue: Queue | None) -> None:

@@ -117,11 +117,6 @@ def _fed(f: Fields, tokens: list[int] | None, queue: Queue | None) -> list[int]:
     return tokens + queue.sampled
 
 
-def _queue_of(ctx: InstanceContext, f: Fields) -> Queue | None:
-    queue_id = f.request.get("queue")
-    return ctx.queues.find(queue_id) if is_int(queue_id) else None
-
-
 def _record_sampled(queue: Queue | None, value: dict[str, Any]) -> None:
     """A forward on `queue` succeeded: a forward that feeds on it reads what it sampled."""
     if queue is not None:
@@ -146,7 +141,7 @@ def _bind(ctx: InstanceContext, request: _ForwardRequest) -> Forward:
 
 
 async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, Any]:
-    queue = _queue_of(ctx, f)
+    queue = ctx.queues.find(f.request.get("queue"))
     try:
         request = _parse_forward(ctx, f, queue)
     finally:
@@ -173,7 +168,7 @@ def start_forward(ctx: InstanceContext, f: Fields, priority: int,
     submitted now and answered through `on_done`; returns the function that abandons it.
     None, with nothing done, where it needs a task: a grammar matcher, a vocabulary not
     computed yet, or a written page shared with someone else (copy-on-write first)."""
-    queue = _queue_of(ctx, f)
+    queue = ctx.queues.find(f.request.get("queue"))
     try:
         request = _parse_forward(ctx, f, queue)
     except Exception:

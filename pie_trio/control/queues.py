@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import trio
 
-from pie_trio.control.fields import ControlError, Fields
+from pie_trio.control.fields import ControlError, Fields, is_int
 from pie_trio.control.interface import Response
 
 
@@ -123,8 +123,9 @@ class Queues:
             raise ControlError(f"queue {queue_id} is not held by this instance")
         return queue
 
-    def find(self, queue_id: int) -> Queue | None:
-        return self._queues.get(queue_id)
+    def find(self, queue_id: Any) -> Queue | None:
+        """The queue a request's `queue` field names, or None (not held, or not an int)."""
+        return self._queues.get(queue_id) if is_int(queue_id) else None
 
     def clear(self) -> None:
         """Forget every queue (their tasks end with the instance's nursery)."""
