@@ -208,8 +208,9 @@ mod tests {
 
     #[test]
     fn parses_nested_values_and_escapes() {
-        let value = Value::parse(r#" {"a": [1, -2.5e3, true, null], "b": "x\"\u00e9\ud83d\ude00\n"} "#)
-            .unwrap();
+        let value =
+            Value::parse(r#" {"a": [1, -2.5e3, true, null], "b": "x\"\u00e9\ud83d\ude00\n"} "#)
+                .unwrap();
         assert_eq!(
             value.get("a"),
             Some(&Value::Array(vec![

@@ -6,11 +6,12 @@
 //! Every step submits one decode step per unfinished choice before waiting, so the choices
 //! advance in the same forward batch, each one step ahead where it can be (the step after the
 //! one waited for is in already and reads its token: `Context::submit_step_ahead`), so the
-//! host runs it in the next tick without waiting for this program. Each step's text (held back while it might begin a stop
-//! string) goes to the client as it is released, with the sampled token's log-probability and
-//! its top alternatives when asked (`report.rs`); a grammar (a JSON schema for
-//! `response_format`) constrains every choice through its own matcher. Choice i samples with
-//! seed S + 1000·i, so choice 0 of any `n` is what `n` = 1 gives.
+//! host runs it in the next tick without waiting for this program. Each step's text (held
+//! back while it might begin a stop string) goes to the client as it is released, with the
+//! sampled token's log-probability and its top alternatives when asked (`report.rs`); a
+//! grammar (a JSON schema for `response_format`) constrains every choice through its own
+//! matcher. Choice i samples with seed S + 1000·i, so choice 0 of any `n` is what `n` = 1
+//! gives.
 
 mod json_value;
 mod report;
@@ -18,8 +19,8 @@ mod spec;
 
 use inferlet::tokenizer::Vocab;
 use inferlet::{
-    wait_all, Context, FinishReason, Generation, Grammar, Matcher, Model, Queue, Result,
-    Sampler, StepOptions, StepOutput, StopCondition, SubmittedStep, Waitable,
+    finish_all, Context, FinishReason, Generation, Grammar, Matcher, Model, Queue, Result, Sampler,
+    StepOptions, StepOutput, StopCondition, SubmittedStep,
 };
 
 use crate::spec::Spec;
@@ -131,25 +132,11 @@ fn run_steps(spec: &Spec, choices: &mut [Choice], vocab: Option<&Vocab>) -> Resu
         if live.is_empty() {
             return Ok(());
         }
-        let steps =
-            live.iter().map(|&i| choices[i].submit(spec)).collect::<Result<Vec<_>>>()?;
-        {
-            let waitables: Vec<&dyn Waitable> = steps.iter().map(|s| s as &dyn Waitable).collect();
-            wait_all(&waitables);
-        }
-        // Every step is committed even when one fails; the first error is returned.
-        let mut first_error = None;
-        for (&i, step) in live.iter().zip(steps) {
-            let choice = &mut choices[i];
-            let taken =
-                choice.ctx.finish_step(step).and_then(|output| choice.take(&output, spec, vocab));
-            if let Err(err) = taken {
-                first_error.get_or_insert(err);
-            }
-        }
-        if let Some(err) = first_error {
-            return Err(err);
-        }
+        let steps = live.iter().map(|&i| choices[i].submit(spec)).collect::<Result<Vec<_>>>()?;
+        finish_all(steps, |k, step| {
+            let choice = &mut choices[live[k]];
+            choice.ctx.finish_step(step).and_then(|output| choice.take(&output, spec, vocab))
+        })?;
     }
 }
 

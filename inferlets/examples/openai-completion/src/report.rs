@@ -56,7 +56,12 @@ pub fn prompt_token(vocab: &Vocab, token: u32) -> Result<String> {
     entry(vocab, token, None, None)
 }
 
-fn entry(vocab: &Vocab, token: u32, logprob: Option<f64>, top: Option<&[String]>) -> Result<String> {
+fn entry(
+    vocab: &Vocab,
+    token: u32,
+    logprob: Option<f64>,
+    top: Option<&[String]>,
+) -> Result<String> {
     let bytes = vocab.bytes(token)?;
     let byte_list: Vec<String> = bytes.iter().map(|b| b.to_string()).collect();
     let mut out = format!(

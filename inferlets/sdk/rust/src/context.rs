@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::forward::{self, Distribution, ForwardOutput, ForwardRequest, Input};
 use crate::model::Model;
-use crate::pending::{wait_all, Pending, Waitable};
+use crate::pending::{finish_all, Pending, Waitable};
 use crate::queue::Queue;
 use crate::resources;
 use crate::runtime;
@@ -572,24 +572,12 @@ impl Waitable for Step<'_> {
 /// Wait for every step (they ran in the same tick if submitted together) and commit each into
 /// its context. Every step is committed even when some fail; the first error is returned.
 pub fn join_all(steps: Vec<Step<'_>>) -> Result<Vec<StepOutput>> {
-    {
-        let waitables: Vec<&dyn Waitable> = steps.iter().map(|s| s as &dyn Waitable).collect();
-        wait_all(&waitables);
-    }
     let mut outputs = Vec::with_capacity(steps.len());
-    let mut first_error = None;
-    for step in steps {
-        match step.wait() {
-            Ok(output) => outputs.push(output),
-            Err(err) => {
-                first_error.get_or_insert(err);
-            }
-        }
-    }
-    match first_error {
-        Some(err) => Err(err),
-        None => Ok(outputs),
-    }
+    finish_all(steps, |_, step| {
+        outputs.push(step.wait()?);
+        Ok(())
+    })?;
+    Ok(outputs)
 }
 
 /// The sampled token of a step output.

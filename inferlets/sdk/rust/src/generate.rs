@@ -1,8 +1,8 @@
 //! Generation: decode steps until a stop condition, for one context or several at once.
 
 use crate::context::{Context, StepOptions, StepOutput, SubmittedStep};
-use crate::pending::{wait_all, Waitable};
 use crate::error::{Error, Result};
+use crate::pending::finish_all;
 use crate::sampler::Sampler;
 use crate::text::TokenText;
 use crate::tokenizer;
@@ -302,13 +302,8 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
             }
             steps.push(step);
         }
-        {
-            let waitables: Vec<&dyn Waitable> = steps.iter().map(|s| s as &dyn Waitable).collect();
-            wait_all(&waitables);
-        }
-        // Every step is committed even when one fails; the first error is returned.
-        let mut first_error = None;
-        for (&i, step) in active.iter().zip(steps) {
+        finish_all(steps, |k, step| {
+            let i = active[k];
             let taken = contexts[i].finish_step(step).and_then(|output| {
                 let text = generations[i].accept_step(&output)?;
                 if !text.is_empty() {
@@ -316,15 +311,10 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
                 }
                 Ok(())
             });
-            if let Err(err) = taken {
-                first_error.get_or_insert(err);
-            }
             if generations[i].is_finished() {
                 ahead[i] = None; // a step ahead of a generation that ended: waited for, dropped
             }
-        }
-        if let Some(err) = first_error {
-            return Err(err);
-        }
+            taken
+        })?;
     }
 }

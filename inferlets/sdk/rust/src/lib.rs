@@ -58,7 +58,7 @@ pub use forward::Distribution;
 pub use generate::{generate_parallel, FinishReason, Generated, Generation, StopCondition};
 pub use grammar::{Grammar, GrammarKind, Matcher};
 pub use model::{Model, ModelInfo, TokenRef};
-pub use pending::{wait_all, wait_any, Pending, Waitable};
+pub use pending::{finish_all, wait_all, wait_any, Pending, Waitable};
 pub use queue::Queue;
 pub use runtime::{
     args, broadcast, clock, instance_id, models, ping, receive, send, set_return, sleep,

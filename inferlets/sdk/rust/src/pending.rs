@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use serde::de::DeserializeOwned;
 
 use crate::abi;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::wire::{self, Request};
 
 /// Anything that stands for a submitted request's handle.
@@ -56,6 +56,24 @@ impl<T> Drop for Pending<T> {
 pub fn wait_all(items: &[&dyn Waitable]) {
     let handles: Vec<u32> = items.iter().map(|item| item.handle()).collect();
     abi::wait_all_handles(&handles);
+}
+
+/// Block until every item is ready, then hand each to `finish(index, item)` in order: every
+/// one, even after some fail, so that none is left uncommitted. Returns the first error.
+pub fn finish_all<W, F>(items: Vec<W>, mut finish: F) -> Result<()>
+where
+    W: Waitable,
+    F: FnMut(usize, W) -> Result<()>,
+{
+    let waitables: Vec<&dyn Waitable> = items.iter().map(|item| item as &dyn Waitable).collect();
+    wait_all(&waitables);
+    let mut first_error: Option<Error> = None;
+    for (index, item) in items.into_iter().enumerate() {
+        if let Err(err) = finish(index, item) {
+            first_error.get_or_insert(err);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Block until at least one request is ready; returns the index of a ready one.

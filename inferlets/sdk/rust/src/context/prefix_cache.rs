@@ -13,7 +13,9 @@ impl Context {
     /// KV cache afterwards. The context's full pages are then offered to the cache. Returns how
     /// many tokens were reused instead of prefilled.
     pub fn fill_cached(&mut self, tokens: &[u32]) -> Result<usize> {
-        if !self.pages.is_empty() || !self.kv.is_empty() || !self.pending.is_empty()
+        if !self.pages.is_empty()
+            || !self.kv.is_empty()
+            || !self.pending.is_empty()
             || self.next_position != 0
         {
             return Err(Error::usage("fill_cached needs an empty context at position 0"));
@@ -39,7 +41,10 @@ impl Context {
         self.flush()?;
         let full = self.kv.len() / self.page_size;
         if full > 0 {
-            resources::prefix_store(&self.kv_tokens()[..full * self.page_size], &self.pages[..full])?;
+            resources::prefix_store(
+                &self.kv_tokens()[..full * self.page_size],
+                &self.pages[..full],
+            )?;
         }
         Ok(found.tokens)
     }
