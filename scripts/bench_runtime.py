@@ -29,7 +29,9 @@ runtime) in one process, the model in it too unless --model-process puts it in a
    answered to come back (the runtime's share of a step, less sensitive than the ratios to a
    machine whose other load slows the forwards). Runs alternate between the two and the
    median is kept. With --profile-loop, one more inferlet run per sequence count under
-   cProfile: the trio thread's Python time and calls per token, by layer.
+   cProfile: the trio thread's Python time and calls per token, by layer. Then (not with
+   --quick) 8 chat turns at once left to end on the model's stop token: the median time from
+   a turn's last text to its instance's end.
 4. a crowd: N (1000; 200 with --quick) text-completion inferlets launched at once, greedy, 16
    tokens each, on a stack whose KV policy and page pool are the server's defaults (`preempt`,
    so the pool is contended and newer instances wait in host memory). Progress every few
@@ -172,6 +174,7 @@ class Timing:
         self.first: float | None = None
         self.last: float | None = None
         self.end: float | None = None
+        self.stopped = False  # ended on a stop token (chat_sequence)
 
     def token(self) -> None:
         now = time.perf_counter()
@@ -202,6 +205,47 @@ async def inferlet_sequence(runtime, max_tokens: int) -> Timing:
     assert end["reason"] == "finished", end
     timing.end = time.perf_counter()
     return timing
+
+
+STOP_QUESTIONS = ("What is the capital of France?", "Name a primary color.", "What is 2+2?",
+                  "Say hello.")
+STOP_MAX_TOKENS = 128
+
+
+async def chat_sequence(runtime, question: str) -> Timing:
+    """A text-completion chat turn left to end on the model's stop token."""
+    timing = Timing()
+    instance = await runtime.launch(
+        "text-completion", ["--prompt", question, "--chat", "--max-tokens",
+                            str(STOP_MAX_TOKENS)], "bench")
+    texts = 0
+
+    def token() -> None:
+        nonlocal texts
+        texts += 1
+        timing.token()
+
+    end = await run_to_end(instance, token)
+    assert end["reason"] == "finished", end
+    timing.end = time.perf_counter()
+    # (A piece of text per token at most: fewer than the limit means the stop token ended it.)
+    timing.stopped = texts < STOP_MAX_TOKENS
+    return timing
+
+
+async def bench_stop_tail(runtime, count: int, repeats: int) -> dict:
+    """How long after its last text a chat turn that ends on its stop token ends: the SDK gives
+    up the step it submitted ahead (`discard`) rather than waiting a tick for it, so this is
+    the stop token's own step and the instance's exit. Median over each run's sequences."""
+    runs = []
+    for _ in range(repeats):
+        timings = await concurrently(count, lambda i: chat_sequence(
+            runtime, STOP_QUESTIONS[i % len(STOP_QUESTIONS)]))
+        tails = [t.end - t.last for t in timings if t.stopped and t.last and t.end]
+        if tails:
+            runs.append(statistics.median(tails))
+    return {"sequences": count, "runs_ms": [round(r * 1e3, 2) for r in runs],
+            "median_ms": round(statistics.median(runs) * 1e3, 2) if runs else None}
 
 
 async def concurrently(count: int, make: Callable[[int], Awaitable[Timing]]) -> list[Timing]:
@@ -650,6 +694,12 @@ async def measure(args: argparse.Namespace, runner, programs) -> dict:
             executor, runtime, runner.tokenizer, max_tokens, (1, 32), repeats,
             profile=args.profile_loop)
         record["programmability"]["max_tokens"] = max_tokens
+        if not args.quick:  # (the tiny random model does not stop by itself)
+            log("the end of a chat turn at its stop token (8 at once):")
+            tail = await bench_stop_tail(runtime, 8, repeats)
+            record["programmability"]["stop_tail"] = tail
+            log(f"  last text to the instance's end: median {tail['median_ms']} ms "
+                f"(runs: {tail['runs_ms']})")
     return record
 
 

@@ -197,6 +197,17 @@ async def test_adversarial_python_guests_end_with_the_right_reason(python_progra
     assert beside.reason == "finished" and beside.return_value == "ok"
 
 
+async def test_a_python_generation_goes_on_after_its_stop_token(python_programs):
+    """The streamed generation gives up its step ahead at a stop token (`discard`) and returns;
+    generating on from there matches a free run (adversarial.py `stop-and-go`)."""
+    store, hashes = python_programs
+    async with running_stack(tiny_runner(), programs=store) as stack:
+        outcome = await finish(await stack.launch(hashes["adversarial"], "stop-and-go"))
+        assert stack.controller.stats()["pages_in_use"] == 0
+    assert outcome.reason == "finished", (outcome.detail, outcome.text("stderr")[-1000:])
+    assert outcome.return_value == "ok"
+
+
 async def test_python_lifecycles_leak_nothing(python_programs):
     store, hashes = python_programs
     async with running_stack(tiny_runner(), programs=store) as stack:

@@ -277,6 +277,15 @@ async def test_outstanding_requests_are_bounded_in_bytes(tiny_runner):
     assert peak < 160 * MiB, peak / MiB  # 64 of them held 500+ MB
 
 
+async def test_discarded_requests_hold_nothing(tiny_runner):
+    """100 answers of 4 MB discarded, before or after they came, leave the guest well inside
+    its 64 MiB of outstanding bytes; a discarded handle is unknown from then on."""
+    async with running_stack(tiny_runner) as stack:
+        outcome = await finish(await stack.launch("discard"))
+    assert outcome.reason == "trap", outcome.terminated
+    assert re.search(r"ABI misuse: take: unknown handle \d+", outcome.detail), outcome.detail
+
+
 async def test_a_request_that_decodes_huge_is_refused(tiny_runner):
     """1 MB of msgpack that would decode to a million Python lists: ~70 MB, and 2-4 s of
     holding the GIL while the cyclic GC tracks them."""

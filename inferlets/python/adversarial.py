@@ -1,6 +1,9 @@
 """adversarial: misbehaves on purpose, as its first argument says (the runtime's tests).
 
-    adversarial loop | grow | raise | huge | ok
+    adversarial loop | grow | raise | huge | ok | stop-and-go
+
+`stop-and-go` is well behaved: a streamed generation that ends on a stop token (its step
+ahead given up with `discard`) and goes on from there must continue like a free run.
 """
 
 import inferlet
@@ -19,4 +22,26 @@ async def main():
         raise RuntimeError("raised on purpose")
     if mode == "huge":
         await inferlet.raw("ping", payload="x" * (8 << 20))
+    if mode == "stop-and-go":
+        await stop_and_go()
     await inferlet.set_return("ok")
+
+
+async def stop_and_go():
+    model = await inferlet.Model.load()
+    prompt, greedy = "Once upon a time", inferlet.Sampler()
+    free = model.new_context()
+    await free.fill(prompt)
+    expected = (await free.generate(greedy, inferlet.StopCondition(8))).tokens
+    stop_token = expected[4]
+    first = expected.index(stop_token)
+    ctx = model.new_context()
+    await ctx.fill(prompt)
+    stopped = await ctx.generate(greedy, inferlet.StopCondition(8, [stop_token]), stream=True)
+    if stopped.tokens != expected[:first] or stopped.finish != "stop_token":
+        raise AssertionError(f"stopped at {stopped.tokens} ({stopped.finish}), not {first}")
+    rest = expected[first + 1:]
+    if rest:
+        went_on = await ctx.generate(greedy, inferlet.StopCondition(len(rest)), stream=True)
+        if went_on.tokens != rest:
+            raise AssertionError(f"went on with {went_on.tokens}, not {rest}")

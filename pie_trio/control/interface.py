@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 RUNTIME_OPS: frozenset[str] = frozenset(
-    {"version", "instance_id", "args", "models", "send", "receive", "set_return",
+    {"version", "instance_id", "args", "models", "send", "receive", "set_return", "discard",
      "launch", "send_to", "child_receive", "child_wait", "child_kill"}
 )
 

@@ -96,6 +96,7 @@ class HostCalls:
         # dict operation is atomic under the GIL and a key has one writer, so no lock is needed.
         self.ready: dict[int, dict[str, Any]] = {}
         self.issued: set[int] = set()  # submit handles not yet taken
+        self._discarded: set[int] = set()  # discarded before their answer came (trio thread)
         # Estimated bytes the host holds for handles not yet taken. Each counter has one
         # writer: requests and kept encodings the guest thread, responses the trio thread (and
         # the guest thread counts what it took off them), so no lock is needed.
@@ -365,11 +366,36 @@ class HostCalls:
                 return {"error": "send: 'message' must be a string"}
             self._emit({"event": "message", "message": message}, len(message) + EVENT_OVERHEAD)
             return {"ok": None}
+        if op == "discard":
+            return self._discard(request.get("handle"))
         value = request.get("value")  # set_return
         if not isinstance(value, str):
             return {"error": "set_return: 'value' must be a string"}
         self.return_value = value
         return {"ok": None}
+
+    def _discard(self, handle: Any) -> dict[str, Any]:
+        """The `discard` op: the guest will never take `handle`. What the guest thread counts
+        for it goes now; its response, whenever it comes, is the trio thread's to drop (it
+        alone files responses, so no answer can slip in between a look and a removal)."""
+        if type(handle) is not int:
+            return {"error": f"discard: 'handle' must be an int, got {type(handle).__name__}"}
+        if handle not in self.issued:
+            return {"error": f"discard: {handle} is not a handle submitted and not yet taken"}
+        self.issued.discard(handle)
+        kept = self._encoded.pop(handle, None)
+        if kept is not None:
+            self._encoded_bytes -= len(kept)
+        self._request_bytes -= self._request_cost.pop(handle, 0)
+        self._post(self._drop_response, handle)
+        return {"ok": None}
+
+    def _drop_response(self, handle: int) -> None:
+        """Trio thread: forget a discarded handle's response, now or when it is filed."""
+        if self.ready.pop(handle, None) is None:
+            self._discarded.add(handle)
+        else:
+            self.response_bytes_in -= self.response_cost.pop(handle, 0)
 
     def _await_handle(self, handle: int) -> None:
         ready = self.ready
@@ -386,6 +412,9 @@ class HostCalls:
     def file_response(self, handle: int, response: dict[str, Any]) -> Termination | None:
         """Trio thread: store the response for `handle`; the Termination to apply if holding
         it puts the instance past its outstanding bytes."""
+        if handle in self._discarded:
+            self._discarded.remove(handle)
+            return None
         if handle > 0:  # a submit's (a `call` is waited for at once, one at a time)
             cost = _approx_size(response)
             self.response_cost[handle] = cost  # before `ready`: the guest pops both together

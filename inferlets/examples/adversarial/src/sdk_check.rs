@@ -10,7 +10,7 @@ use std::fmt::Display;
 use inferlet::forward::{self, ForwardRequest, Input};
 use inferlet::resources;
 use inferlet::tokenizer;
-use inferlet::wire::Request;
+use inferlet::wire::{self, Request};
 use inferlet::{
     join_all, wait_all, wait_any, Context, Error, FinishReason, Model, Pending, Queue, Result,
     Sampler, StepOptions, StopCondition,
@@ -111,6 +111,19 @@ fn async_handles(_: &Model) -> Result<()> {
     wait_all(&[&first, &second]);
     ensure(first.wait()? == 1 && second.wait()? == 2, "responses mixed up")?;
     drop(ping(3)); // dropped without waiting: its handle is still released
+
+    // Discarded: released without waiting, answered or not yet (a bad free_pages crosses to
+    // the control layer), more times than the outstanding limit allows handles.
+    for n in 0..1500u32 {
+        if n % 2 == 0 {
+            ping(n).discard()?;
+        } else {
+            Pending::<()>::submit(&Request::new("free_pages").with("pages", &[999_999u32]))
+                .discard()?;
+        }
+    }
+    let bogus = wire::call::<()>(&Request::new("discard").with("handle", &123_456u32));
+    ensure(matches!(bogus, Err(Error::Host(_))), "discarding a handle never submitted")?;
     let refused = Pending::<()>::submit(&Request::new("free_pages").with("pages", &[999_999u32]));
     ensure(matches!(refused.wait(), Err(Error::Host(_))), "a forged page was accepted")
 }
@@ -258,6 +271,13 @@ fn stop_conditions(model: &Model) -> Result<()> {
     let first_stop = free_run.tokens.iter().position(|&t| t == fifth).expect("present");
     ensure(by_token.tokens == free_run.tokens[..first_stop], "stop token")?;
     ensure(by_token.finish == FinishReason::StopToken(fifth), "stop token reason")?;
+    // Going on after it (the step ahead was discarded, maybe still running): the stop token is
+    // pending, and what follows is the free run's.
+    let after = &free_run.tokens[first_stop + 1..];
+    if !after.is_empty() {
+        let rest = ctx.generate(&Sampler::greedy(), &StopCondition::new(after.len()))?;
+        ensure(rest.tokens == after, "the generation after a stop token diverged")?;
+    }
 
     // (A token that is only part of a character has no text of its own to stop at.)
     let stop = model.detokenize(&[fifth])?;

@@ -38,7 +38,7 @@ struct Choice {
     generation: Option<Generation>,
     matcher: Option<Matcher>,
     sent: String,
-    /// The step after the one in flight, submitted ahead (dropped, so waited for, at the end).
+    /// The step after the one in flight, submitted ahead (discarded at the end).
     ahead: Option<SubmittedStep>,
 }
 
@@ -226,7 +226,9 @@ impl Choice {
             }
         }
         self.matcher = None;
-        self.ahead = None; // a step ahead of the end: waited for, its output dropped
+        if let Some(step) = self.ahead.take() {
+            step.discard()?; // a step ahead of the end: given up without waiting
+        }
         report::finish(self.index, reason, generated.tokens.len())
     }
 }

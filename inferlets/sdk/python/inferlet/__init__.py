@@ -13,7 +13,17 @@ Build it with `pie-trio build my_inferlet.py -o my_inferlet.wasm`.
 """
 
 from inferlet.context import Context, Generated
-from inferlet.host import InferletError, Pending, Task, call, gather, request, run, spawn
+from inferlet.host import (
+    InferletError,
+    Pending,
+    Task,
+    call,
+    discard,
+    gather,
+    request,
+    run,
+    spawn,
+)
 from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tokenize
 from inferlet.runtime import (
     args,
@@ -36,7 +46,8 @@ from inferlet.runtime import (
 
 __all__ = [
     "Context", "Generated", "InferletError", "Model", "Pending", "Queue", "Sampler",
-    "StopCondition", "Task", "args", "broadcast", "call", "clock", "detokenize", "gather",
+    "StopCondition", "Task", "args", "broadcast", "call", "clock", "detokenize", "discard",
+    "gather",
     "instance_id", "raw", "receive", "request", "run", "send", "set_return", "sleep",
     "spawn", "store_delete", "store_get", "store_list", "store_set", "subscribe",
     "tokenize", "topic_receive", "version",

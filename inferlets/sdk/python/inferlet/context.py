@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferlet import wire
-from inferlet.host import InferletError, Pending, request
+from inferlet.host import Pending, discard, request
 from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tokenize
 from inferlet.runtime import send, store_delete, store_get, store_set
 
@@ -180,7 +180,9 @@ class Context:
         (the forward's `token_bytes`), so the text is decoded here: a token costs its forward
         and one `send`, with no round trip of its own. Each step is submitted one step ahead
         (as the Rust SDK's `generate`): while this waits for a token, the forward that reads
-        it is in already (`feed`), and the host runs it in the next tick."""
+        it is in already (`feed`), and the host runs it in the next tick. Past a stop token
+        that step is discarded, not waited for (it writes only the pending token's KV row,
+        which the next forward after it on the queue writes again)."""
         if not self.pending:
             raise ValueError("nothing to decode: fill at least one token first")
         tokens: list[int] = []
@@ -207,11 +209,8 @@ class Context:
                     text.append(piece)
                     await send(piece)
         finally:
-            if ahead is not None:  # a step ahead of the end: its output is dropped
-                try:
-                    await ahead.forward
-                except InferletError:
-                    pass
+            if ahead is not None:  # a step ahead of the end: given up without waiting
+                discard(ahead.forward)
         tail = decoder.decode(b"", final=True)
         if tail:
             text.append(tail)

@@ -75,6 +75,22 @@ def request(op: str, **fields: Any) -> Pending:
     return pending
 
 
+def discard(pending: Pending) -> None:
+    """Give `pending` up without waiting (the `discard` op): the request still runs, and the
+    host drops its answer whenever it comes. Awaiting it afterwards raises InferletError."""
+    if pending.done:
+        return
+    if _loop is not None:
+        _loop.submit_unsent()  # it may not have reached the host yet
+        _loop.submitted.pop(pending.handle, None)
+        for task in pending.tasks:
+            _loop.ready.append((task, None))
+        pending.tasks.clear()
+    pending.done = True
+    pending.response = _encode({"error": "the request was discarded"})
+    _result(_host().call(_encode({"op": "discard", "handle": pending.handle})))
+
+
 def call(op: str, **fields: Any) -> Any:
     """Ask and wait in one crossing, outside the loop (blocks every task)."""
     if _loop is not None:

@@ -502,12 +502,23 @@ impl Drop for Context {
 
 /// A decode step submitted by [`Context::submit_step`] or [`Context::submit_step_ahead`]. It
 /// does not borrow its context, so a step can be submitted ahead of the one before it; commit
-/// each with [`Context::finish_step`] on the same context, in the order submitted. Dropped
-/// instead, it is waited for and its output discarded (the context is as if it never ran).
+/// each with [`Context::finish_step`] on the same context, in the order submitted, or give it
+/// up with [`discard`](SubmittedStep::discard). Dropped, it is waited for and its output
+/// dropped. Either way the context is as if it never ran.
 #[must_use = "a submitted step changes its context only when finished"]
 pub struct SubmittedStep {
     plan: Plan,
     pending: Pending<ForwardOutput>,
+}
+
+impl SubmittedStep {
+    /// Give the step up without waiting for it (it may still be running). Its context is as if
+    /// it never ran: the context's next forward runs after it on the same queue and writes
+    /// again whatever row it wrote (its pending token's). What it allocated stays with the
+    /// context.
+    pub fn discard(self) -> Result<()> {
+        self.pending.discard()
+    }
 }
 
 impl Waitable for SubmittedStep {

@@ -224,8 +224,9 @@ impl Context {
     /// One step ahead: while this thread waits for a token, the step that reads it is in
     /// already (it `feed`s on the token), so the host starts it from the answer and the next
     /// tick has it without waiting for this thread. A generation that ends on a stop token or
-    /// string drops that step (waiting for it): it wrote only the pending token's KV row,
-    /// which the context's next forward writes again.
+    /// string discards that step, so it returns without waiting for it: the step writes only
+    /// the pending token's KV row, which the context's next forward (after it on the queue)
+    /// writes again.
     fn drive<F: FnMut(&str) -> Result<()>>(
         &mut self,
         mut generation: Generation,
@@ -253,7 +254,9 @@ impl Context {
                 on_text(&text)?;
             }
         }
-        drop(ahead);
+        if let Some(step) = ahead {
+            step.discard()?;
+        }
         generation.finish()
     }
 }
@@ -312,7 +315,10 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
                 Ok(())
             });
             if generations[i].is_finished() {
-                ahead[i] = None; // a step ahead of a generation that ended: waited for, dropped
+                // A step ahead of a generation that ended: given up without waiting.
+                if let Some(step) = ahead[i].take() {
+                    step.discard()?;
+                }
             }
             taken
         })?;

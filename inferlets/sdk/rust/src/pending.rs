@@ -17,7 +17,8 @@ pub trait Waitable {
 /// A submitted request whose response has not been taken yet.
 ///
 /// `wait` takes the response (blocking until it is ready). A `Pending` dropped without `wait`
-/// still takes its response, so the host's handle is released and nothing leaks.
+/// still takes its response, so the host's handle is released and nothing leaks; `discard`
+/// releases it without waiting.
 #[must_use = "a submitted request is released only when waited on (or dropped)"]
 pub struct Pending<T> {
     handle: u32,
@@ -35,6 +36,15 @@ impl<T: DeserializeOwned> Pending<T> {
     pub fn wait(mut self) -> Result<T> {
         self.taken = true;
         abi::take_with(self.handle, wire::decode_response)
+    }
+}
+
+impl<T> Pending<T> {
+    /// Give the request up without waiting for it (the `discard` op): it still runs, but its
+    /// response is dropped by the host whenever it comes. Dropping a `Pending` instead waits.
+    pub fn discard(mut self) -> Result<()> {
+        self.taken = true;
+        wire::call(&Request::new("discard").with("handle", &self.handle))
     }
 }
 
