@@ -133,6 +133,13 @@ async def test_feed_is_refused_where_there_is_nothing_to_feed_on(stack: Stack):
     await ok(a, **step(pages, ps, 0, prompt(3)))
     assert await error(a, **step(pages, ps, 3, [], feed=True, outputs=[5]))
     assert await error(a, **step(pages, ps, 4, [], feed=True)) == nothing
+    # Another sequence's forward was the latest on the queue (two contexts sharing it).
+    other = await ok(a, "alloc_pages", count=1)
+    await ok(a, **step(pages, ps, 0, prompt(3)))
+    await ok(a, **step(other, ps, 0, prompt(5)))
+    assert await error(a, **step(pages, ps, 3, [], feed=True)) == (
+        f"forward: 'feed': the previous forward on queue 0 was another sequence's (it wrote "
+        f"page {other[0]}, which this forward does not name)")
     # Slots instead of tokens, and no queue at all.
     await ok(a, **step(pages, ps, 0, prompt(3)))
     slots = {**step(pages, ps, 3, [], feed=True), "slots": [0]}

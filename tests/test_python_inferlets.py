@@ -197,12 +197,15 @@ async def test_adversarial_python_guests_end_with_the_right_reason(python_progra
     assert beside.reason == "finished" and beside.return_value == "ok"
 
 
-async def test_a_python_generation_goes_on_after_its_stop_token(python_programs):
-    """The streamed generation gives up its step ahead at a stop token (`discard`) and returns;
-    generating on from there matches a free run (adversarial.py `stop-and-go`)."""
+@pytest.mark.parametrize("mode", ["stop-and-go", "shared-queue"])
+async def test_python_generations_one_step_ahead_stay_right(python_programs, mode):
+    """adversarial.py's well-behaved checks of the streamed generation one step ahead:
+    `stop-and-go` gives up its step ahead at a stop token (`discard`) and generating on from
+    there matches a free run; `shared-queue` runs two generations on one queue side by side,
+    each as it runs alone."""
     store, hashes = python_programs
     async with running_stack(tiny_runner(), programs=store) as stack:
-        outcome = await finish(await stack.launch(hashes["adversarial"], "stop-and-go"))
+        outcome = await finish(await stack.launch(hashes["adversarial"], mode))
         assert stack.controller.stats()["pages_in_use"] == 0
     assert outcome.reason == "finished", (outcome.detail, outcome.text("stderr")[-1000:])
     assert outcome.return_value == "ok"

@@ -1,9 +1,11 @@
 """adversarial: misbehaves on purpose, as its first argument says (the runtime's tests).
 
-    adversarial loop | grow | raise | huge | ok | stop-and-go
+    adversarial loop | grow | raise | huge | ok | stop-and-go | shared-queue
 
-`stop-and-go` is well behaved: a streamed generation that ends on a stop token (its step
-ahead given up with `discard`) and goes on from there must continue like a free run.
+Two modes are well behaved: in `stop-and-go` a streamed generation that ends on a stop token
+(its step ahead given up with `discard`) and goes on from there must continue like a free run;
+in `shared-queue` two streamed generations on one queue, side by side under `gather`, must
+each give what it gives alone (a step ahead reads the latest forward on its queue).
 """
 
 import inferlet
@@ -24,6 +26,8 @@ async def main():
         await inferlet.raw("ping", payload="x" * (8 << 20))
     if mode == "stop-and-go":
         await stop_and_go()
+    if mode == "shared-queue":
+        await shared_queue()
     await inferlet.set_return("ok")
 
 
@@ -45,3 +49,21 @@ async def stop_and_go():
         went_on = await ctx.generate(greedy, inferlet.StopCondition(len(rest)), stream=True)
         if went_on.tokens != rest:
             raise AssertionError(f"went on with {went_on.tokens}, not {rest}")
+
+
+async def shared_queue():
+    model = await inferlet.Model.load()
+    prompts, greedy = ["Once upon a time", "The quick brown fox"], inferlet.Sampler()
+    expected = []
+    for prompt in prompts:
+        alone = model.new_context()
+        await alone.fill(prompt)
+        expected.append((await alone.generate(greedy, inferlet.StopCondition(10))).tokens)
+    contexts = [model.new_context() for _ in prompts]  # both on queue 0
+    for ctx, prompt in zip(contexts, prompts):
+        await ctx.fill(prompt)
+    together = await inferlet.gather(*(
+        ctx.generate(greedy, inferlet.StopCondition(10), stream=True) for ctx in contexts))
+    for i, generated in enumerate(together):
+        if generated.tokens != expected[i]:
+            raise AssertionError(f"sequence {i}: {generated.tokens}, alone {expected[i]}")

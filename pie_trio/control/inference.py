@@ -14,7 +14,9 @@ token it reads is known, one step ahead, and the step goes into the very next ti
 layer starts it from the previous step's answer (instance.py, "chained" requests), with no
 crossing to the guest in between. Each queue keeps what its latest forward sampled
 (`Queue.sampled`), and a forward starting on it clears that, so a `feed` after a forward that
-failed or sampled nothing is refused.
+failed or sampled nothing is refused. So is one whose pages do not include the page that
+forward wrote last: that forward was another sequence's (two contexts sharing a queue), and
+its token is not this one's to read.
 
 A forward whose sampler names a grammar matcher (grammar.py) is constrained: its vocabulary
 mask is the matcher's, computed just before the call is submitted, and the sampled token
@@ -78,7 +80,7 @@ def _parse_forward(ctx: InstanceContext, f: Fields, queue: Queue | None) -> _For
     positions = f.int_list("positions")
     tokens, slot_vids = _inputs(f)
     if f.flag("feed", False):
-        tokens = _fed(f, tokens, queue)
+        tokens = _fed(f, tokens, queue, vids)
     num_inputs = len(tokens) if tokens is not None else len(slot_vids or [])
     if len(positions) != num_inputs:
         raise f.error(f"{num_inputs} inputs but {len(positions)} positions")
@@ -104,7 +106,8 @@ def _parse_forward(ctx: InstanceContext, f: Fields, queue: Queue | None) -> _For
                            _matcher_id(f, call), f.flag("token_bytes", False))
 
 
-def _fed(f: Fields, tokens: list[int] | None, queue: Queue | None) -> list[int]:
+def _fed(f: Fields, tokens: list[int] | None, queue: Queue | None,
+         page_vids: list[int]) -> list[int]:
     """`tokens` with the tokens the previous forward on the queue sampled appended."""
     if tokens is None:
         raise f.error("'feed' appends sampled tokens to 'tokens': give 'tokens' (it may be "
@@ -114,13 +117,17 @@ def _fed(f: Fields, tokens: list[int] | None, queue: Queue | None) -> list[int]:
     if queue.sampled is None:
         raise f.error(f"'feed': the previous forward on queue {queue.id} sampled no tokens (it "
                       "failed, or it had no sampler)")
+    if queue.sampled_into not in page_vids:
+        raise f.error(f"'feed': the previous forward on queue {queue.id} was another sequence's "
+                      f"(it wrote page {queue.sampled_into}, which this forward does not name)")
     return tokens + queue.sampled
 
 
-def _record_sampled(queue: Queue | None, value: dict[str, Any]) -> None:
+def _record_sampled(queue: Queue | None, value: dict[str, Any], page_vids: list[int]) -> None:
     """A forward on `queue` succeeded: a forward that feeds on it reads what it sampled."""
     if queue is not None:
         queue.sampled = value.get("tokens")
+        queue.sampled_into = page_vids[-1]
 
 
 def _check_held(ctx: InstanceContext, request: _ForwardRequest) -> None:
@@ -158,7 +165,7 @@ async def forward(ctx: InstanceContext, f: Fields, priority: int) -> dict[str, A
         value = await _run_constrained(ctx, call, request.matcher_id, priority)
     else:
         value = _result_value(await _run_forward(ctx, call, priority))
-    _record_sampled(queue, value)
+    _record_sampled(queue, value, request.page_vids)
     return _with_bytes(value, vocab)
 
 
@@ -191,7 +198,7 @@ def start_forward(ctx: InstanceContext, f: Fields, priority: int,
             # A bug here must still answer the guest (dispatch turns it into an error).
             result = outcome.capture(lambda: _with_bytes(_result_value(forwarded), vocab))
             if isinstance(result, outcome.Value):
-                _record_sampled(queue, result.value)
+                _record_sampled(queue, result.value, request.page_vids)
         on_done(result)
 
     return ctx.executor.start(call, priority, answered, pages=call.kv_pages,

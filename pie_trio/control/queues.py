@@ -47,8 +47,10 @@ class Queue:
         self._running = False  # the task has taken a request and not completed it
         self._held: trio.Event | None = None  # set when the request run without a task ends
         # The tokens the latest forward on this queue sampled, for a forward that `feed`s on
-        # them (inference.py); None once a forward has started after it.
+        # them (inference.py); None once a forward has started after it. `sampled_into`: the
+        # (virtual) page that forward wrote last, which a forward of the same sequence names.
         self.sampled: list[int] | None = None
+        self.sampled_into: int | None = None
 
     @property
     def waiting(self) -> int:

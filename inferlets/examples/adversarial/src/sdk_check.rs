@@ -12,19 +12,20 @@ use inferlet::resources;
 use inferlet::tokenizer;
 use inferlet::wire::{self, Request};
 use inferlet::{
-    join_all, wait_all, wait_any, Context, Error, FinishReason, Model, Pending, Queue, Result,
-    Sampler, StepOptions, StopCondition,
+    generate_parallel, join_all, wait_all, wait_any, Context, Error, FinishReason, Generation,
+    Model, Pending, Queue, Result, Sampler, StepOptions, StopCondition,
 };
 
 type Check = fn(&Model) -> Result<()>;
 
 pub fn run() -> Result<()> {
     let model = Model::load()?;
-    let checks: [(&str, Check); 11] = [
+    let checks: [(&str, Check); 12] = [
         ("runtime", runtime_ops),
         ("tokenizer", tokenizer_ops),
         ("async", async_handles),
         ("queues", queues),
+        ("shared-queue", sequences_sharing_a_queue),
         ("fork", fork_continues_like_parent),
         ("fork-same-tick", forks_step_together),
         ("export-import", export_import),
@@ -135,6 +136,29 @@ fn queues(model: &Model) -> Result<()> {
     ctx.fill_tokens(&prompt_tokens(5)?);
     ensure(greedy(&mut ctx, 2)?.len() == 2, "generation on a new queue")?;
     queue.synchronize()
+}
+
+/// Two sequences on one queue, generated together: a step ahead reads the latest forward on
+/// its queue, which must then be its own sequence's (`Context::can_step_ahead`).
+fn sequences_sharing_a_queue(model: &Model) -> Result<()> {
+    let prompts = [prompt_tokens(5)?, prompt_tokens(12)?];
+    let mut expected = Vec::new();
+    let mut contexts = Vec::new();
+    for prompt in &prompts {
+        let mut alone = model.new_context();
+        alone.fill_tokens(prompt);
+        expected.push(greedy(&mut alone, 10)?);
+        let mut ctx = model.new_context();
+        ctx.fill_tokens(prompt);
+        contexts.push(ctx);
+    }
+    let mut generations: Vec<Generation> =
+        (0..2).map(|_| Generation::new(&Sampler::greedy(), &StopCondition::new(10))).collect();
+    generate_parallel(&mut contexts, &mut generations, |_, _| Ok(()))?;
+    for (i, generation) in generations.iter().enumerate() {
+        ensure(generation.tokens() == expected[i], format!("sequence {} diverged", i))?;
+    }
+    Ok(())
 }
 
 fn fork_continues_like_parent(model: &Model) -> Result<()> {

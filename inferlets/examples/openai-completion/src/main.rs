@@ -157,7 +157,7 @@ impl Choice {
             }
         };
         let generation = self.generation.as_ref().expect("only live choices step");
-        if self.matcher.is_none() && generation.continues_after_next() && self.ctx.has_room_ahead()
+        if self.matcher.is_none() && generation.continues_after_next() && self.ctx.can_step_ahead()
         {
             let options = self.step_options(spec, true);
             self.ahead = Some(self.ctx.submit_step_ahead(&options)?);

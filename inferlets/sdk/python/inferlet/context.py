@@ -9,6 +9,7 @@ full pages with the child (copy-on-write on the host) and re-runs the partial pa
 from __future__ import annotations
 
 import codecs
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,12 @@ from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tok
 from inferlet.runtime import send, store_delete, store_get, store_set
 
 Slot = tuple[int, int, bool]  # token, position, masked
+
+# A step ahead (`feed`) reads the latest forward on its queue, whoever submitted it. So a
+# context goes one step ahead only while that forward is its own step: per queue id, the serial
+# of the context that submitted the latest forward on it.
+_serials = itertools.count(1)
+_latest_forward: dict[int, int] = {}
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Context:
         self.kv: list[Slot] = []
         self.pending: list[Slot] = []
         self.next_position = 0
+        self._serial = next(_serials)
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -116,15 +124,24 @@ class Context:
         if options is not None:
             fields["outputs"] = [consumed - 1]
             fields.update(options)
-        return _Step(consumed, request("forward", **fields))
+        return self._send(consumed, fields)
 
-    async def _submit_ahead(self, options: dict[str, Any]) -> _Step:
+    async def _submit_ahead(self, options: dict[str, Any]) -> _Step | None:
         """The step after a submitted one that forwards every pending token and samples: it
-        reads the token that one samples (the forward's `feed`), filled at `next_position`."""
+        reads the token that one samples (the forward's `feed`), filled at `next_position`.
+        None, with nothing submitted, once another context's forward is the latest on the
+        queue (the step ahead would read that one's token)."""
         fields = await self._layout(len(self.kv) + len(self.pending) + 1)
+        if _latest_forward.get(self.queue.id) != self._serial:
+            return None
         fields.update(positions=[self.next_position], tokens=[], feed=True, outputs=[0])
         fields.update(options)
-        return _Step(1, request("forward", **fields))
+        return self._send(1, fields)
+
+    def _send(self, consumed: int, fields: dict[str, Any]) -> _Step:
+        step = _Step(consumed, request("forward", **fields))
+        _latest_forward[self.queue.id] = self._serial
+        return step
 
     async def _layout(self, new_len: int) -> dict[str, Any]:
         """The queue and pages of a forward that grows the KV to `new_len` (allocating)."""

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -94,7 +95,15 @@ struct Plan {
     request: ForwardRequest,
 }
 
+/// Context ids, for telling whose forward is the latest on a queue (`forward::latest_by`).
+static NEXT_ID: AtomicU64 = AtomicU64::new(forward::ANYONE + 1);
+
+fn new_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 pub struct Context {
+    id: u64,
     queue: Queue,
     page_size: usize,
     /// Virtual page ids; the first `used_pages()` hold the KV, any others are spare (allocated
@@ -112,6 +121,7 @@ pub struct Context {
 impl Context {
     pub(crate) fn new(model: &Model, queue: Queue) -> Context {
         Context {
+            id: new_id(),
             queue,
             page_size: model.page_size() as usize,
             pages: Vec::new(),
@@ -253,6 +263,7 @@ impl Context {
         let pages =
             if full > 0 { resources::share_pages(&self.pages[..full])? } else { Vec::new() };
         let mut child = Context {
+            id: new_id(),
             queue,
             page_size: self.page_size,
             pages,
@@ -531,23 +542,30 @@ impl Context {
     /// Submit a decode step of every pending token, sampling after the last, without waiting.
     pub fn submit_step(&mut self, options: &StepOptions) -> Result<SubmittedStep> {
         let plan = self.plan_step(options)?;
-        let pending = forward::forward_async(&plan.request);
-        Ok(SubmittedStep { plan, pending })
+        Ok(self.submit(plan))
     }
 
     /// Submit the step after a [`submit_step`](Context::submit_step) (with a sampler) that is
     /// not finished yet: it reads the token that step samples (the `forward` op's `feed`), so
     /// the host runs it in the next tick without waiting for this guest. Only where
-    /// [`has_room_ahead`](Context::has_room_ahead); no grammar matcher in either sampler.
+    /// [`can_step_ahead`](Context::can_step_ahead); no grammar matcher in either sampler.
     pub fn submit_step_ahead(&mut self, options: &StepOptions) -> Result<SubmittedStep> {
         let plan = self.plan_step_ahead(options)?;
-        let pending = forward::forward_async(&plan.request);
-        Ok(SubmittedStep { plan, pending })
+        Ok(self.submit(plan))
     }
 
-    /// Whether the token the step in flight samples leaves room for one more step.
-    pub fn has_room_ahead(&self) -> bool {
-        self.max_position.map_or(true, |max| u64::from(self.next_position) + 1 < max)
+    fn submit(&self, plan: Plan) -> SubmittedStep {
+        let pending = forward::forward_async(&plan.request);
+        forward::mark_latest(self.queue, self.id);
+        SubmittedStep { plan, pending }
+    }
+
+    /// Whether a step may be submitted ahead of this context's step in flight: the token that
+    /// step samples leaves room for one more, and no other forward went on the queue after it
+    /// (a step ahead reads the latest forward on its queue: another context's, there).
+    pub fn can_step_ahead(&self) -> bool {
+        forward::latest_by(self.queue) == self.id
+            && self.max_position.map_or(true, |max| u64::from(self.next_position) + 1 < max)
     }
 
     /// Wait for a submitted step and commit it into the context.

@@ -6,7 +6,8 @@
 //! written, and the tokens occupy the last slots of the context. `outputs` index this
 //! forward's input tokens.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
@@ -139,12 +140,32 @@ impl ForwardOutput {
 
 /// Run a forward pass and wait for it.
 pub fn forward(request: &ForwardRequest) -> Result<ForwardOutput> {
+    mark_latest(request.queue, ANYONE);
     call(&request.to_request())
 }
 
 /// Submit a forward pass without waiting.
 pub fn forward_async(request: &ForwardRequest) -> Pending<ForwardOutput> {
+    mark_latest(request.queue, ANYONE);
     Pending::submit(&request.to_request())
+}
+
+/// A forward `feed`s on the latest forward on its queue, whoever submitted it. So a context
+/// goes one step ahead only where that forward is its own step in flight: per queue, who
+/// submitted the latest forward (a context's id, or `ANYONE` for a forward not made through a
+/// context's steps).
+pub(crate) const ANYONE: u64 = 0;
+
+thread_local! {
+    static LATEST_FORWARD: RefCell<HashMap<Queue, u64>> = RefCell::new(HashMap::new());
+}
+
+pub(crate) fn mark_latest(queue: Queue, submitter: u64) {
+    LATEST_FORWARD.with(|latest| latest.borrow_mut().insert(queue, submitter));
+}
+
+pub(crate) fn latest_by(queue: Queue) -> u64 {
+    LATEST_FORWARD.with(|latest| latest.borrow().get(&queue).copied().unwrap_or(ANYONE))
 }
 
 /// Store the embeddings of `tokens` into embedding `slots` (same length).

@@ -245,7 +245,7 @@ impl Context {
                 }
                 None => self.submit_step(&generation.next_step())?,
             };
-            if generation.continues_after_next() && self.has_room_ahead() {
+            if generation.continues_after_next() && self.can_step_ahead() {
                 ahead = Some(self.submit_step_ahead(&generation.step_after_next())?);
             }
             let output = self.finish_step(step)?;
@@ -265,7 +265,8 @@ impl Context {
 /// steps before waiting so they share each scheduler tick, each one step ahead where it can be
 /// (as [`Context::generate`] does). `on_text(i, text)` receives the text released for
 /// generation `i` (when it streams). Put the contexts on different queues: one queue runs its
-/// requests one after another.
+/// requests one after another (and contexts sharing one go one step ahead only in turn, see
+/// [`Context::can_step_ahead`]).
 pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
     contexts: &mut [Context],
     generations: &mut [Generation],
@@ -300,7 +301,7 @@ pub fn generate_parallel<F: FnMut(usize, &str) -> Result<()>>(
                 Some(step) => step,
                 None => ctx.submit_step(&generation.next_step())?,
             };
-            if generation.continues_after_next() && ctx.has_room_ahead() {
+            if generation.continues_after_next() && ctx.can_step_ahead() {
                 ahead[i] = Some(ctx.submit_step_ahead(&generation.step_after_next())?);
             }
             steps.push(step);
