@@ -112,6 +112,26 @@ async def test_python_text_completion_on_the_tiny_model_launches_cheaply(python_
     assert store.compiles == compiles and compiles <= len(PROGRAMS) + 1
 
 
+async def test_python_stop_strings_cut_where_the_rust_sdk_cuts(python_programs):
+    """A stop string found in the generated text (decoded from the tokens' bytes in the guest,
+    one step ahead): the text stops before it, as the Rust text-completion's does, and what was
+    streamed is what is returned."""
+    store, hashes = python_programs
+    runner = tiny_runner()
+    args = ["--prompt", "Story number two begins when", "--max-tokens", 16, "--ignore-eos"]
+    async with running_stack(runner, programs=store) as stack:
+        free = await finish(await stack.launch("text-completion", *args))
+        text = free.return_value
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        cut = text.find(stop)
+        outcomes = [await finish(await stack.launch(program, *args, "--stop", stop))
+                    for program in (hashes["text_completion"], "text-completion")]
+    python, rust = outcomes
+    assert python.reason == "finished", (python.detail, python.text("stderr")[-1000:])
+    assert python.return_value == rust.return_value == text[:cut]
+    assert python.text("message") == python.return_value
+
+
 # About 210 tokens: 13 full KV pages of 16 and a partial one.
 LONG_PROMPT = " ".join(f"Chapter {i}: the lighthouse keeper counted ships." for i in range(20))
 SHARED_POOL = 32  # pages: enough for forks sharing their prompt, not for copies of it

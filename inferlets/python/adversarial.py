@@ -60,7 +60,7 @@ async def shared_queue():
         await alone.fill(prompt)
         expected.append((await alone.generate(greedy, inferlet.StopCondition(10))).tokens)
     contexts = [model.new_context() for _ in prompts]  # both on queue 0
-    for ctx, prompt in zip(contexts, prompts):
+    for ctx, prompt in zip(contexts, prompts, strict=True):
         await ctx.fill(prompt)
     together = await inferlet.gather(*(
         ctx.generate(greedy, inferlet.StopCondition(10), stream=True) for ctx in contexts))

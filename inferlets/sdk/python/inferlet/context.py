@@ -15,7 +15,7 @@ from typing import Any
 
 from inferlet import wire
 from inferlet.host import Pending, discard, request
-from inferlet.model import Model, Queue, Sampler, StopCondition, detokenize, tokenize
+from inferlet.model import Model, Queue, Sampler, StopCondition, tokenize
 from inferlet.runtime import send, store_delete, store_get, store_set
 
 Slot = tuple[int, int, bool]  # token, position, masked
@@ -164,46 +164,21 @@ class Context:
 
     async def generate(self, sampler: Sampler, stop: StopCondition,
                        stream: bool = False) -> Generated:
-        """Decode until `stop`; with `stream`, each new piece of text is sent to the client."""
-        if stream and not stop.stop_strings:
-            return await self._generate_streaming(sampler, stop)
-        tokens: list[int] = []
-        finish = "max_tokens"
-        sent = ""
-        while len(tokens) < stop.max_tokens:
-            token = await self.decode_step(sampler.for_step(len(tokens)))
-            if token in stop.stop_tokens:
-                finish = "stop_token"
-                break
-            tokens.append(token)
-            if stream or stop.stop_strings:
-                text = await detokenize(tokens)
-                cut = _stop_at(text, stop.stop_strings)
-                if cut is not None:
-                    text, finish = text[:cut], "stop_string"
-                ready = _stable(text, stop.stop_strings) if cut is None else text
-                if stream and len(ready) > len(sent):
-                    await send(ready[len(sent):])
-                    sent = ready
-                if cut is not None:
-                    return Generated(tokens, text, finish)
-        text = await detokenize(tokens) if tokens else ""
-        if stream and len(text) > len(sent):
-            await send(text[len(sent):])
-        return Generated(tokens, text, finish)
+        """Decode until `stop`; with `stream`, each new piece of text is sent to the client.
 
-    async def _generate_streaming(self, sampler: Sampler, stop: StopCondition) -> Generated:
-        """`generate` with `stream` and no stop strings. Each sampled token comes with its bytes
-        (the forward's `token_bytes`), so the text is decoded here: a token costs its forward
-        and one `send`, with no round trip of its own. Each step is submitted one step ahead
-        (as the Rust SDK's `generate`): while this waits for a token, the forward that reads
-        it is in already (`feed`), and the host runs it in the next tick. Past a stop token
-        that step is discarded, not waited for (it writes only the pending token's KV row,
-        which the next forward after it on the queue writes again)."""
+        Each sampled token comes with its bytes (the forward's `token_bytes`), so the text is
+        decoded, and stop strings are looked for, here: a token costs its forward (and, when
+        streaming, one `send`), with no round trip of its own. Text that may be the start of a
+        stop string is held back until the next tokens tell. Each step is submitted one step
+        ahead (as the Rust SDK's `generate`): while this waits for a token, the forward that
+        reads it is in already (`feed`), and the host runs it in the next tick. Past a stop
+        token or string that step is discarded, not waited for (it writes only the pending
+        token's KV row, which the next forward after it on the queue writes again)."""
         if not self.pending:
             raise ValueError("nothing to decode: fill at least one token first")
         tokens: list[int] = []
-        text: list[str] = []
+        text = ""
+        sent = 0  # characters of `text` sent
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # holds a partial character
         finish = "max_tokens"
         ahead: _Step | None = None
@@ -221,18 +196,21 @@ class Context:
                     finish = "stop_token"
                     break
                 tokens.append(token)
-                piece = decoder.decode(output["bytes"][0])
-                if piece:
-                    text.append(piece)
-                    await send(piece)
+                text, cut = _extend(text, decoder.decode(output["bytes"][0]), stop.stop_strings)
+                if cut:
+                    finish = "stop_string"
+                    break
+                if stream:
+                    sent = await _send_stable(text, sent, stop.stop_strings)
         finally:
             if ahead is not None:  # a step ahead of the end: given up without waiting
                 discard(ahead.forward)
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            text.append(tail)
-            await send(tail)
-        return Generated(tokens, "".join(text), finish)
+        if finish != "stop_string":
+            text, cut = _extend(text, decoder.decode(b"", final=True), stop.stop_strings)
+            finish = "stop_string" if cut else finish
+        if stream and len(text) > sent:
+            await send(text[sent:])
+        return Generated(tokens, text, finish)
 
     # -- sharing --------------------------------------------------------------------------
 
@@ -329,9 +307,23 @@ def _state_key(name: str) -> str:
     return f"inferlet.context.py:{name}"
 
 
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    found = [text.find(stop) for stop in stops if stop and stop in text]
-    return min(found) if found else None
+def _extend(text: str, piece: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` + `piece`, cut before the earliest stop string in it, and whether one was found.
+    Only where a match could end in `piece` is looked at (earlier text was looked at before)."""
+    joined = text + piece
+    found = [at for stop in stops if stop
+             and (at := joined.find(stop, max(0, len(text) - len(stop) + 1))) >= 0]
+    return (joined[:min(found)], True) if found else (joined, False)
+
+
+async def _send_stable(text: str, sent: int, stops: list[str]) -> int:
+    """Send what `text` has beyond its first `sent` characters and cannot be taken back (see
+    `_stable`); how many characters are sent now."""
+    ready = _stable(text, stops)
+    if len(ready) > sent:
+        await send(ready[sent:])
+        return len(ready)
+    return sent
 
 
 def _stable(text: str, stops: list[str]) -> str:
