@@ -376,8 +376,9 @@ class HostCalls:
 
     def _discard(self, handle: Any) -> dict[str, Any]:
         """The `discard` op: the guest will never take `handle`. What the guest thread counts
-        for it goes now; its response, whenever it comes, is the trio thread's to drop (it
-        alone files responses, so no answer can slip in between a look and a removal)."""
+        for it goes now; its response is the trio thread's to drop, now or when it comes (an
+        answer that comes later is filed by the trio thread, so none can slip in between a
+        look and a removal; one answered at submit is in already)."""
         if type(handle) is not int:
             return {"error": f"discard: 'handle' must be an int, got {type(handle).__name__}"}
         if handle not in self.issued:
