@@ -196,14 +196,26 @@ async def direct_sequence(executor, prompt_tokens, max_tokens: int, owner: str) 
     return timing
 
 
-async def inferlet_sequence(runtime, max_tokens: int) -> Timing:
-    timing = Timing()
-    instance = await runtime.launch(
-        "text-completion", ["--prompt", PROMPT, "--max-tokens", str(max_tokens), "--ignore-eos"],
-        "bench")
-    end = await run_to_end(instance, timing.token)
+async def run_completion(runtime, args: list[str]) -> tuple[Timing, int]:
+    """The text-completion inferlet with `args`, to its end: its timing and how many pieces of
+    text it sent."""
+    timing, texts = Timing(), 0
+
+    def token() -> None:
+        nonlocal texts
+        texts += 1
+        timing.token()
+
+    instance = await runtime.launch("text-completion", args, "bench")
+    end = await run_to_end(instance, token)
     assert end["reason"] == "finished", end
     timing.end = time.perf_counter()
+    return timing, texts
+
+
+async def inferlet_sequence(runtime, max_tokens: int) -> Timing:
+    timing, _ = await run_completion(
+        runtime, ["--prompt", PROMPT, "--max-tokens", str(max_tokens), "--ignore-eos"])
     return timing
 
 
@@ -214,20 +226,8 @@ STOP_MAX_TOKENS = 128
 
 async def chat_sequence(runtime, question: str) -> Timing:
     """A text-completion chat turn left to end on the model's stop token."""
-    timing = Timing()
-    instance = await runtime.launch(
-        "text-completion", ["--prompt", question, "--chat", "--max-tokens",
-                            str(STOP_MAX_TOKENS)], "bench")
-    texts = 0
-
-    def token() -> None:
-        nonlocal texts
-        texts += 1
-        timing.token()
-
-    end = await run_to_end(instance, token)
-    assert end["reason"] == "finished", end
-    timing.end = time.perf_counter()
+    timing, texts = await run_completion(
+        runtime, ["--prompt", question, "--chat", "--max-tokens", str(STOP_MAX_TOKENS)])
     # (A piece of text per token at most: fewer than the limit means the stop token ended it.)
     timing.stopped = texts < STOP_MAX_TOKENS
     return timing
