@@ -167,6 +167,11 @@ class Config:
         False, "run the model in a process of its own, so that its Python does not hold the "
         "GIL the inferlets' threads need (docs/model.md, 'Model in its own process')",
         parse_bool)
+    server_nice: int | None = setting(
+        None, "niceness added to the server's threads once the model runs in a process of its "
+        "own (default 19 there, 0 otherwise): the runtime's work then uses the CPU a forward "
+        "leaves idle instead of stalling it (docs/model.md, 'Model in its own process')",
+        _optional(int))
     page_size: int = setting(16, "tokens per KV page", int)
     tensor_parallel: int = setting(
         1, "split the model over N worker processes (torch.distributed: NCCL on CUDA, one GPU "

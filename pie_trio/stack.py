@@ -14,6 +14,8 @@ tests all stand on this; what they add (front ends, a terminal, measurements) si
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,9 +39,11 @@ from pie_trio.runtime.runtime import Runtime
 from pie_trio.runtime.sandbox import InstanceLimits
 
 # What the code above the stack configures it with, so that it need not reach past the stack.
-__all__ = ["BatchPolicy", "ControlLimits", "ExportPolicy", "InstanceLimits", "ProgramLimits",
-           "ProgramStore", "ServedRunner", "Stack", "Tenancy", "ToolPolicy", "close_runner",
-           "load_runner", "open_stack"]
+__all__ = ["SERVER_NICE", "BatchPolicy", "ControlLimits", "ExportPolicy", "InstanceLimits",
+           "ProgramLimits", "ProgramStore", "ServedRunner", "Stack", "Tenancy", "ToolPolicy",
+           "close_runner", "load_runner", "open_stack", "yield_cpu_to_model"]
+
+log = logging.getLogger(__name__)
 
 TINY_PAGES = 256  # KV pages of the `tiny` test model unless asked otherwise
 
@@ -90,6 +94,32 @@ def load_runner(model: str | Path = "default", *, device: str | None = None,
         return tiny_runner(num_pages=num_pages or TINY_PAGES, page_size=page_size)
     return ModelRunner.load(model, device=device, dtype=dtype, kv_memory=kv_memory,
                             page_size=page_size, num_pages=num_pages, weights=weights)
+
+
+SERVER_NICE = 19  # added to the server's niceness while the model runs in a process of its own
+
+
+def yield_cpu_to_model(increment: int = SERVER_NICE) -> int | None:
+    """Lower the CPU priority of every thread of this process by `increment` (its niceness),
+    once the model runs in a process of its own: the runtime's work (the trio loop, the
+    guests' threads) then takes the CPU a forward leaves idle instead of preempting the
+    model's threads, whose every stall holds up the whole batch (docs/model.md, "Model in its
+    own process"). Linux keeps a niceness per thread and a thread starts with its starter's,
+    so every thread is lowered and later ones follow. Irreversible without privileges: never
+    call it in a process that runs the model itself (the GIL would let a preempted guest
+    thread stall the forward). Returns the main thread's new niceness; None, with nothing
+    changed, where threads have no niceness of their own (no /proc/self/task)."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return None
+    for tid in threads:
+        try:
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(nice + increment, 19))
+        except (ProcessLookupError, PermissionError):  # it ended meanwhile / not ours to lower
+            pass
+    return os.getpriority(os.PRIO_PROCESS, os.getpid())
 
 
 def close_runner(runner: ServedRunner) -> None:

@@ -9,7 +9,8 @@
 
 Four measurements, each on the server's stack (pie_trio/stack.py: executor, controller,
 runtime) in one process, the model in it too unless --model-process puts it in a child process
-(pie_trio/model/remote.py, as `pie-trio serve --model-process` does):
+(pie_trio/model/remote.py) and lowers this process's priority below it (--server-nice), as
+`pie-trio serve --model-process` does:
 
 1. per-call overhead: a WAT guest (tests/guests/ping.wat) loops N `call`s of `ping`, which the
    control layer answers on the guest's own thread (it touches no shared state), and N `call`s
@@ -647,16 +648,24 @@ async def main_async(args: argparse.Namespace) -> dict:
 
 
 def _load_runner(args: argparse.Namespace, pages: int | None):
-    from pie_trio.stack import load_runner
+    from pie_trio.stack import load_runner, yield_cpu_to_model
 
     model = "tiny" if args.quick else args.model
     log(f"loading model {model!r} ...")
-    return load_runner(model, device="cpu", num_pages=pages, model_process=args.model_process)
+    runner = load_runner(model, device="cpu", num_pages=pages, model_process=args.model_process)
+    if args.model_process and args.server_nice > 0 and not args.lowered:
+        # As `pie-trio serve --model-process` does. (A model process started after this one
+        # is lowered, the crowd's, starts at the same niceness: the two are then even.)
+        nice = yield_cpu_to_model(args.server_nice)
+        args.lowered = True
+        log(f"this process's threads at niceness {nice}; the model's process keeps its own")
+    return runner
 
 
 def _describe(args: argparse.Namespace, runner) -> dict:
     return {"model": runner.info.name, "device": runner.info.device, "dtype": runner.info.dtype,
-            "quick": args.quick, "policy": args.policy, "model_process": args.model_process}
+            "quick": args.quick, "policy": args.policy, "model_process": args.model_process,
+            "server_nice": args.server_nice if args.model_process else 0}
 
 
 async def measure(args: argparse.Namespace, runner, programs) -> dict:
@@ -725,6 +734,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-process", action="store_true",
                         help="run the model in a process of its own (as `pie-trio serve "
                         "--model-process`)")
+    parser.add_argument("--server-nice", type=int, default=19,
+                        help="with --model-process, the niceness added to this process's "
+                        "threads, as `pie-trio serve --model-process` adds (default 19; 0: "
+                        "none)")
     parser.add_argument("--crowd", type=int,
                         help=f"text completions launched at once by the crowd measurement "
                         f"(default {CROWD}; {QUICK_CROWD} with --quick)")
@@ -743,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this measurement (default: all four)")
     parser.add_argument("--json", type=Path, help="also write the JSON record to this file")
     args = parser.parse_args(argv)
+    args.lowered = False
     record = trio.run(main_async, args)
     text = json.dumps(record)
     if args.json:

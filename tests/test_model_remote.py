@@ -242,3 +242,54 @@ def model_processes() -> set[int]:
         if b"pie_trio.model.remote" in cmdline or state == "Z":
             found.add(pid)
     return found
+
+
+YIELD_CHECK = """
+import os, threading
+from pie_trio.executor.direct import complete
+from pie_trio.stack import close_runner, load_runner, yield_cpu_to_model
+
+def nice(tid):
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+runner = load_runner("tiny", num_pages=64, model_process=True)
+before = threading.Event(); stop = threading.Event()
+old = threading.Thread(target=lambda: (before.set(), stop.wait()))
+old.start(); before.wait()
+print("new", yield_cpu_to_model(5))
+later = []
+thread = threading.Thread(target=lambda: later.append(nice(threading.get_native_id())))
+thread.start(); thread.join()
+print("threads", sorted({nice(int(t)) for t in os.listdir("/proc/self/task")}))
+print("later", later[0], "older", nice(old.native_id), "model", nice(runner.pid))
+stop.set(); old.join()
+close_runner(runner)
+"""
+
+
+def test_the_server_yields_the_cpu_to_its_model_process():
+    """`yield_cpu_to_model` lowers every thread of the process, threads started before it and
+    after it alike, and leaves the model's process where it was (a subprocess: the change is
+    irreversible for the process that makes it)."""
+    import subprocess
+    import sys
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    done = subprocess.run([sys.executable, "-c", YIELD_CHECK], capture_output=True, text=True,
+                          timeout=120, check=True)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    lowered = min(base + 5, 19)
+    assert lines["new"] == str(lowered)
+    assert lines["threads"] == f"[{lowered}]"
+    assert lines["later"] == f"{lowered} older {lowered} model {base}"
+
+
+def test_server_nice_is_refused_where_the_model_shares_the_process(caplog):
+    from pie_trio.config import Config
+    from pie_trio.server.serve import _yield_cpu
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    _yield_cpu(Config(server_nice=5))  # the model in this process: not applied
+    _yield_cpu(Config())  # nor by default
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    assert "applies only with model_process" in caplog.text

@@ -59,6 +59,7 @@ _SIGNATURES = {
                               ctypes.c_float, _pointer, _pointer, _pointer]),
     "decode_layers": (ctypes.c_int, [_pointer, _pointer, _pointer]),
     "q4_matmul_use_vnni": (ctypes.c_int, [ctypes.c_int]),
+    "pool_rest": (None, []),
 }
 # Query blocks of up to this many rows per sequence run `paged_attention` here; longer ones
 # (prefill chunks) torch's flash attention, which tiles them.
@@ -363,6 +364,14 @@ def _bytes(flags: torch.Tensor) -> torch.Tensor:
 
 def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def rest_workers() -> None:
+    """Let the kernels' idle workers sleep now rather than spin for a next job that is not
+    coming soon (pool.h, `pool_rest`); nothing where the kernels are off."""
+    lib = library()
+    if lib is not None:
+        lib.pool_rest()
 
 
 def available() -> bool:

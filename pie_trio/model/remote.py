@@ -44,6 +44,7 @@ import msgpack
 import torch
 from tokenizers import Tokenizer as Backend
 
+from pie_trio.kernels.cpu_kernels import rest_workers
 from pie_trio.model.calls import (
     Call,
     CallError,
@@ -378,6 +379,9 @@ def serve_child(sock: socket.socket, build: RunnerFactory = _build_runner) -> in
             reply = {"ok": _answer(runner, request)}
         except Exception as exc:  # this batch fails for its callers; the model goes on
             reply = _error(exc)
+        # The next request comes only after the server's threads have run (the executor's
+        # answers, the guests): spinning kernel workers would hold the cores they need.
+        rest_workers()
         write_frame(sock, reply)
     return 0
 

@@ -29,6 +29,7 @@ from pie_trio.server.tcp import serve_tcp
 from pie_trio.server.websocket import HypercornConfig
 from pie_trio.server.websocket import install as install_websocket_guard
 from pie_trio.stack import (
+    SERVER_NICE,
     ControlLimits,
     ExportPolicy,
     InstanceLimits,
@@ -41,6 +42,7 @@ from pie_trio.stack import (
     close_runner,
     load_runner,
     open_stack,
+    yield_cpu_to_model,
 )
 
 log = logging.getLogger("pie_trio.server")
@@ -80,6 +82,20 @@ def load_configured_runner(config: Config) -> ServedRunner:
                        tensor_parallel=config.tensor_parallel)
 
 
+def _yield_cpu(config: Config) -> None:
+    """With the model in a process of its own, lower this process's priority below it."""
+    apart = config.model_process and config.tensor_parallel == 1
+    increment = config.server_nice
+    if increment is None:
+        increment = SERVER_NICE if apart else 0
+    if increment > 0 and not apart:
+        log.warning("server_nice applies only with model_process (one model process): a "
+                    "lowered thread holding the GIL would stall the forward here; not applied")
+    elif increment > 0:
+        nice = yield_cpu_to_model(increment)
+        log.info("server threads at niceness %s, the model's process at its own", nice)
+
+
 async def serve(config: Config, *, runner: ServedRunner | None = None,
                 shutdown: trio.Event | None = None, handle_signals: bool = True,
                 task_status: trio.TaskStatus[Addresses] = trio.TASK_STATUS_IGNORED) -> None:
@@ -102,6 +118,7 @@ async def serve(config: Config, *, runner: ServedRunner | None = None,
             # ~0.3 s.
             gc.collect()
             gc.freeze()
+            _yield_cpu(config)
         try:
             await _serve_components(config, runner, shutdown, task_status)
         finally:

@@ -7,7 +7,8 @@
  * futex; a batch-1 forward measured ~28 ms on the executor's thread against ~17 ms on the main
  * one. These workers spin on a generation counter for a while after each job (SPIN_NS), so the
  * next job of the same step finds them awake, and sleep on a futex after that, so an idle
- * server (or torch's threads, between our calls) loses nothing to them. One caller holds the
+ * server (or torch's threads, between our calls) loses nothing to them; `pool_rest` sends them
+ * to sleep at once where the caller knows no job comes soon. One caller holds the
  * pool at a time; another runs its job alone on its own thread rather than wait.
  */
 #define _GNU_SOURCE
@@ -36,6 +37,7 @@ static struct {
     _Atomic uint32_t generation; /* bumped per job: the workers' wake-up word */
     _Atomic int sleepers;
     _Atomic int pending; /* workers yet to finish with the current job */
+    _Atomic uint32_t rest; /* a generation after which idle workers sleep at once (pool_rest) */
     pool_task task;
     void *context;
     int parts;
@@ -63,7 +65,8 @@ static uint32_t next_job(uint32_t seen) {
         }
         const int64_t now = now_ns();
         if (deadline == 0) deadline = now + SPIN_NS;
-        if (now < deadline) continue;
+        if (now < deadline && atomic_load_explicit(&pool.rest, memory_order_relaxed) != seen)
+            continue;
         atomic_fetch_add(&pool.sleepers, 1);
         /* returns at once if a job was posted since the load above: no lost wake-up */
         futex(&pool.generation, FUTEX_WAIT, seen);
@@ -117,6 +120,10 @@ static void forget_workers(void) {
 
 __attribute__((constructor)) static void register_fork_handler(void) {
     pthread_atfork(NULL, NULL, forget_workers);
+}
+
+void pool_rest(void) {
+    atomic_store_explicit(&pool.rest, atomic_load(&pool.generation), memory_order_relaxed);
 }
 
 static void run_alone(pool_task task, void *context, int parts) {

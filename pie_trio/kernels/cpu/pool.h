@@ -12,6 +12,11 @@ typedef void (*pool_task)(void *context, int index, int parts);
  * here, in turn, when `parts` is 1 or another caller holds the pool. */
 void pool_run(pool_task task, void *context, int parts);
 
+/* Idle workers sleep now instead of spinning for the next job: the caller knows none comes
+ * soon (a model process between two requests), and their spinning would take the cores from
+ * the threads that make the next one. The next `pool_run` wakes them. */
+void pool_rest(void);
+
 /* The first and one-past-last of `total` items that part `index` of `parts` takes. */
 static inline void pool_share(int64_t total, int index, int parts, int64_t *first,
                               int64_t *last) {
