@@ -14,7 +14,6 @@ tests all stand on this; what they add (front ends, a terminal, measurements) si
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,8 +41,6 @@ from pie_trio.runtime.sandbox import InstanceLimits
 __all__ = ["SERVER_NICE", "BatchPolicy", "ControlLimits", "ExportPolicy", "InstanceLimits",
            "ProgramLimits", "ProgramStore", "ServedRunner", "Stack", "Tenancy", "ToolPolicy",
            "close_runner", "load_runner", "open_stack", "yield_cpu_to_model"]
-
-log = logging.getLogger(__name__)
 
 TINY_PAGES = 256  # KV pages of the `tiny` test model unless asked otherwise
 

@@ -372,6 +372,7 @@ def serve_child(sock: socket.socket, build: RunnerFactory = _build_runner) -> in
     except Exception as exc:  # the parent raises it from `RemoteRunner.start`
         write_frame(sock, _error(exc))
         return 1
+    on_cpu = runner.info.device == "cpu"  # (elsewhere the CPU kernels are never built)
     write_frame(sock, {"ok": {"info": dataclasses.asdict(runner.info),
                               "tokenizer": _tokenizer_to_msg(runner.tokenizer)}})
     while (request := read_frame(sock)) is not None:
@@ -381,7 +382,8 @@ def serve_child(sock: socket.socket, build: RunnerFactory = _build_runner) -> in
             reply = _error(exc)
         # The next request comes only after the server's threads have run (the executor's
         # answers, the guests): spinning kernel workers would hold the cores they need.
-        rest_workers()
+        if on_cpu:
+            rest_workers()
         write_frame(sock, reply)
     return 0
 
