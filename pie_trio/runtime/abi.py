@@ -19,15 +19,15 @@ becomes a trap whose reason is recorded on the instance, including a host call m
 instance is bound (from a WebAssembly start function, which the program store also refuses).
 Every host call is paced (`Guard.pace`), so a guest calling in a loop cannot keep the GIL from
 everyone else. The memory a guest makes the host hold for its submitted requests and their
-responses is estimated and bounded (`InstanceLimits.max_outstanding_bytes`); decoding a request
-stops as soon as its estimate alone passes that bound.
+responses is bounded (`InstanceLimits.max_outstanding_bytes`): a request's is estimated, and
+decoding it stops as soon as its estimate alone passes that bound; a response is kept encoded,
+so its size is exact.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
-import itertools
 import logging
 import struct
 import threading
@@ -94,13 +94,14 @@ class HostCalls:
         self._answers = {op: {"ok": value} for op, value in answers.items()}
         # Responses by handle. The trio thread inserts, the guest thread reads and removes; each
         # dict operation is atomic under the GIL and a key has one writer, so no lock is needed.
-        self.ready: dict[int, dict[str, Any]] = {}
+        # A submit's response is filed encoded (`file_response`), a `call`'s as it is.
+        self.ready: dict[int, dict[str, Any] | bytes] = {}
         self.issued: set[int] = set()  # submit handles not yet taken
         self._discarded: set[int] = set()  # discarded before their answer came (trio thread)
-        # Estimated bytes the host holds for handles not yet taken. Each counter has one
+        # Bytes the host holds for handles not yet taken. Each counter has one
         # writer: requests and kept encodings the guest thread, responses the trio thread (and
         # the guest thread counts what it took off them), so no lock is needed.
-        self.response_cost: dict[int, int] = {}  # handle -> estimate (trio writes, guest pops)
+        self.response_cost: dict[int, int] = {}  # handle -> bytes (trio writes, guest pops)
         self.response_bytes_in = 0  # trio thread
         self.response_bytes_out = 0  # guest thread
         self._request_cost: dict[int, int] = {}
@@ -174,7 +175,8 @@ class HostCalls:
     def take(self, handle: int, resp_ptr: int, resp_cap: int) -> int:
         encoded = self._ready_encoding(handle)
         if len(encoded) > _unsigned(resp_cap):
-            if handle not in self._encoded:  # kept for the retry with a larger buffer
+            if handle not in self._encoded and encoded is not self.ready[handle]:
+                # kept for the retry with a larger buffer (one filed encoded is kept already)
                 self._encoded[handle] = encoded
                 self._encoded_bytes += len(encoded)
             return len(encoded)
@@ -190,14 +192,14 @@ class HostCalls:
         """A decoded request answered at once; the encoded response. (`cost` is not charged:
         a `call` holds one request at a time.)"""
         response = self._answer_locally(request)
-        if response is None:
-            handle = self._next_call
-            self._next_call -= 1
-            ready = self.ready
-            self._post(self.host.handle_request, handle, request, wake=False)
-            self._block_until(lambda: handle in ready)  # one crossing: both go in one batch
-            response = ready.pop(handle)
-        return _encode(response)
+        if response is not None:
+            return _encode(response)
+        handle = self._next_call
+        self._next_call -= 1
+        ready = self.ready
+        self._post(self.host.handle_request, handle, request, wake=False)
+        self._block_until(lambda: handle in ready)  # one crossing: both go in one batch
+        return _encode(ready.pop(handle))
 
     def take_message(self, handle: int) -> bytes:
         """Block until `handle` is ready; its encoded response (the handle is released)."""
@@ -209,7 +211,10 @@ class HostCalls:
         if handle not in self.issued:
             raise Misuse(f"take: unknown handle {handle}")
         self._await_handle(handle)
-        return self._encoded.get(handle) or _encode(self.ready[handle])
+        kept = self._encoded.get(handle)
+        if kept is not None:
+            return kept
+        return _encode(self.ready[handle])
 
     def submit_message(self, request: Any, cost: int) -> int:
         """Submit a decoded request that costs the host about `cost` bytes; its handle."""
@@ -406,7 +411,7 @@ class HostCalls:
     # -- the host memory a guest makes us hold ---------------------------------------------
 
     def outstanding_bytes(self) -> int:
-        """Estimated bytes held for submitted handles not yet taken (requests and responses)."""
+        """Bytes held for submitted handles not yet taken (requests estimated, responses exact)."""
         return (self._request_bytes + self._encoded_bytes + self.response_bytes_in
                 - self.response_bytes_out)
 
@@ -417,10 +422,14 @@ class HostCalls:
             self._discarded.remove(handle)
             return None
         if handle > 0:  # a submit's (a `call` is waited for at once, one at a time)
-            cost = _approx_size(response)
-            self.response_cost[handle] = cost  # before `ready`: the guest pops both together
-            self.response_bytes_in += cost
-        self.ready[handle] = response
+            # Encoded now: what it holds until taken is then known exactly, for less than an
+            # estimate of the decoded value cost, and the guest's thread only copies it.
+            encoded = _encode(response)
+            self.response_cost[handle] = len(encoded)  # before `ready`: popped together
+            self.response_bytes_in += len(encoded)
+            self.ready[handle] = encoded
+        else:
+            self.ready[handle] = response
         total = self.outstanding_bytes()
         if total > self.limits.max_outstanding_bytes:
             return self._over_outstanding_bytes(total)
@@ -550,28 +559,14 @@ def _decode(data: memoryview | bytes, cost: _DecodeCost) -> Any:
         return _Malformed(f"the request is not valid msgpack: {exc}")
 
 
-def _approx_size(value: Any, depth: int = 0) -> int:
-    """A quick estimate of the bytes a decoded value takes: containers are sampled, not walked
-    (the control layer builds responses from bounded requests; this only needs the scale)."""
-    kind = type(value)
-    if kind is str or kind is bytes:
-        return CONTAINER_COST + len(value)
-    if kind is list or kind is tuple or kind is dict:
-        count = len(value)
-        if count == 0 or depth >= 4:
-            return CONTAINER_COST + ITEM_COST * count
-        items = value.items() if kind is dict else value
-        sample = list(itertools.islice(items, 8))
-        each = sum(_approx_size(item, depth + 1) for item in sample) // len(sample)
-        return CONTAINER_COST + count * (ITEM_COST + each)
-    return ITEM_COST
-
-
 def _unsigned(value: int) -> int:
     return value & 0xFFFFFFFF
 
 
-def _encode(response: dict[str, Any]) -> bytes:
+def _encode(response: dict[str, Any] | bytes) -> bytes:
+    if type(response) is bytes:  # filed encoded (`file_response`)
+        return response
+    assert isinstance(response, dict)
     value = response.get("ok")
     if isinstance(value, list) and len(value) >= SHARED_VALUE_LENGTH:
         return _encode_shared(value)
