@@ -94,26 +94,25 @@ class HostCalls:
         self._answers = {op: {"ok": value} for op, value in answers.items()}
         # Responses by handle. The trio thread inserts, the guest thread reads and removes; each
         # dict operation is atomic under the GIL and a key has one writer, so no lock is needed.
-        # A submit's response is filed encoded (`file_response`), a `call`'s as it is.
-        self.ready: dict[int, dict[str, Any] | bytes] = {}
+        # Responses are filed encoded: a take only copies them, and one too large for the
+        # guest's buffer stays here for the retry.
+        self.ready: dict[int, bytes] = {}
         self.issued: set[int] = set()  # submit handles not yet taken
         self._discarded: set[int] = set()  # discarded before their answer came (trio thread)
-        # Bytes the host holds for handles not yet taken. Each counter has one
-        # writer: requests and kept encodings the guest thread, responses the trio thread (and
-        # the guest thread counts what it took off them), so no lock is needed.
+        # Bytes the host holds for handles not yet taken. Each counter has one writer: requests
+        # the guest thread, responses the trio thread (and the guest thread counts what it took
+        # off them), so no lock is needed.
         self.response_cost: dict[int, int] = {}  # handle -> bytes (trio writes, guest pops)
         self.response_bytes_in = 0  # trio thread
         self.response_bytes_out = 0  # guest thread
         self._request_cost: dict[int, int] = {}
         self._request_bytes = 0
-        self._encoded_bytes = 0
         self.bound = False  # the guest's memory is known: host calls may touch it
         self.return_value: str | None = None
         self.posted_bytes = 0  # output handed to the trio thread so far (or held for it)
         self._held: list[tuple[dict[str, Any], int]] = []  # events waiting for a crossing
         self._next_handle = 1
         self._next_call = -1  # `call` uses negative handles: they never collide with submit's
-        self._encoded: dict[int, bytes] = {}  # responses that did not fit, kept for a retry
         self._kept: bytes | None = None  # the `call` response that did not fit, for `fetch`
         self._decoders = {name: codecs.getincrementaldecoder("utf-8")(errors="replace")
                           for name in ("stdout", "stderr")}
@@ -175,11 +174,7 @@ class HostCalls:
     def take(self, handle: int, resp_ptr: int, resp_cap: int) -> int:
         encoded = self._ready_encoding(handle)
         if len(encoded) > _unsigned(resp_cap):
-            if handle not in self._encoded and encoded is not self.ready[handle]:
-                # kept for the retry with a larger buffer (one filed encoded is kept already)
-                self._encoded[handle] = encoded
-                self._encoded_bytes += len(encoded)
-            return len(encoded)
+            return len(encoded)  # it stays in `ready` for the retry with a larger buffer
         self._write(resp_ptr, encoded)
         self._release(handle)
         return len(encoded)
@@ -199,7 +194,7 @@ class HostCalls:
         ready = self.ready
         self._post(self.host.handle_request, handle, request, wake=False)
         self._block_until(lambda: handle in ready)  # one crossing: both go in one batch
-        return _encode(ready.pop(handle))
+        return ready.pop(handle)
 
     def take_message(self, handle: int) -> bytes:
         """Block until `handle` is ready; its encoded response (the handle is released)."""
@@ -211,10 +206,7 @@ class HostCalls:
         if handle not in self.issued:
             raise Misuse(f"take: unknown handle {handle}")
         self._await_handle(handle)
-        kept = self._encoded.get(handle)
-        if kept is not None:
-            return kept
-        return _encode(self.ready[handle])
+        return self.ready[handle]
 
     def submit_message(self, request: Any, cost: int) -> int:
         """Submit a decoded request that costs the host about `cost` bytes; its handle."""
@@ -233,7 +225,7 @@ class HostCalls:
         if response is None:
             self._post(self.host.handle_request, handle, request)
         else:
-            self.ready[handle] = response
+            self.ready[handle] = _encode(response)
         return handle
 
     def wait_handles(self, handles: Sequence[int], mode: int) -> int:
@@ -262,9 +254,6 @@ class HostCalls:
         """The guest has taken `handle`'s response: forget it and what it cost."""
         del self.ready[handle]
         self.issued.discard(handle)
-        kept = self._encoded.pop(handle, None)
-        if kept is not None:
-            self._encoded_bytes -= len(kept)
         self._request_bytes -= self._request_cost.pop(handle, 0)
         self.response_bytes_out += self.response_cost.pop(handle, 0)
 
@@ -389,9 +378,6 @@ class HostCalls:
         if handle not in self.issued:
             return {"error": f"discard: {handle} is not a handle submitted and not yet taken"}
         self.issued.discard(handle)
-        kept = self._encoded.pop(handle, None)
-        if kept is not None:
-            self._encoded_bytes -= len(kept)
         self._request_bytes -= self._request_cost.pop(handle, 0)
         self._post(self._drop_response, handle)
         return {"ok": None}
@@ -412,8 +398,7 @@ class HostCalls:
 
     def outstanding_bytes(self) -> int:
         """Bytes held for submitted handles not yet taken (requests estimated, responses exact)."""
-        return (self._request_bytes + self._encoded_bytes + self.response_bytes_in
-                - self.response_bytes_out)
+        return self._request_bytes + self.response_bytes_in - self.response_bytes_out
 
     def file_response(self, handle: int, response: dict[str, Any]) -> Termination | None:
         """Trio thread: store the response for `handle`; the Termination to apply if holding
@@ -421,15 +406,13 @@ class HostCalls:
         if handle in self._discarded:
             self._discarded.remove(handle)
             return None
+        # Encoded now: what it holds until taken is then known exactly, for less than an
+        # estimate of the decoded value cost, and the guest's thread only copies it.
+        encoded = _encode(response)
         if handle > 0:  # a submit's (a `call` is waited for at once, one at a time)
-            # Encoded now: what it holds until taken is then known exactly, for less than an
-            # estimate of the decoded value cost, and the guest's thread only copies it.
-            encoded = _encode(response)
             self.response_cost[handle] = len(encoded)  # before `ready`: popped together
             self.response_bytes_in += len(encoded)
-            self.ready[handle] = encoded
-        else:
-            self.ready[handle] = response
+        self.ready[handle] = encoded
         total = self.outstanding_bytes()
         if total > self.limits.max_outstanding_bytes:
             return self._over_outstanding_bytes(total)
@@ -563,10 +546,7 @@ def _unsigned(value: int) -> int:
     return value & 0xFFFFFFFF
 
 
-def _encode(response: dict[str, Any] | bytes) -> bytes:
-    if type(response) is bytes:  # filed encoded (`file_response`)
-        return response
-    assert isinstance(response, dict)
+def _encode(response: dict[str, Any]) -> bytes:
     value = response.get("ok")
     if isinstance(value, list) and len(value) >= SHARED_VALUE_LENGTH:
         return _encode_shared(value)
