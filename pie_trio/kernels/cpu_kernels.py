@@ -58,6 +58,8 @@ _SIGNATURES = {
     "shortlist_head": (None, [_pointer, _int64, _int64, _pointer, _int64, _int64,
                               ctypes.c_float, _pointer, _pointer, _pointer]),
     "decode_layers": (ctypes.c_int, [_pointer, _pointer, _pointer]),
+    "q4_panel_matmul": (ctypes.c_int, [_pointer, _int64, _int64, _pointer, _int64, _pointer,
+                                       _pointer, ctypes.c_int]),
     "q4_matmul_use_vnni": (ctypes.c_int, [ctypes.c_int]),
     "pool_rest": (None, []),
 }
@@ -120,6 +122,53 @@ def q4_matmul(x: torch.Tensor, weight: NativeQ4, bias: torch.Tensor | None) -> t
     )
     if status != 0:
         raise MemoryError(f"q4_matmul: no memory for {rows} rows of int8 activations")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+PANEL_COLS = 16  # output columns per panel of q4_panels.c
+
+
+@dataclass
+class Q4Panels:
+    """A `[out, in]` weight for `q4_panels.c`: `w = d*q + m` per block of 32 inputs, in
+    panels of 16 output columns (the layout is described there), d and m fp32."""
+
+    data: torch.Tensor  # uint8 [out / 16, in / 32, 384]
+    out_features: int
+
+
+def pack_q4_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Q4Panels | None:
+    """`q` (uint8 0..15 `[out, in]`), `d`, `m` (fp32 `[out, in / 32]`) as q4_panels.c reads
+    them; None where the native kernels are unavailable or `out` is not a multiple of 16."""
+    out, inp = q.shape
+    if library() is None or out % PANEL_COLS or inp % GROUP:
+        return None
+    panels, blocks, half = out // PANEL_COLS, inp // GROUP, PANEL_COLS // 2
+    # [panel, block, input, column]: one row of 16 columns per input
+    values = q.to(torch.uint8).view(panels, PANEL_COLS, blocks, GROUP).permute(0, 2, 3, 1)
+    nibbles = (values[..., :half] | (values[..., half:] << 4)).reshape(panels, blocks, -1)
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        return t.float().view(panels, PANEL_COLS, blocks).transpose(1, 2)
+
+    scales = torch.cat([per_block(d), per_block(m)], -1).contiguous().view(torch.uint8)
+    return Q4Panels(torch.cat([scales, nibbles], -1).contiguous(), out)
+
+
+def q4_panel_matmul(x: torch.Tensor, weight: Q4Panels, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w.T + bias` for `x` `[rows, in]`, computed in fp32 and returned in `x`'s dtype."""
+    lib = library()
+    assert lib is not None  # Q4Panels exist only where the library loaded
+    x32 = x.float().contiguous()
+    rows, inp = x32.shape
+    y = torch.empty(rows, weight.out_features, dtype=torch.float32)
+    bias32 = None if bias is None else bias.float().contiguous()
+    status = lib.q4_panel_matmul(
+        x32.data_ptr(), rows, inp, weight.data.data_ptr(), weight.out_features,
+        _address(bias32), y.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError(f"q4_panel_matmul: no memory for a panel of {inp} inputs")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

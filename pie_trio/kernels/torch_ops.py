@@ -113,8 +113,10 @@ class QuantLinear:
     torch's kernel dequantises `w = (q - 8) * scale + zero` per group and takes bf16 activations
     and bf16 scales (fp32 scales are refused with bf16 input; fp32 input runs a fallback ~10x
     slower), so `linear` casts the input to bf16 and the output back: the model around it
-    keeps its own compute dtype. `dense` holds the same weights dequantised, for large batches
-    (prefill chunks), where dense matmuls win; None to always use the kernel.
+    keeps its own compute dtype. Batches of more than `max_rows` rows (large decode batches,
+    prefill chunks) run the same weights in fp32 arithmetic: from `panels` (`q4_panels.c`,
+    dequantised as they are used) where they exist, else from `dense`, a dequantised copy; with
+    neither, the kernel takes every batch.
     """
 
     packed: torch.Tensor | None  # torch's kernel's layout of q [out, in]; None beside `native`
@@ -125,6 +127,7 @@ class QuantLinear:
     dense: Linear | None = None
     max_rows: int = INT4_MAX_ROWS
     native: cpu_kernels.NativeQ4 | None = None
+    panels: cpu_kernels.Q4Panels | None = None
 
 
 def pack_int4(
@@ -133,6 +136,7 @@ def pack_int4(
     zero: torch.Tensor,
     bias: torch.Tensor | None = None,
     dense: Linear | None = None,
+    panels: cpu_kernels.Q4Panels | None = None,
 ) -> QuantLinear:
     """Prepare int4 weights `w = (q - 8) * scale + zero` for `linear`.
 
@@ -142,18 +146,24 @@ def pack_int4(
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
     group_size = q.shape[1] // scale.shape[1]
-    return QuantLinear(packed, scales_and_zeros.contiguous(), bias, q.shape[0], group_size, dense)
+    return QuantLinear(packed, scales_and_zeros.contiguous(), bias, q.shape[0], group_size, dense,
+                       panels=panels)
 
 
 def pack_native_q4(
-    native: cpu_kernels.NativeQ4, bias: torch.Tensor | None = None, dense: Linear | None = None
+    native: cpu_kernels.NativeQ4,
+    bias: torch.Tensor | None = None,
+    dense: Linear | None = None,
+    panels: cpu_kernels.Q4Panels | None = None,
 ) -> QuantLinear:
     """Int4 weights in the native kernel's form (`cpu_kernels.pack_q4`) for `linear`."""
     return QuantLinear(None, None, bias, native.out_features, cpu_kernels.GROUP, dense,
-                       native_int4_max_rows(), native)
+                       native_int4_max_rows(), native, panels)
 
 
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    if layer.panels is not None and x.shape[0] > layer.max_rows:
+        return cpu_kernels.q4_panel_matmul(x, layer.panels, layer.bias)
     if layer.dense is not None and x.shape[0] > layer.max_rows:
         if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (see docs/model.md)
             return linear(x.to(layer.dense.dtype), layer.dense).to(x.dtype)

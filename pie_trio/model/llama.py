@@ -27,7 +27,7 @@ from pie_trio.model.batch import AttentionGroup, ForwardBatch
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.hardware import int4_dense_dtype
 from pie_trio.model.kv_cache import KvCache
-from pie_trio.model.quant import Q4Weight, Weight, pack_q4
+from pie_trio.model.quant import Q4Weight, Weight, pack_panels, pack_q4
 
 
 @dataclass
@@ -150,12 +150,16 @@ class LlamaModel:
         """One projection from its parts, fused along the output dimension.
 
         Int4 when every part is a `Q4Weight` and the device is the CPU (the only kernel packed
-        here), with a dense copy for large batches (`int4_dense_dtype`); dense otherwise.
+        here); large batches run its fp32 panels where those would take the place of an fp32
+        dense copy, else a dense copy (`int4_dense_dtype`). Dense otherwise.
         """
         quantised = [p for p in parts if isinstance(p, Q4Weight)]
         if self.device.type == "cpu" and len(quantised) == len(parts):
             weight = Q4Weight.cat(quantised)
             dtype = int4_dense_dtype(self.dtype)
+            panels = pack_panels(weight) if dtype == torch.float32 else None
+            if panels is not None:
+                return pack_q4(weight, bias, panels=panels)
             dense = ops.pack_linear(self._dense(weight, dtype),
                                     None if bias is None else bias.to(dtype))
             return pack_q4(weight, bias, dense)

@@ -85,16 +85,24 @@ def pack_q4(
     bias: torch.Tensor | None = None,
     dense: ops.Linear | None = None,
     native: bool = True,
+    panels: cpu_kernels.Q4Panels | None = None,
 ) -> ops.QuantLinear:
     """`weight` for the native int4 kernel where it is available (and `native`), keeping the
     GGUF's fp32 scales; else for torch's int4 kernel, whose dequantisation is
     `(q - 8) * scale + zero`, so `q*d + m` maps to `scale = d`, `zero = m + 8d` (exact in fp32;
-    the kernel's bf16 scales then round both to 8 significant bits, ~3e-3 relative)."""
+    the kernel's bf16 scales then round both to 8 significant bits, ~3e-3 relative). Large
+    batches run `panels` (`pack_panels`) or the `dense` copy."""
     packed = cpu_kernels.pack_q4(weight.q, weight.scale, weight.offset) if native else None
     if packed is not None:
-        return ops.pack_native_q4(packed, bias, dense)
+        return ops.pack_native_q4(packed, bias, dense, panels)
     zero = weight.offset + 8.0 * weight.scale
-    return ops.pack_int4(weight.q, weight.scale, zero, bias, dense)
+    return ops.pack_int4(weight.q, weight.scale, zero, bias, dense, panels)
+
+
+def pack_panels(weight: Q4Weight) -> cpu_kernels.Q4Panels | None:
+    """`weight` in `q4_panels.c`'s column panels, the fp32 scales kept (so its dequantised
+    values are `dequantize`'s); None where that kernel cannot run it."""
+    return cpu_kernels.pack_q4_panels(weight.q, weight.scale, weight.offset)
 
 
 def from_gguf_blocks(raw: np.ndarray, type_name: str) -> Q4Weight:
