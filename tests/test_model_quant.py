@@ -23,8 +23,14 @@ from pie_trio.kernels import cpu_kernels
 from pie_trio.kernels import torch_ops as ops
 from pie_trio.model.calls import Forward
 from pie_trio.model.generate import generate
-from pie_trio.model.hardware import choose_weights, dtype_for_weights
-from pie_trio.model.quant import Q4Weight, from_gguf_blocks, pack_panels, pack_q4
+from pie_trio.model.hardware import choose_weights, cpu_info, dtype_for_weights
+from pie_trio.model.quant import (
+    Q4Weight,
+    from_gguf_blocks,
+    pack_panels,
+    pack_q4,
+    pack_q8_panels_exactly,
+)
 
 CPU = torch.device("cpu")
 # One projection: bf16 rounding of the input, the scales and the output, each ~2^-9 relative.
@@ -163,6 +169,44 @@ def test_panels_hold_the_dequantised_weights_exactly():
     layer, reference = panels_layer("Q4_1", 64, 128)
     eye = torch.eye(128)  # each output a single weight times one, plus exact zeros
     assert torch.equal(ops.linear(eye, layer), reference.T)
+
+
+def gguf_q8(out: int, inp: int) -> torch.Tensor:
+    """Random weights quantised to Q8_0 by gguf, dequantised (as the loader does)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    weights = np.random.default_rng(7).normal(0, 0.05, (out, inp)).astype(np.float32)
+    q8 = GGMLQuantizationType.Q8_0
+    return torch.from_numpy(np.array(dequantize(quantize(weights, q8), q8), dtype=np.float32))
+
+
+def test_a_dequantised_q8_head_runs_8_bit_panels_of_the_same_values():
+    kernel_of("native")
+    weight = gguf_q8(96, 128)
+    panels = pack_q8_panels_exactly(weight)
+    assert panels is not None and panels.bits == 8
+    assert torch.equal(cpu_kernels.panel_matmul(torch.eye(128), panels, None), weight.T)
+    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(2))
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    assert_close_relative(cpu_kernels.panel_matmul(x, panels, None), expected, PANELS_RTOL)
+    # anything else keeps its dense form: not Q8_0 values, or not whole blocks of inputs
+    assert pack_q8_panels_exactly(weight * 1.001) is None
+    assert pack_q8_panels_exactly(torch.randn(96, 128)) is None
+    assert pack_q8_panels_exactly(weight[:, :100].contiguous()) is None
+
+
+def test_large_batches_run_the_heads_panels():
+    kernel_of("native")
+    weight = gguf_q8(4096, 256)
+    gen = torch.Generator().manual_seed(3)
+    approx = pack_q4(Q4Weight.quantize(weight))
+    head = ops.pack_shortlist_head(weight, approx, panels=pack_q8_panels_exactly(weight))
+    assert isinstance(head, ops.ShortlistHead) and head.panels is not None
+    x = torch.randn(head.max_rows + 1, 256, generator=gen)
+    assert torch.equal(ops.linear(x, head), cpu_kernels.panel_matmul(x, head.panels, None))
+    assert_close_relative(ops.linear(x, head), ops.linear(x, head.exact), PANELS_RTOL)
+    assert ops.linear(x[:0], head).shape == (0, 4096)
 
 
 def test_panels_need_whole_panels_of_outputs():
@@ -334,6 +378,8 @@ def test_real_projections_match_dequantised_fp32(int4_runner, fp32_runner):
             layer, dense = getattr(ours, name), getattr(reference, name)
             assert isinstance(layer, ops.QuantLinear), (i, name)
             assert layer.native is not None or not cpu_kernels.available()
+            if cpu_kernels.available() and not cpu_info().native_bf16:  # AVX2: no dense copy
+                assert layer.panels is not None and layer.dense is None
             width = (layer.native.nibbles if layer.native else layer.packed).shape[1] * 2
             x = torch.randn(8, width, generator=gen)
             assert_close_relative(int4_matmul(x, layer), ops.linear(x, dense), LINEAR_RTOL)
@@ -347,6 +393,11 @@ def test_real_projections_match_dequantised_fp32(int4_runner, fp32_runner):
             copy_dtype = layer.dense.dtype
             assert torch.equal(ops.linear(eye.to(copy_dtype), layer.dense),
                                ops.linear(eye, dense).to(copy_dtype)), (i, name)
+    head = int4_runner.model.lm_head
+    if cpu_kernels.available() and not cpu_info().native_bf16:  # the Q8_0 head in panels too
+        assert head.panels is not None
+        eye = torch.eye(head.weight.shape[1])
+        assert torch.equal(cpu_kernels.panel_matmul(eye, head.panels, None), head.weight.T)
 
 
 @pytest.mark.slow
@@ -504,10 +555,23 @@ def prefill(runner, pages: list[int], length: int, seed: int) -> None:
     runner.logits([call])
 
 
+def wide_decode_batch(runner, count: int) -> list[Forward]:
+    """One-token steps over `count` more prefilled contexts (pages 20 on)."""
+    page = runner.info.page_size
+    calls = []
+    for j in range(count):
+        prefill(runner, [20 + j], page // 2, seed=10 + j)
+        calls.append(Forward(owner=f"w{j}", kv_pages=[20 + j], last_page_len=page // 2 + 1,
+                             positions=[page // 2], tokens=[50 + j], output_indices=[0]))
+    return calls
+
+
 @pytest.mark.slow
-def test_native_decoder_matches_the_op_by_op_forward(int4_runner):
+@pytest.mark.parametrize("wide", [False, True], ids=["kernel-rows", "panel-rows"])
+def test_native_decoder_matches_the_op_by_op_forward(int4_runner, wide):
     """`decoder.c` runs every layer of a decode batch in one call; the op-by-op forward (the
-    same kernels with Python between them) gives the same logits and K/V, bit for bit."""
+    same kernels with Python between them) gives the same logits and K/V, bit for bit. A batch
+    of more rows than the int4 kernel takes runs the panels in both."""
     runner = int4_runner
     decoder = runner.model.native_decoder
     if decoder is None:
@@ -517,6 +581,10 @@ def test_native_decoder_matches_the_op_by_op_forward(int4_runner):
     prefill(runner, [5, 3], page + 2, seed=2)
     prefill(runner, [8], page // 2, seed=3)
     calls = decode_batch(page)
+    if wide:
+        if decoder.max_rows <= runner.model.layers[0].qkv.max_rows:
+            pytest.skip("no panels here: larger batches run op by op")
+        calls += wide_decode_batch(runner, runner.model.layers[0].qkv.max_rows)
     for call in calls:
         runner.check(call)
     kv = runner.kv
@@ -530,7 +598,7 @@ def test_native_decoder_matches_the_op_by_op_forward(int4_runner):
         stepwise = runner.logits(calls)
     finally:
         runner.model.native_decoder = decoder
-    assert fused.shape == stepwise.shape == (5, runner.info.vocab_size)
+    assert fused.shape == stepwise.shape == (len(calls) + 2, runner.info.vocab_size)
     assert torch.equal(fused, stepwise)
     assert torch.equal(k1, kv.k) and torch.equal(v1, kv.v)
     assert not torch.equal(k1, k0)  # the step wrote its keys
@@ -538,7 +606,8 @@ def test_native_decoder_matches_the_op_by_op_forward(int4_runner):
 
 @pytest.mark.slow
 def test_native_decoder_is_used_for_decode_batches_only(int4_runner, monkeypatch):
-    """Batches larger than the int4 kernel's rows (prefill chunks) run op by op."""
+    """Batches of long query blocks (prefill chunks), and without panels batches larger than
+    the int4 kernel's rows, run op by op."""
     model = int4_runner.model
     if model.native_decoder is None:
         pytest.skip("the native CPU kernels are unavailable here (see cpu_kernels.library)")
@@ -551,7 +620,10 @@ def test_native_decoder_is_used_for_decode_batches_only(int4_runner, monkeypatch
 
     monkeypatch.setattr(model.native_decoder, "forward", counting)
     page = int4_runner.info.page_size
-    prefill(int4_runner, [0, 1], model.layers[0].qkv.max_rows + 1, seed=4)
+    prefill(int4_runner, [0, 1], cpu_kernels.ATTENTION_MAX_QUERIES + 1, seed=4)
     assert ran == []
+    if model.native_decoder.max_rows == model.layers[0].qkv.max_rows:  # no panels
+        prefill(int4_runner, [0, 1], model.layers[0].qkv.max_rows + 1, seed=4)
+        assert ran == []
     int4_runner.logits(decode_batch(page)[:2])
     assert ran == [2]

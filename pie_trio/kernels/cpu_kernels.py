@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -58,8 +59,8 @@ _SIGNATURES = {
     "shortlist_head": (None, [_pointer, _int64, _int64, _pointer, _int64, _int64,
                               ctypes.c_float, _pointer, _pointer, _pointer]),
     "decode_layers": (ctypes.c_int, [_pointer, _pointer, _pointer]),
-    "q4_panel_matmul": (ctypes.c_int, [_pointer, _int64, _int64, _pointer, _int64, _pointer,
-                                       _pointer, ctypes.c_int]),
+    "panel_matmul": (ctypes.c_int, [_pointer, _int64, _int64, _pointer, ctypes.c_int, _int64,
+                                    _pointer, _pointer, ctypes.c_int]),
     "q4_matmul_use_vnni": (ctypes.c_int, [ctypes.c_int]),
     "pool_rest": (None, []),
 }
@@ -125,50 +126,73 @@ def q4_matmul(x: torch.Tensor, weight: NativeQ4, bias: torch.Tensor | None) -> t
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-PANEL_COLS = 16  # output columns per panel of q4_panels.c
+PANEL_COLS = 16  # output columns per panel of panels.c
 
 
 @dataclass
-class Q4Panels:
-    """A `[out, in]` weight for `q4_panels.c`: `w = d*q + m` per block of 32 inputs, in
-    panels of 16 output columns (the layout is described there), d and m fp32."""
+class Panels:
+    """A `[out, in]` weight for `panels.c`: 4-bit (`w = d*q + m`) or 8-bit (`w = d*q`) values
+    with fp32 scales per block of 32 inputs, in panels of 16 output columns (the layouts are
+    described there)."""
 
-    data: torch.Tensor  # uint8 [out / 16, in / 32, 384]
+    data: torch.Tensor  # uint8 [out / 16, in / 32, bytes per block]
+    bits: int
     out_features: int
 
 
-def pack_q4_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Q4Panels | None:
-    """`q` (uint8 0..15 `[out, in]`), `d`, `m` (fp32 `[out, in / 32]`) as q4_panels.c reads
-    them; None where the native kernels are unavailable or `out` is not a multiple of 16."""
-    out, inp = q.shape
-    if library() is None or out % PANEL_COLS or inp % GROUP:
+def pack_q4_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Panels | None:
+    """`q` (uint8 0..15 `[out, in]`), `d`, `m` (fp32 `[out, in / 32]`) as 4-bit panels; None
+    where the native kernels are unavailable or `out` is not a multiple of 16."""
+    if not _panels_fit(q):
         return None
-    panels, blocks, half = out // PANEL_COLS, inp // GROUP, PANEL_COLS // 2
-    # [panel, block, input, column]: one row of 16 columns per input
-    values = q.to(torch.uint8).view(panels, PANEL_COLS, blocks, GROUP).permute(0, 2, 3, 1)
-    nibbles = (values[..., :half] | (values[..., half:] << 4)).reshape(panels, blocks, -1)
-
-    def per_block(t: torch.Tensor) -> torch.Tensor:
-        return t.float().view(panels, PANEL_COLS, blocks).transpose(1, 2)
-
-    scales = torch.cat([per_block(d), per_block(m)], -1).contiguous().view(torch.uint8)
-    return Q4Panels(torch.cat([scales, nibbles], -1).contiguous(), out)
+    values = _panel_order(q.to(torch.uint8))
+    half = PANEL_COLS // 2
+    nibbles = (values[..., :half] | (values[..., half:] << 4)).flatten(2)
+    scales = torch.cat([_panel_scales(d), _panel_scales(m)], -1)
+    return Panels(torch.cat([scales.contiguous().view(torch.uint8), nibbles], -1).contiguous(),
+                  4, q.shape[0])
 
 
-def q4_panel_matmul(x: torch.Tensor, weight: Q4Panels, bias: torch.Tensor | None) -> torch.Tensor:
+def pack_q8_panels(q: torch.Tensor, d: torch.Tensor) -> Panels | None:
+    """`q` (int8 `[out, in]`), `d` (fp32 `[out, in / 32]`) as 8-bit panels; None as above."""
+    if not _panels_fit(q):
+        return None
+    values = _panel_order(q.to(torch.int8)).flatten(2).view(torch.uint8)
+    scales = _panel_scales(d).contiguous().view(torch.uint8)
+    return Panels(torch.cat([scales, values], -1).contiguous(), 8, q.shape[0])
+
+
+def _panels_fit(q: torch.Tensor) -> bool:
+    out, inp = q.shape
+    return library() is not None and out % PANEL_COLS == 0 and inp % GROUP == 0
+
+
+def _panel_order(q: torch.Tensor) -> torch.Tensor:
+    """`[out, in]` as `[panel, block, input, column]`: one row of 16 columns per input."""
+    out, inp = q.shape
+    return q.view(out // PANEL_COLS, PANEL_COLS, inp // GROUP, GROUP).permute(0, 2, 3, 1)
+
+
+def _panel_scales(t: torch.Tensor) -> torch.Tensor:
+    """Per-block `[out, in / 32]` values as fp32 `[panel, block, column]`."""
+    out, blocks = t.shape
+    return t.float().view(out // PANEL_COLS, PANEL_COLS, blocks).transpose(1, 2)
+
+
+def panel_matmul(x: torch.Tensor, weight: Panels, bias: torch.Tensor | None) -> torch.Tensor:
     """`x @ w.T + bias` for `x` `[rows, in]`, computed in fp32 and returned in `x`'s dtype."""
     lib = library()
-    assert lib is not None  # Q4Panels exist only where the library loaded
+    assert lib is not None  # Panels exist only where the library loaded
     x32 = x.float().contiguous()
     rows, inp = x32.shape
     y = torch.empty(rows, weight.out_features, dtype=torch.float32)
     bias32 = None if bias is None else bias.float().contiguous()
-    status = lib.q4_panel_matmul(
-        x32.data_ptr(), rows, inp, weight.data.data_ptr(), weight.out_features,
+    status = lib.panel_matmul(
+        x32.data_ptr(), rows, inp, weight.data.data_ptr(), weight.bits, weight.out_features,
         _address(bias32), y.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
-        raise MemoryError(f"q4_panel_matmul: no memory for a panel of {inp} inputs")
+        raise MemoryError(f"panel_matmul: no memory for a panel of {inp} inputs")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -285,7 +309,7 @@ def paged_attention(
 
 class _Projection(ctypes.Structure):
     _fields_ = [("nibbles", _pointer), ("d", _pointer), ("m", _pointer), ("bias", _pointer),
-                ("out", _int64)]
+                ("out", _int64), ("panels", _pointer)]
 
 
 class _Layer(ctypes.Structure):
@@ -297,7 +321,7 @@ class _Decoder(ctypes.Structure):
     _fields_ = [("layers", _pointer), ("num_layers", _int64), ("hidden", _int64),
                 ("heads", _int64), ("kv_heads", _int64), ("head_dim", _int64), ("ffn", _int64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("rope_cos", _pointer),
-                ("rope_sin", _pointer)]
+                ("rope_sin", _pointer), ("kernel_max_rows", _int64)]
 
 
 class _Group(ctypes.Structure):
@@ -314,16 +338,25 @@ class _Step(ctypes.Structure):
 
 
 @dataclass
+class DecoderProjection:
+    """A projection for `decode_layers`: native int4, with an fp32 bias (or none), and its
+    panels for batches of more rows than `q4_matmul` takes (or none)."""
+
+    weight: NativeQ4
+    bias: torch.Tensor | None
+    panels: Panels | None  # 4-bit
+
+
+@dataclass
 class DecoderLayer:
-    """One layer's weights for `decode_layers`: fp32 norms, native int4 projections with fp32
-    biases (or none)."""
+    """One layer's weights for `decode_layers`: fp32 norms and four projections."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: tuple[NativeQ4, torch.Tensor | None]
-    attn_out: tuple[NativeQ4, torch.Tensor | None]
-    gate_up: tuple[NativeQ4, torch.Tensor | None]
-    down: tuple[NativeQ4, torch.Tensor | None]
+    qkv: DecoderProjection
+    attn_out: DecoderProjection
+    gate_up: DecoderProjection
+    down: DecoderProjection
 
 
 @dataclass
@@ -346,18 +379,25 @@ class AttentionSpan:
 
 class NativeDecoder:
     """A model's layers in `decoder.c`'s form, built once at load: the tensors stay referenced
-    here for as long as C holds their addresses."""
+    here for as long as C holds their addresses.
+
+    It takes batches of up to `kernel_max_rows` rows (`q4_matmul`'s), and of any size where
+    every projection has its panels: those run larger batches, as `torch_ops.linear` does."""
 
     def __init__(self, layers: list[DecoderLayer], heads: int, kv_heads: int, head_dim: int,
-                 eps: float, scale: float, rope_cos: torch.Tensor, rope_sin: torch.Tensor
-                 ) -> None:
+                 eps: float, scale: float, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                 kernel_max_rows: int) -> None:
         self._keep = (layers, rope_cos, rope_sin)
         self._layers = (_Layer * len(layers))(*(_layer_struct(layer) for layer in layers))
         hidden = layers[0].input_norm.numel()
-        ffn = layers[0].down[0].nibbles.shape[1] * 2
+        ffn = layers[0].down.weight.nibbles.shape[1] * 2
         self._decoder = _Decoder(ctypes.addressof(self._layers), len(layers), hidden, heads,
                                  kv_heads, head_dim, ffn, eps, scale, rope_cos.data_ptr(),
-                                 rope_sin.data_ptr())
+                                 rope_sin.data_ptr(), kernel_max_rows)
+        projections = [p for layer in layers
+                       for p in (layer.qkv, layer.attn_out, layer.gate_up, layer.down)]
+        paneled = all(p.panels is not None for p in projections)
+        self.max_rows = sys.maxsize if paneled else kernel_max_rows
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                 groups: list[AttentionSpan], k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -393,10 +433,11 @@ class NativeDecoder:
 
 
 def _layer_struct(layer: DecoderLayer) -> _Layer:
-    def projection(part: tuple[NativeQ4, torch.Tensor | None]) -> _Projection:
-        weight, bias = part
+    def projection(part: DecoderProjection) -> _Projection:
+        weight, panels = part.weight, part.panels
         return _Projection(weight.nibbles.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(),
-                           _address(bias), weight.out_features)
+                           _address(part.bias), weight.out_features,
+                           None if panels is None else panels.data.data_ptr())
 
     return _Layer(layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
                   projection(layer.qkv), projection(layer.attn_out), projection(layer.gate_up),

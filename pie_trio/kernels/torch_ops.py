@@ -114,7 +114,7 @@ class QuantLinear:
     and bf16 scales (fp32 scales are refused with bf16 input; fp32 input runs a fallback ~10x
     slower), so `linear` casts the input to bf16 and the output back: the model around it
     keeps its own compute dtype. Batches of more than `max_rows` rows (large decode batches,
-    prefill chunks) run the same weights in fp32 arithmetic: from `panels` (`q4_panels.c`,
+    prefill chunks) run the same weights in fp32 arithmetic: from `panels` (`panels.c`,
     dequantised as they are used) where they exist, else from `dense`, a dequantised copy; with
     neither, the kernel takes every batch.
     """
@@ -127,7 +127,7 @@ class QuantLinear:
     dense: Linear | None = None
     max_rows: int = INT4_MAX_ROWS
     native: cpu_kernels.NativeQ4 | None = None
-    panels: cpu_kernels.Q4Panels | None = None
+    panels: cpu_kernels.Panels | None = None
 
 
 def pack_int4(
@@ -136,7 +136,7 @@ def pack_int4(
     zero: torch.Tensor,
     bias: torch.Tensor | None = None,
     dense: Linear | None = None,
-    panels: cpu_kernels.Q4Panels | None = None,
+    panels: cpu_kernels.Panels | None = None,
 ) -> QuantLinear:
     """Prepare int4 weights `w = (q - 8) * scale + zero` for `linear`.
 
@@ -154,7 +154,7 @@ def pack_native_q4(
     native: cpu_kernels.NativeQ4,
     bias: torch.Tensor | None = None,
     dense: Linear | None = None,
-    panels: cpu_kernels.Q4Panels | None = None,
+    panels: cpu_kernels.Panels | None = None,
 ) -> QuantLinear:
     """Int4 weights in the native kernel's form (`cpu_kernels.pack_q4`) for `linear`."""
     return QuantLinear(None, None, bias, native.out_features, cpu_kernels.GROUP, dense,
@@ -163,7 +163,7 @@ def pack_native_q4(
 
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     if layer.panels is not None and x.shape[0] > layer.max_rows:
-        return cpu_kernels.q4_panel_matmul(x, layer.panels, layer.bias)
+        return cpu_kernels.panel_matmul(x, layer.panels, layer.bias)
     if layer.dense is not None and x.shape[0] > layer.max_rows:
         if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (see docs/model.md)
             return linear(x.to(layer.dense.dtype), layer.dense).to(x.dtype)
@@ -215,6 +215,7 @@ class ShortlistHead:
     candidates: int
     margin: float
     max_rows: int = SHORTLIST_MAX_ROWS
+    panels: cpu_kernels.Panels | None = None  # the exact head in 8-bit panels, for large batches
 
 
 def pack_shortlist_head(
@@ -222,18 +223,22 @@ def pack_shortlist_head(
     approx: QuantLinear,
     candidates: int = SHORTLIST_CANDIDATES,
     margin: float = SHORTLIST_MARGIN,
+    panels: cpu_kernels.Panels | None = None,
 ) -> Linear | ShortlistHead:
     """The fp32 head `weight` `[vocab, hidden]` in two stages over its int4 copy `approx`; the
     plain exact head where oneDNN is missing (the shortlist could not match it bit for bit) or
-    the vocabulary is no larger than the shortlist."""
+    the vocabulary is no larger than the shortlist. Batches too large for two stages run
+    `panels` (the same values, `panels.c`) where given, else the exact head."""
     exact = pack_linear(weight)
     if exact.packed is None or weight.shape[0] <= candidates:
         return exact
     rows = SHORTLIST_MAX_ROWS if approx.native is None else NATIVE_SHORTLIST_MAX_ROWS
-    return ShortlistHead(exact, weight, approx, candidates, margin, rows)
+    return ShortlistHead(exact, weight, approx, candidates, margin, rows, panels)
 
 
 def _shortlist_linear(x: torch.Tensor, head: ShortlistHead) -> torch.Tensor:
+    if x.shape[0] > head.max_rows and head.panels is not None:
+        return cpu_kernels.panel_matmul(x, head.panels, None)
     if x.shape[0] == 0 or x.shape[0] > head.max_rows:
         return linear(x, head.exact)
     logits = _int4_linear(x, head.approx)

@@ -27,7 +27,7 @@ from pie_trio.model.batch import AttentionGroup, ForwardBatch
 from pie_trio.model.config import ModelConfig
 from pie_trio.model.hardware import int4_dense_dtype
 from pie_trio.model.kv_cache import KvCache
-from pie_trio.model.quant import Q4Weight, Weight, pack_panels, pack_q4
+from pie_trio.model.quant import Q4Weight, Weight, pack_panels, pack_q4, pack_q8_panels_exactly
 
 
 @dataclass
@@ -157,7 +157,7 @@ class LlamaModel:
         if self.device.type == "cpu" and len(quantised) == len(parts):
             weight = Q4Weight.cat(quantised)
             dtype = int4_dense_dtype(self.dtype)
-            panels = pack_panels(weight) if dtype == torch.float32 else None
+            panels = pack_panels(weight) if self._panels_for_large_batches() else None
             if panels is not None:
                 return pack_q4(weight, bias, panels=panels)
             dense = ops.pack_linear(self._dense(weight, dtype),
@@ -167,24 +167,31 @@ class LlamaModel:
 
     def _head(self, weight: torch.Tensor) -> ops.Linear | ops.ShortlistHead:
         """The fp32 LM head; beside int4 projections (the CPU's), in two stages over an int4
-        copy, where reading the whole fp32 head was a third of a batch-1 step."""
+        copy, where reading the whole fp32 head was a third of a batch-1 step, and for large
+        batches in 8-bit panels where the head is a dequantised Q8_0 tensor."""
         if self.weights != "int4":
             return ops.pack_linear(weight)
-        return ops.pack_shortlist_head(weight, pack_q4(Q4Weight.quantize(weight)))
+        panels = pack_q8_panels_exactly(weight) if self._panels_for_large_batches() else None
+        return ops.pack_shortlist_head(weight, pack_q4(Q4Weight.quantize(weight)), panels=panels)
+
+    def _panels_for_large_batches(self) -> bool:
+        """Whether batches too large for the int4 kernel run `panels.c` (fp32 arithmetic from
+        the blocks) rather than a dense copy: where that copy would be fp32. On a CPU with
+        native bf16 the copy is bf16 and oneDNN's; the panels were measured on AVX2 only."""
+        return int4_dense_dtype(self.dtype) == torch.float32
 
     def _native_decoder(self) -> cpu_kernels.NativeDecoder | None:
         """The layers in `decoder.c`'s form: fp32 with every projection native int4."""
         if not (self.kernels.native_cpu and self.dtype == torch.float32):
             return None
 
-        def native(linear: ops.Linear | ops.QuantLinear
-                   ) -> tuple[cpu_kernels.NativeQ4, torch.Tensor | None] | None:
+        def native(linear: ops.Linear | ops.QuantLinear) -> cpu_kernels.DecoderProjection | None:
             if not isinstance(linear, ops.QuantLinear) or linear.native is None:
                 return None
             bias = linear.bias
             if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
                 return None
-            return linear.native, bias
+            return cpu_kernels.DecoderProjection(linear.native, bias, linear.panels)
 
         layers = []
         for layer in self.layers:
@@ -199,7 +206,7 @@ class LlamaModel:
         cfg = self.config
         return cpu_kernels.NativeDecoder(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                          cfg.rms_norm_eps, self.scale, self.rope_cos,
-                                         self.rope_sin)
+                                         self.rope_sin, self._int4_max_rows())
 
     def _dense(self, weight: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`weight` dense on the model's device, in `dtype` (default: the compute dtype)."""
@@ -270,10 +277,10 @@ class LlamaModel:
 
     def _native_spans(self, batch: ForwardBatch) -> list[cpu_kernels.AttentionSpan] | None:
         """The batch's attention groups for `native_decoder`, or None where it does not apply:
-        no native decoder (weights or dtype), more rows than the int4 kernel takes, long query
-        blocks, or a tensor-parallel shard (whose layers all-reduce)."""
+        no native decoder (weights or dtype), more rows than it takes, long query blocks, or a
+        tensor-parallel shard (whose layers all-reduce)."""
         if (self.native_decoder is None or self.reduce is not _whole
-                or not 0 < batch.num_rows <= self._int4_max_rows()):
+                or not 0 < batch.num_rows <= self.native_decoder.max_rows):
             return None
         spans = []
         for group in batch.groups:

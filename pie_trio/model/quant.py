@@ -85,7 +85,7 @@ def pack_q4(
     bias: torch.Tensor | None = None,
     dense: ops.Linear | None = None,
     native: bool = True,
-    panels: cpu_kernels.Q4Panels | None = None,
+    panels: cpu_kernels.Panels | None = None,
 ) -> ops.QuantLinear:
     """`weight` for the native int4 kernel where it is available (and `native`), keeping the
     GGUF's fp32 scales; else for torch's int4 kernel, whose dequantisation is
@@ -99,10 +99,28 @@ def pack_q4(
     return ops.pack_int4(weight.q, weight.scale, zero, bias, dense, panels)
 
 
-def pack_panels(weight: Q4Weight) -> cpu_kernels.Q4Panels | None:
-    """`weight` in `q4_panels.c`'s column panels, the fp32 scales kept (so its dequantised
+def pack_panels(weight: Q4Weight) -> cpu_kernels.Panels | None:
+    """`weight` in `panels.c`'s column panels, the fp32 scales kept (so its dequantised
     values are `dequantize`'s); None where that kernel cannot run it."""
     return cpu_kernels.pack_q4_panels(weight.q, weight.scale, weight.offset)
+
+
+def pack_q8_panels_exactly(weight: torch.Tensor) -> cpu_kernels.Panels | None:
+    """fp32 `weight` `[out, in]` as 8-bit panels holding the very same values, where it is a
+    dequantised Q8_0 tensor (each block of 32 `d*q` with `q` in -127..127, the largest |q|
+    127, as gguf and llama.cpp quantise); None where any block is not, or the kernel cannot
+    run it. The default model's LM head (its Q8_0 embedding) is: 32 MB to read for a large
+    batch instead of 113 MB."""
+    out, inp = weight.shape
+    if inp % GROUP or weight.dtype != torch.float32:
+        return None
+    blocks = weight.view(out, inp // GROUP, GROUP)
+    d = blocks.abs().amax(dim=-1) / 127
+    q = torch.where(d.unsqueeze(-1) > 0, blocks / d.unsqueeze(-1), 0.0)
+    rounded = q.round()
+    if not (torch.equal(rounded, q) and torch.equal(rounded * d.unsqueeze(-1), blocks)):
+        return None
+    return cpu_kernels.pack_q8_panels(rounded.to(torch.int8).view(out, inp), d)
 
 
 def from_gguf_blocks(raw: np.ndarray, type_name: str) -> Q4Weight:

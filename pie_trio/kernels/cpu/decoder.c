@@ -6,6 +6,8 @@
  * silu_mul) in the same order on the same data as llama.py's op-by-op forward with native
  * kernels, so its results are that forward's bit for bit; only the Python between the kernels
  * is gone. Projections must all be native int4 (`struct projection`), activations fp32.
+ * Batches of more rows than q4_matmul takes run the projections' panels (panels.c), as the
+ * op-by-op forward does; without panels the caller keeps such batches to itself.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,6 +20,7 @@ struct projection { /* a q4_matmul weight: y = x W^T + bias */
     const uint16_t *d, *m; /* fp16 */
     const float *bias;     /* may be NULL */
     int64_t out;
+    const uint8_t *panels; /* the same weight in 4-bit panels (panel_matmul), or NULL */
 };
 
 struct layer {
@@ -31,6 +34,7 @@ struct decoder {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, ffn;
     float eps, scale;
     const float *rope_cos, *rope_sin; /* [max_position, head_dim] */
+    int64_t kernel_max_rows; /* larger batches run the panels */
 };
 
 /* One attention group (batch.py's AttentionGroup): its `batch * queries` query rows are
@@ -57,8 +61,10 @@ struct step {
     int threads;
 };
 
-static int project(const float *x, int64_t rows, int64_t in, const struct projection *p,
-                   float *y, int threads) {
+static int project(const struct decoder *model, const float *x, int64_t rows, int64_t in,
+                   const struct projection *p, float *y, int threads) {
+    if (p->panels && rows > model->kernel_max_rows)
+        return panel_matmul(x, rows, in, p->panels, 4, p->out, p->bias, y, threads);
     return q4_matmul(x, rows, in, p->nibbles, p->d, p->m, p->out, p->bias, y, threads);
 }
 
@@ -114,17 +120,18 @@ static int layer_forward(const struct decoder *model, const struct step *step, i
     const int64_t layer_size = model->kv_heads * step->cache_slots * model->head_dim;
     float *k_cache = step->k_cache + i * layer_size, *v_cache = step->v_cache + i * layer_size;
     float *qkv = scratch, *q = qkv + rows * layer->qkv.out, *attn = q + rows * width;
-    if (project(x, rows, model->hidden, &layer->qkv, qkv, step->threads)) return -1;
+    if (project(model, x, rows, model->hidden, &layer->qkv, qkv, step->threads)) return -1;
     rotary_kv_write(qkv, rows, model->heads, model->kv_heads, model->head_dim, model->rope_cos,
                     model->rope_sin, step->positions, step->write_slots, k_cache, v_cache,
                     step->cache_slots, q);
     if (attend(model, step, q, k_cache, v_cache, attn)) return -1;
-    if (project(attn, rows, width, &layer->attn_out, delta, step->threads)) return -1;
+    if (project(model, attn, rows, width, &layer->attn_out, delta, step->threads)) return -1;
     add_rms_norm(hidden, delta, layer->post_norm, model->eps, rows, model->hidden, hidden, x);
     float *gate_up = scratch, *act = gate_up + rows * 2 * model->ffn;
-    if (project(x, rows, model->hidden, &layer->gate_up, gate_up, step->threads)) return -1;
+    if (project(model, x, rows, model->hidden, &layer->gate_up, gate_up, step->threads))
+        return -1;
     silu_mul(gate_up, rows, model->ffn, act);
-    if (project(act, rows, model->ffn, &layer->down, delta, step->threads)) return -1;
+    if (project(model, act, rows, model->ffn, &layer->down, delta, step->threads)) return -1;
     if (i + 1 < model->num_layers)
         add_rms_norm(hidden, delta, model->layers[i + 1].input_norm, model->eps, rows,
                      model->hidden, hidden, x);

@@ -7,6 +7,9 @@
 int q4_matmul(const float *x, int64_t rows, int64_t in, const uint8_t *qs, const uint16_t *d,
               const uint16_t *m, int64_t out, const float *bias, float *y, int threads);
 
+int panel_matmul(const float *x, int64_t rows, int64_t in, const uint8_t *panels, int bits,
+                 int64_t out, const float *bias, float *y, int threads);
+
 void add_rms_norm(const float *hidden, const float *delta, const float *weight, float eps,
                   int64_t rows, int64_t dim, float *total, float *out);
 
