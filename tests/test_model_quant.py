@@ -340,15 +340,18 @@ def fp32_runner():
 
 @contextlib.contextmanager
 def kernel_on_every_row(runner):
-    """Run the int4 kernel whatever the batch size (no dense copy for prefills)."""
+    """Run the int4 kernel whatever the batch size (no panels or dense copy for prefills and
+    large batches; op by op, since `decode_layers` chooses for itself)."""
     layers = [lin for layer in runner.model.layers
               for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
     saved = [lin.max_rows for lin in layers]
+    decoder, runner.model.native_decoder = runner.model.native_decoder, None
     for lin in layers:
         lin.max_rows = 1 << 30
     try:
         yield
     finally:
+        runner.model.native_decoder = decoder
         for lin, rows in zip(layers, saved, strict=True):
             lin.max_rows = rows
 

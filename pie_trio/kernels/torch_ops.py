@@ -97,11 +97,19 @@ NATIVE_INT4_MAX_ROWS = 12
 # call (`decode_layers`; 266 against 244 tokens/s at 12 rows, 278 against 259 at 16, 251
 # against 317 at 24 on an AVX-512 BF16 CPU).
 VNNI_INT4_MAX_ROWS = 16
+# Beside its panels (`panels.c`) the AVX2 kernel keeps batches of up to 4 rows: one step's 120
+# projections (30 layers' distinct weights, 2 threads) took 4.1 / 10.3 / 14.8 / 21.3 / 30.3 ms
+# through the kernel at 1 / 4 / 6 / 8 / 12 rows against the panels' 9.6 / 10.5 / 12.0 / 14.6 /
+# 18.4; decode of 8 sequences ran at 269 and 236 against 226 and 200 tokens/s with 12 rows.
+PANELS_INT4_MAX_ROWS = 4
 
 
-def native_int4_max_rows() -> int:
-    """The most rows a native `QuantLinear` runs through the kernel (more: the dense copy)."""
-    return VNNI_INT4_MAX_ROWS if cpu_kernels.vnni() else NATIVE_INT4_MAX_ROWS
+def native_int4_max_rows(panels: bool = False) -> int:
+    """The most rows a native `QuantLinear` runs through the kernel (more: its panels, or the
+    dense copy)."""
+    if cpu_kernels.vnni():
+        return VNNI_INT4_MAX_ROWS
+    return PANELS_INT4_MAX_ROWS if panels else NATIVE_INT4_MAX_ROWS
 
 
 @dataclass
@@ -158,7 +166,7 @@ def pack_native_q4(
 ) -> QuantLinear:
     """Int4 weights in the native kernel's form (`cpu_kernels.pack_q4`) for `linear`."""
     return QuantLinear(None, None, bias, native.out_features, cpu_kernels.GROUP, dense,
-                       native_int4_max_rows(), native, panels)
+                       native_int4_max_rows(panels is not None), native, panels)
 
 
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
@@ -189,6 +197,9 @@ def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
 # 3.0 margin and are recomputed in full.
 SHORTLIST_MAX_ROWS = 2
 NATIVE_SHORTLIST_MAX_ROWS = 8
+# Beside the head's panels, which are exact: 0.97 / 1.45 / 2.89 / 5.18 ms at 1 / 2 / 4 / 8 rows
+# in two stages against 2.46 / 2.46 / 2.59 / 3.81 ms through the panels.
+PANELS_SHORTLIST_MAX_ROWS = 3
 SHORTLIST_CANDIDATES = 64
 SHORTLIST_MARGIN = 3.0
 
@@ -233,6 +244,8 @@ def pack_shortlist_head(
     if exact.packed is None or weight.shape[0] <= candidates:
         return exact
     rows = SHORTLIST_MAX_ROWS if approx.native is None else NATIVE_SHORTLIST_MAX_ROWS
+    if panels is not None:
+        rows = min(rows, PANELS_SHORTLIST_MAX_ROWS)
     return ShortlistHead(exact, weight, approx, candidates, margin, rows, panels)
 
 
