@@ -4,10 +4,11 @@ One forward runs every token of a ragged batch through each layer together: the 
 the MLP see a single `[tokens, hidden]` matrix, and only attention splits by sequence, along the
 groups planned in `pie_trio.model.batch`.
 
-Projection weights that arrive as `Q4Weight`s (int4 weights, CPU only) run through torch's int4
-weight-only kernel (`ops.QuantLinear`), with a dense copy for batches too large for it to win;
-everything else is dense. The LM head is fp32; beside int4 projections it runs in two stages
-(`ops.ShortlistHead`): an int4 copy ranks the vocabulary, the fp32 head scores the best.
+Projection weights that arrive as `Q4Weight`s (int4 weights, CPU only) run through an int4
+kernel (`ops.QuantLinear`), with fp32 panels of the same blocks (or a dense copy) for batches
+too large for it to win; everything else is dense. The LM head is fp32; beside int4
+projections small batches run it in two stages (`ops.ShortlistHead`): an int4 copy ranks the
+vocabulary, the fp32 head scores the best.
 """
 
 from __future__ import annotations
