@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -112,17 +113,30 @@ def q4_matmul(x: torch.Tensor, weight: NativeQ4, bias: torch.Tensor | None) -> t
     """`x @ w.T + bias` for `x` `[rows, in]`, computed in fp32 and returned in `x`'s dtype."""
     lib = library()
     assert lib is not None  # a NativeQ4 exists only where the library loaded
+
+    def run(x32: torch.Tensor, bias32: int | None, y: torch.Tensor) -> int:
+        rows, inp = x32.shape
+        return int(lib.q4_matmul(
+            x32.data_ptr(), rows, inp, weight.nibbles.data_ptr(), weight.d.data_ptr(),
+            weight.m.data_ptr(), weight.out_features, bias32, y.data_ptr(),
+            torch.get_num_threads(),
+        ))
+
+    return _fp32_matmul(x, weight.out_features, bias, run,
+                        f"q4_matmul: no memory for {x.shape[0]} rows of int8 activations")
+
+
+def _fp32_matmul(x: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+                 run: Callable[[torch.Tensor, int | None, torch.Tensor], int],
+                 no_memory: str) -> torch.Tensor:
+    """The matmul kernels' convention: `run(x, bias address, y)` on contiguous fp32 `x`, bias
+    and a fresh `y` `[rows, out_features]`, a nonzero status meaning no memory; the result in
+    `x`'s dtype."""
     x32 = x.float().contiguous()
-    rows, inp = x32.shape
-    y = torch.empty(rows, weight.out_features, dtype=torch.float32)
+    y = torch.empty(x32.shape[0], out_features, dtype=torch.float32)
     bias32 = None if bias is None else bias.float().contiguous()
-    status = lib.q4_matmul(
-        x32.data_ptr(), rows, inp, weight.nibbles.data_ptr(), weight.d.data_ptr(),
-        weight.m.data_ptr(), weight.out_features,
-        None if bias32 is None else bias32.data_ptr(), y.data_ptr(), torch.get_num_threads(),
-    )
-    if status != 0:
-        raise MemoryError(f"q4_matmul: no memory for {rows} rows of int8 activations")
+    if run(x32, _address(bias32), y) != 0:
+        raise MemoryError(no_memory)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -137,7 +151,10 @@ class Panels:
 
     data: torch.Tensor  # uint8 [out / 16, in / 32, bytes per block]
     bits: int
-    out_features: int
+
+    @property
+    def out_features(self) -> int:
+        return int(self.data.shape[0]) * PANEL_COLS
 
 
 def pack_q4_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Panels | None:
@@ -149,8 +166,7 @@ def pack_q4_panels(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Panels 
     half = PANEL_COLS // 2
     nibbles = (values[..., :half] | (values[..., half:] << 4)).flatten(2)
     scales = torch.cat([_panel_scales(d), _panel_scales(m)], -1)
-    return Panels(torch.cat([scales.contiguous().view(torch.uint8), nibbles], -1).contiguous(),
-                  4, q.shape[0])
+    return Panels(torch.cat([scales.contiguous().view(torch.uint8), nibbles], -1).contiguous(), 4)
 
 
 def pack_q8_panels(q: torch.Tensor, d: torch.Tensor) -> Panels | None:
@@ -159,7 +175,7 @@ def pack_q8_panels(q: torch.Tensor, d: torch.Tensor) -> Panels | None:
         return None
     values = _panel_order(q.to(torch.int8)).flatten(2).view(torch.uint8)
     scales = _panel_scales(d).contiguous().view(torch.uint8)
-    return Panels(torch.cat([scales, values], -1).contiguous(), 8, q.shape[0])
+    return Panels(torch.cat([scales, values], -1).contiguous(), 8)
 
 
 def _panels_fit(q: torch.Tensor) -> bool:
@@ -183,17 +199,16 @@ def panel_matmul(x: torch.Tensor, weight: Panels, bias: torch.Tensor | None) -> 
     """`x @ w.T + bias` for `x` `[rows, in]`, computed in fp32 and returned in `x`'s dtype."""
     lib = library()
     assert lib is not None  # Panels exist only where the library loaded
-    x32 = x.float().contiguous()
-    rows, inp = x32.shape
-    y = torch.empty(rows, weight.out_features, dtype=torch.float32)
-    bias32 = None if bias is None else bias.float().contiguous()
-    status = lib.panel_matmul(
-        x32.data_ptr(), rows, inp, weight.data.data_ptr(), weight.bits, weight.out_features,
-        _address(bias32), y.data_ptr(), torch.get_num_threads(),
-    )
-    if status != 0:
-        raise MemoryError(f"panel_matmul: no memory for a panel of {inp} inputs")
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def run(x32: torch.Tensor, bias32: int | None, y: torch.Tensor) -> int:
+        rows, inp = x32.shape
+        return int(lib.panel_matmul(
+            x32.data_ptr(), rows, inp, weight.data.data_ptr(), weight.bits,
+            weight.out_features, bias32, y.data_ptr(), torch.get_num_threads(),
+        ))
+
+    return _fp32_matmul(x, weight.out_features, bias, run,
+                        f"panel_matmul: no memory for a panel of {x.shape[1]} inputs")
 
 
 def add_rms_norm(

@@ -170,12 +170,13 @@ def pack_native_q4(
 
 
 def _int4_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
-    if layer.panels is not None and x.shape[0] > layer.max_rows:
-        return cpu_kernels.panel_matmul(x, layer.panels, layer.bias)
-    if layer.dense is not None and x.shape[0] > layer.max_rows:
-        if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (see docs/model.md)
-            return linear(x.to(layer.dense.dtype), layer.dense).to(x.dtype)
-        return linear(x, layer.dense)
+    if x.shape[0] > layer.max_rows:
+        if layer.panels is not None:
+            return cpu_kernels.panel_matmul(x, layer.panels, layer.bias)
+        if layer.dense is not None:
+            if layer.dense.dtype != x.dtype:  # a bf16 copy beside fp32 compute (docs/model.md)
+                return linear(x.to(layer.dense.dtype), layer.dense).to(x.dtype)
+            return linear(x, layer.dense)
     if x.shape[0] == 0:
         return x.new_empty(0, layer.out_features)
     if layer.native is not None:
@@ -250,9 +251,11 @@ def pack_shortlist_head(
 
 
 def _shortlist_linear(x: torch.Tensor, head: ShortlistHead) -> torch.Tensor:
-    if x.shape[0] > head.max_rows and head.panels is not None:
-        return cpu_kernels.panel_matmul(x, head.panels, None)
-    if x.shape[0] == 0 or x.shape[0] > head.max_rows:
+    if x.shape[0] > head.max_rows:
+        if head.panels is not None:
+            return cpu_kernels.panel_matmul(x, head.panels, None)
+        return linear(x, head.exact)
+    if x.shape[0] == 0:
         return linear(x, head.exact)
     logits = _int4_linear(x, head.approx)
     if head.approx.native is not None and logits.dtype == torch.float32:

@@ -157,10 +157,10 @@ class LlamaModel:
         quantised = [p for p in parts if isinstance(p, Q4Weight)]
         if self.device.type == "cpu" and len(quantised) == len(parts):
             weight = Q4Weight.cat(quantised)
-            dtype = int4_dense_dtype(self.dtype)
             panels = pack_panels(weight) if self._panels_for_large_batches() else None
             if panels is not None:
                 return pack_q4(weight, bias, panels=panels)
+            dtype = int4_dense_dtype(self.dtype)
             dense = ops.pack_linear(self._dense(weight, dtype),
                                     None if bias is None else bias.to(dtype))
             return pack_q4(weight, bias, dense)
