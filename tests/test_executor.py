@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from pie_trio.executor.direct import complete
-from pie_trio.executor.executor import GATHER_MAX, Executor
+from pie_trio.executor.executor import GATHER_CAP, GATHER_MAX, Executor
 from pie_trio.model.calls import (
     AllocPages,
     AllocSlots,
@@ -472,6 +472,39 @@ async def test_after_idling_adaptive_waits_for_callers_announced_on_their_way(mo
         executor.expect_callers(1)  # a lone one, arriving at once: no waiting either
         await arrive(executor, calls[1])
         assert executor.stats.forward_calls == {3: 1, 1: 2}
+
+
+async def test_a_burst_arriving_slowly_still_shares_its_first_batch(mock_clock):
+    """Callers of one burst that arrive a little apart, the last well past GATHER_MAX after the
+    announcement, still go in one batch: each arrival shows the burst is still coming in."""
+    executor = Executor(make_tiny_runner(), policy="adaptive")
+    async with running(executor):
+        calls = decodes(await new_sequences(executor, 5))
+        executor.expect_callers(5)
+        async with trio.open_nursery() as nursery:
+            for i, call in enumerate(calls[:4]):
+                mock_clock.jump(GATHER_MAX * 0.8)
+                nursery.start_soon(arrive, executor, call)
+                await wait_queued(executor, i + 1)
+            mock_clock.jump(GATHER_MAX * 0.8)
+            nursery.start_soon(arrive, executor, calls[4])
+        assert executor.stats.forward_calls == {5: 1}
+
+
+async def test_a_burst_that_never_ends_arriving_waits_at_most_gather_cap(mock_clock):
+    executor = Executor(make_tiny_runner(), policy="adaptive")
+    async with running(executor):
+        count = int(GATHER_CAP / (GATHER_MAX * 0.5)) + 4
+        calls = decodes(await new_sequences(executor, count))
+        executor.expect_callers(count + 1)  # one more than ever comes
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(arrive, executor, call)
+                await trio.testing.wait_all_tasks_blocked()
+                mock_clock.jump(GATHER_MAX * 0.5)
+            mock_clock.autojump_threshold = 0  # the rest go once their waits run out
+        first = executor.stats.recent_forwards[0]
+        assert 1 < len(first.owners) < count  # it went before the burst was all in
 
 
 async def test_a_caller_announced_that_never_comes_holds_the_first_batch_briefly(mock_clock):
