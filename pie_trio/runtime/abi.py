@@ -604,16 +604,25 @@ def current_calls() -> HostCalls | None:
     calls: HostCalls | None = getattr(_local, "calls", None)
     return calls
 
-# What wasmtime passes a host function (ctypes pointers are generic only to type checkers).
-_CallerPointer: TypeAlias = "ctypes._Pointer[ffi.wasmtime_caller_t]"
-_ValuesPointer: TypeAlias = "ctypes._Pointer[ffi.wasmtime_val_raw_t]"
+# wasmtime's unchecked host-function signature, declared with the argument types that ctypes
+# converts cheapest: the caller as a bare address, and the values (`wasmtime_val_raw_t` unions,
+# an i32 in the first 4 bytes of each, little-endian) as int32 words, which indexing reads and
+# writes as plain ints. (Through the union type, every value read built a union object: a third
+# of a `call` answered on the guest's thread.)
+_RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t)
+_VALUE_WORDS = ctypes.sizeof(ffi.wasmtime_val_raw_t) // ctypes.sizeof(ctypes.c_int32)
+_Values: TypeAlias = "ctypes._Pointer[ctypes.c_int32]"
+_raw_callbacks: list[Any] = []  # ctypes callbacks must outlive every linker that uses them
 
 
 def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
+    words = [i * _VALUE_WORDS for i in range(arity)]
+
     # Nothing may raise out of a ctypes callback: ctypes would print the exception and return
     # garbage to wasmtime (the process aborted with `free(): invalid pointer`).
-    def trampoline(env: int | None, caller: _CallerPointer,  # noqa: ARG001
-                   values: _ValuesPointer, count: int) -> int:  # noqa: ARG001
+    def trampoline(env: int | None, caller: int | None,  # noqa: ARG001
+                   values: _Values, count: int) -> int:  # noqa: ARG001
         calls: HostCalls | None = None
         try:
             calls = _local.calls
@@ -622,13 +631,15 @@ def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
             if not calls.bound:
                 raise Misuse(f"pie.{name} was called before the instance started (from a "
                              "WebAssembly start function?)")
-            values[0].i32 = method(calls, *[values[i].i32 for i in range(arity)])
+            values[0] = method(calls, *[values[word] for word in words])
             guard.pace(started)  # may sleep; raises Stopped if stopped meanwhile
             return 0
         except BaseException as exc:  # noqa: BLE001 - every failure must become a trap
             return _trap(calls, exc)
 
-    return ffi.wasmtime_func_unchecked_callback_t(trampoline)
+    raw = _RawCallback(trampoline)
+    _raw_callbacks.append(raw)
+    return ctypes.cast(raw, ffi.wasmtime_func_unchecked_callback_t)
 
 
 def _trap(calls: HostCalls | None, exc: BaseException) -> int:
@@ -646,11 +657,11 @@ def _new_trap(message: bytes) -> int:
     return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
 
-def _poll_oneoff(env: int | None, caller: _CallerPointer,  # noqa: ARG001
-                 values: _ValuesPointer, count: int) -> int:  # noqa: ARG001
+def _poll_oneoff(env: int | None, caller: int | None,  # noqa: ARG001
+                 values: _Values, count: int) -> int:  # noqa: ARG001
     # A blocking WASI sleep could not be interrupted by a kill: guests sleep with the `sleep` op.
     try:
-        values[0].i32 = WASI_ERRNO_NOTSUP
+        values[0] = WASI_ERRNO_NOTSUP
         return 0
     except BaseException as exc:  # noqa: BLE001 - as in the trampolines
         return _trap(getattr(_local, "calls", None), exc)
@@ -666,7 +677,8 @@ IMPORTS: dict[str, tuple[Callable[..., int], int]] = {
 # ctypes callbacks must outlive every linker that uses them: keep them at module level.
 _TRAMPOLINES = {name: _trampoline(name, method, arity)
                 for name, (method, arity) in IMPORTS.items()}
-_POLL_ONEOFF = ffi.wasmtime_func_unchecked_callback_t(_poll_oneoff)
+_POLL_ONEOFF_RAW = _RawCallback(_poll_oneoff)
+_POLL_ONEOFF = ctypes.cast(_POLL_ONEOFF_RAW, ffi.wasmtime_func_unchecked_callback_t)
 _NO_FINALIZER = ctypes.cast(ctypes.c_void_p(), ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 
 
