@@ -451,6 +451,15 @@ async def arrive(executor, call):
     return await request.wait()
 
 
+async def arrive_apart(nursery, executor, calls, mock_clock, gap: float) -> None:
+    """Each of `calls` arrives and waits in the queue (the executor waiting for the callers
+    still on their way), then `gap` seconds pass."""
+    for i, call in enumerate(calls):
+        nursery.start_soon(arrive, executor, call)
+        await wait_queued(executor, i + 1)
+        mock_clock.jump(gap)
+
+
 async def test_after_idling_adaptive_waits_for_callers_announced_on_their_way(mock_clock):
     """A burst of launches: the first forwards wait for the others announced with them, so
     all go in one batch rather than the first alone and a step ahead of the rest."""
@@ -459,10 +468,7 @@ async def test_after_idling_adaptive_waits_for_callers_announced_on_their_way(mo
         calls = decodes(await new_sequences(executor, 3))
         executor.expect_callers(3)
         async with trio.open_nursery() as nursery:
-            for i, call in enumerate(calls[:2]):
-                nursery.start_soon(arrive, executor, call)
-                await wait_queued(executor, i + 1)  # waiting for the one still on its way
-                mock_clock.jump(0.01)
+            await arrive_apart(nursery, executor, calls[:2], mock_clock, 0.01)
             nursery.start_soon(arrive, executor, calls[2])
         assert executor.stats.forward_calls == {3: 1}
         assert executor.expected_callers == 0
@@ -482,11 +488,8 @@ async def test_a_burst_arriving_slowly_still_shares_its_first_batch(mock_clock):
         calls = decodes(await new_sequences(executor, 5))
         executor.expect_callers(5)
         async with trio.open_nursery() as nursery:
-            for i, call in enumerate(calls[:4]):
-                mock_clock.jump(GATHER_MAX * 0.8)
-                nursery.start_soon(arrive, executor, call)
-                await wait_queued(executor, i + 1)
             mock_clock.jump(GATHER_MAX * 0.8)
+            await arrive_apart(nursery, executor, calls[:4], mock_clock, GATHER_MAX * 0.8)
             nursery.start_soon(arrive, executor, calls[4])
         assert executor.stats.forward_calls == {5: 1}
 
