@@ -613,7 +613,6 @@ _RawCallback = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_
                                 ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t)
 _VALUE_WORDS = ctypes.sizeof(ffi.wasmtime_val_raw_t) // ctypes.sizeof(ctypes.c_int32)
 _Values: TypeAlias = "ctypes._Pointer[ctypes.c_int32]"
-_raw_callbacks: list[Any] = []  # ctypes callbacks must outlive every linker that uses them
 
 
 def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
@@ -641,10 +640,9 @@ def _trampoline(name: str, method: Callable[..., int], arity: int) -> Any:
 
 
 def _as_callback(function: Callable[..., int]) -> Any:
-    """`function` as a callback of the type wasmtime-py declares for the linker."""
-    raw = _RawCallback(function)
-    _raw_callbacks.append(raw)
-    return ctypes.cast(raw, ffi.wasmtime_func_unchecked_callback_t)
+    """`function` as a callback of the type wasmtime-py declares for the linker (the cast
+    holds a reference to the callback it was made from)."""
+    return ctypes.cast(_RawCallback(function), ffi.wasmtime_func_unchecked_callback_t)
 
 
 def _trap(calls: HostCalls | None, exc: BaseException) -> int:
